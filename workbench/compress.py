@@ -1,0 +1,90 @@
+"""``apply(model, plan) -> new model``: the only way a plan touches a model.
+
+The user's model is deep-copied first and never modified; every layer is validated and built on
+the copy, so a bad entry raises before anything is returned (nothing is half-applied).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from workbench.errors import UnsupportedLayerError, WorkbenchError
+from workbench.inventory import get_submodule, set_submodule
+from workbench.plan import Plan
+from workbench.registry import LayerContext, get_method
+
+
+@torch.no_grad()
+def collect_layer_inputs(model: nn.Module, names: list[str], inputs: torch.Tensor,
+                         batch_size: int = 256) -> dict[str, torch.Tensor]:
+    """Inputs entering each named layer when ``model`` runs on ``inputs``.
+
+    Returns ``{name: (tokens, in_features)}`` for Linear (leading dims flattened) and the raw
+    ``(n, c, h, w)`` input for convolutions. Hooks are removed before returning.
+    """
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    handles = []
+    for name in names:
+        module = model.get_submodule(name)
+
+        def hook(mod, args, _name=name):
+            x = args[0].detach()
+            seen[_name].append(x.reshape(-1, x.shape[-1]) if isinstance(mod, nn.Linear) else x)
+
+        handles.append(module.register_forward_pre_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(inputs), batch_size):
+            model(inputs[start:start + batch_size])
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return {name: torch.cat(chunks) for name, chunks in seen.items()}
+
+
+def apply(model: nn.Module, plan: Plan, calibration_inputs: torch.Tensor | None = None) -> nn.Module:
+    """A new model with ``plan`` applied; ``model`` is left exactly as it was.
+
+    ``calibration_inputs``: model inputs used by data-aware methods (e.g. activation-aware SVD).
+    Raises `WorkbenchError` for an unknown layer or method, a method that does not apply to the
+    layer's type, or settings out of range.
+    """
+    if not isinstance(plan, Plan):
+        raise WorkbenchError(f"apply needs a workbench.Plan, got {type(plan).__name__}")
+    new = copy.deepcopy(model)
+    for step in plan.steps:
+        method = get_method(step.method)
+        if method.kind != "step":
+            raise WorkbenchError(f"{step.method!r} is a per-layer method; put it in plan.layers, not plan.steps")
+        new = method.build(new, step.params, LayerContext(name=""))
+
+    entries = []
+    for name, choice in plan.layers.items():
+        module = get_submodule(new, name)
+        method = get_method(choice.method)
+        if method.kind != "layer":
+            raise WorkbenchError(f"{choice.method!r} is a whole-model step; put it in plan.steps")
+        if not isinstance(module, method.layer_types):
+            allowed = ", ".join(t.__name__ for t in method.layer_types)
+            raise UnsupportedLayerError(
+                f"method {choice.method!r} cannot compress layer {name!r} of type "
+                f"{type(module).__name__}; it handles: {allowed}")
+        entries.append((name, module, method, choice))
+
+    needing = [name for name, _, method, _ in entries if method.needs_inputs]
+    layer_inputs: dict[str, torch.Tensor] = {}
+    if needing:
+        if calibration_inputs is None:
+            raise WorkbenchError(
+                f"layers {needing} use a data-aware method; pass calibration_inputs to apply()")
+        layer_inputs = collect_layer_inputs(new, needing, calibration_inputs)
+
+    built = [(name, method.build(module, choice.params, LayerContext(name, layer_inputs.get(name))))
+             for name, module, method, choice in entries]
+    for name, replacement in built:
+        set_submodule(new, name, replacement)
+    return new.eval()

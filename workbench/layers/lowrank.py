@@ -1,0 +1,95 @@
+"""Low-rank layers built from an original layer by truncated SVD.
+
+``LowRankLinear``: ``x -> second(first(x))`` with ``first: in -> r`` (no bias) and
+``second: r -> out`` (the original bias). ``LowRankConv2d``: a k x k conv to r channels then a
+1x1 conv to the output channels. Both store only the factors: ``r * (m + n)`` weights + bias.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from workbench.errors import UnsupportedLayerError
+from workbench.kernels import svd as svd_kernels
+
+
+class LowRankLinear(nn.Module):
+    """``(…, in) -> (…, out)`` through a rank-``rank`` bottleneck."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.first = nn.Linear(in_features, rank, bias=False)
+        self.second = nn.Linear(rank, out_features, bias=bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, rank: int,
+                    factors: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    name: str = "") -> "LowRankLinear":
+        """Factorize ``linear.weight: (out, in)`` at ``rank``; ``linear`` is not modified.
+
+        ``factors``: precomputed ``(a: (out, rank), b: (rank, in))`` (e.g. activation-aware).
+        """
+        if not isinstance(linear, nn.Linear):
+            raise UnsupportedLayerError(f"LowRankLinear.from_linear needs nn.Linear, got {type(linear).__name__}")
+        w = linear.weight.detach()
+        svd_kernels.check_rank(rank, tuple(w.shape), name)
+        a, b = factors if factors is not None else svd_kernels.truncate(w, rank)
+        layer = cls(linear.in_features, linear.out_features, rank, bias=linear.bias is not None)
+        with torch.no_grad():
+            layer.first.weight.copy_(b)
+            layer.second.weight.copy_(a)
+            if linear.bias is not None:
+                layer.second.bias.copy_(linear.bias.detach())
+        return layer.to(w.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))
+
+    def dense_weight_preview(self) -> torch.Tensor:
+        """PREVIEW ONLY: the dense ``(out, in)`` product. Not used by ``forward``."""
+        return self.second.weight @ self.first.weight
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+class LowRankConv2d(nn.Module):
+    """A ``k x k`` conv to ``rank`` channels, then a ``1 x 1`` conv to ``out_channels``.
+
+    Input ``(n, in, h, w)``, output as the original conv. Weights: ``rank*(in*k*k + out)`` + bias.
+    """
+
+    def __init__(self, conv: nn.Conv2d, rank: int):
+        super().__init__()
+        self.rank = rank
+        self.first = nn.Conv2d(conv.in_channels, rank, conv.kernel_size, stride=conv.stride,
+                               padding=conv.padding, dilation=conv.dilation, bias=False,
+                               padding_mode=conv.padding_mode)
+        self.second = nn.Conv2d(rank, conv.out_channels, 1, bias=conv.bias is not None)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, rank: int,
+                  factors: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  name: str = "") -> "LowRankConv2d":
+        """Factorize ``conv.weight`` reshaped to ``(out, in*kh*kw)`` at ``rank``; ``conv`` unchanged."""
+        if not isinstance(conv, nn.Conv2d):
+            raise UnsupportedLayerError(f"LowRankConv2d.from_conv needs nn.Conv2d, got {type(conv).__name__}")
+        if conv.groups != 1:
+            raise UnsupportedLayerError(
+                f"layer {name!r} is a grouped conv (groups={conv.groups}); low-rank SVD needs groups=1, "
+                "so it is left dense")
+        w = conv.weight.detach()
+        matrix = w.reshape(w.shape[0], -1)
+        svd_kernels.check_rank(rank, tuple(matrix.shape), name)
+        a, b = factors if factors is not None else svd_kernels.truncate(matrix, rank)
+        layer = cls(conv, rank)
+        with torch.no_grad():
+            layer.first.weight.copy_(b.reshape(rank, *w.shape[1:]))
+            layer.second.weight.copy_(a.reshape(w.shape[0], rank, 1, 1))
+            if conv.bias is not None:
+                layer.second.bias.copy_(conv.bias.detach())
+        return layer.to(w.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))

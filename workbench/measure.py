@@ -1,0 +1,90 @@
+"""Measures of any model: parameters, bytes really written, FLOPs, CPU latency, task metric."""
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_params(model: nn.Module) -> int:
+    """Stored weights: parameters, plus weights kept in buffers by compressed layers.
+
+    A module may define ``stored_weights() -> int`` (packed or sparse layers whose codes live
+    in buffers); its subtree is then counted by that method instead.
+    """
+    total = 0
+    counted_prefixes: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(p) for p in counted_prefixes):
+            continue
+        if hasattr(module, "stored_weights"):
+            total += int(module.stored_weights())
+            counted_prefixes.append(name + "." if name else "")
+            continue
+        total += sum(p.numel() for p in module.parameters(recurse=False))
+    return total
+
+
+def saved_bytes(model: nn.Module) -> int:
+    """Size in bytes of ``model.state_dict()`` written with ``torch.save`` to a temporary file."""
+    fd, path = tempfile.mkstemp(suffix=".pt")
+    os.close(fd)
+    try:
+        torch.save(model.state_dict(), path)
+        return os.path.getsize(path)
+    finally:
+        os.remove(path)
+
+
+@torch.no_grad()
+def count_flops(model: nn.Module, example: torch.Tensor) -> int:
+    """FLOPs of one forward pass on ``example`` (counted by ``torch.utils.flop_counter``)."""
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    try:
+        with counter:
+            model(example)
+    finally:
+        model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+@torch.no_grad()
+def latency_ms(model: nn.Module, example: torch.Tensor, repeats: int = 50, warmup: int = 5) -> float:
+    """Median wall time in ms of ``model(example)`` over ``repeats`` runs, on the current threads."""
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(warmup):
+            model(example)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(example)
+            times.append((time.perf_counter() - start) * 1e3)
+    finally:
+        model.train(was_training)
+    return statistics.median(times)
+
+
+def measure(model: nn.Module, task, latency: bool = True) -> dict:
+    """``{"metric", "params", "bytes", "flops", "latency_ms", "threads"}`` of ``model`` on ``task``.
+
+    ``flops`` and ``latency_ms`` are for one sample (batch 1); ``bytes`` is the saved state_dict.
+    """
+    result = {
+        "metric": task.evaluate(model),
+        "params": count_params(model),
+        "bytes": saved_bytes(model),
+        "flops": count_flops(model, task.example_input),
+    }
+    if latency:
+        result["latency_ms"] = latency_ms(model, task.example_input)
+        result["threads"] = torch.get_num_threads()
+    return result

@@ -1,0 +1,81 @@
+"""Low-rank (truncated SVD) method for Linear and Conv2d layers, and the ``svd`` recipe."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from torch import nn
+
+from workbench.errors import WorkbenchError
+from workbench.inventory import get_submodule, matrix_layers
+from workbench.kernels import svd as svd_kernels
+from workbench.layers.lowrank import LowRankConv2d, LowRankLinear
+from workbench.plan import LayerPlan, Plan
+from workbench.registry import LayerContext, Method, register_method, register_recipe
+from workbench.spectra import layer_svd
+
+
+def build_svd(module: nn.Module, params: Mapping[str, Any], context: LayerContext) -> nn.Module:
+    """Replace ``module`` by its rank-``params['rank']`` factorization (cached SVD sliced)."""
+    rank = params.get("rank")
+    if isinstance(module, nn.Conv2d) and module.groups != 1:
+        from workbench.errors import UnsupportedLayerError
+        raise UnsupportedLayerError(
+            f"layer {context.name!r} is a grouped conv (groups={module.groups}); SVD needs groups=1")
+    shape = (module.weight.shape[0], module.weight[0].numel())
+    svd_kernels.check_rank(rank, shape, context.name)
+    factors = layer_svd(module).factors(rank)
+    if isinstance(module, nn.Linear):
+        return LowRankLinear.from_linear(module, rank, factors=factors, name=context.name)
+    return LowRankConv2d.from_conv(module, rank, factors=factors, name=context.name)
+
+
+register_method(Method("svd", build_svd, (nn.Linear, nn.Conv2d),
+                       description="truncated SVD into two real factor layers"))
+
+
+def svd_plan(model: nn.Module, *, ratio: float | None = None, energy: float | None = None,
+             ranks: Mapping[str, int] | None = None, layers: list[str] | None = None,
+             activation_aware: str | None = None, **_: Any) -> Plan:
+    """A plan of per-layer SVD ranks, chosen by exactly one rule.
+
+    ``ratio``: kept-parameter ratio per layer (rank r with r*(m+n) <= ratio*m*n);
+    ``energy``: smallest rank keeping that fraction of sigma^2; ``ranks``: ``{layer: rank}``.
+    ``layers`` restricts ``ratio``/``energy`` to some layers (default: every Linear/Conv2d).
+    A layer whose rank would not save weights (rank > breakeven) is left dense.
+    ``activation_aware``: "whiten" or "scale" makes each layer a data-aware ``svd_aware`` choice.
+    """
+    method, extra = ("svd", {}) if activation_aware is None else ("svd_aware", {"aware": activation_aware})
+    given = [k for k, v in (("ratio", ratio), ("energy", energy), ("ranks", ranks)) if v is not None]
+    if len(given) != 1:
+        raise WorkbenchError(f"svd needs exactly one of ratio, energy or ranks; got {given or 'none'}")
+    infos = {info.name: info for info in matrix_layers(model)}
+    choices: dict[str, LayerPlan] = {}
+    if ranks is not None:
+        for name, rank in ranks.items():
+            module = get_submodule(model, name)
+            if name not in infos:
+                raise WorkbenchError(
+                    f"layer {name!r} is a {type(module).__name__}; svd compresses: {', '.join(infos)}")
+            svd_kernels.check_rank(rank, infos[name].shape, name)
+            if rank <= svd_kernels.breakeven_rank(infos[name].shape):
+                choices[name] = LayerPlan(method, {"rank": rank, **extra})
+        return Plan(choices)
+    if ratio is not None:
+        svd_kernels.check_fraction(ratio, "ratio")
+    else:
+        svd_kernels.check_fraction(energy, "energy")
+    for name in layers if layers is not None else list(infos):
+        if name not in infos:
+            get_submodule(model, name)
+            raise WorkbenchError(f"layer {name!r} cannot be factorized; svd compresses: {', '.join(infos)}")
+        shape = infos[name].shape
+        if ratio is not None:
+            rank = svd_kernels.rank_for_ratio(shape, ratio)
+        else:
+            rank = svd_kernels.rank_for_energy(layer_svd(model.get_submodule(name)).s, energy)
+        if rank <= svd_kernels.breakeven_rank(shape):
+            choices[name] = LayerPlan(method, {"rank": rank, **extra})
+    return Plan(choices)
+
+
+register_recipe("svd", svd_plan)

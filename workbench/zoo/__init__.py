@@ -1,0 +1,46 @@
+"""Embedded models: ``load(name) -> Task`` (model, evaluation data, metric).
+
+The digits models are trained deterministically on first use and cached on disk.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from workbench.errors import WorkbenchError
+from workbench.zoo.task import Task
+
+_BUILDERS: dict[str, tuple[Callable[[], Task], str]] = {}
+
+
+def register_model(name: str, builder: Callable[[], Task], description: str) -> None:
+    """Make ``load(name)`` call ``builder()``."""
+    _BUILDERS[name] = (builder, description)
+
+
+def available_models() -> dict[str, str]:
+    """``{name: one-line description}`` of every embedded model."""
+    return {name: description for name, (_, description) in _BUILDERS.items()}
+
+
+def load(name: str) -> Task:
+    """The embedded model ``name`` with its evaluation data and metric.
+
+    Raises `WorkbenchError` naming the known models when ``name`` is unknown.
+    """
+    if not isinstance(name, str) or name not in _BUILDERS:
+        known = ", ".join(sorted(_BUILDERS))
+        raise WorkbenchError(f"unknown model {name!r}; embedded models are: {known}")
+    builder, _ = _BUILDERS[name]
+    return builder()
+
+
+def _register_embedded() -> None:
+    from workbench.zoo.digits import DIGITS_MODELS, build_digits_task
+
+    for model_name, (_, _, description) in DIGITS_MODELS.items():
+        register_model(model_name, lambda n=model_name: build_digits_task(n), description)
+
+
+_register_embedded()
+
+__all__ = ["Task", "available_models", "load", "register_model"]

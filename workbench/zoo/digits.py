@@ -1,0 +1,81 @@
+"""Small models trained on scikit-learn's digits: an MLP, a CNN and recurrent readers."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable
+
+import torch
+from torch import nn
+
+from workbench.data import accuracy, digits_split
+from workbench.zoo import cache
+from workbench.zoo.task import Task
+from workbench.zoo.training import Recipe, train_classifier
+
+
+def digits_mlp() -> nn.Module:
+    """64-256-256-10 MLP on flattened 8x8 images. Input ``(n, 64)``, output ``(n, 10)`` logits."""
+    return nn.Sequential(OrderedDict([
+        ("fc1", nn.Linear(64, 256)), ("act1", nn.ReLU()),
+        ("fc2", nn.Linear(256, 256)), ("act2", nn.ReLU()),
+        ("fc3", nn.Linear(256, 10)),
+    ]))
+
+
+def digits_cnn() -> nn.Module:
+    """Two 3x3 convs (1->32->64, pooled to 4x4) then two linears. Input ``(n, 64)``."""
+    return nn.Sequential(OrderedDict([
+        ("image", nn.Unflatten(1, (1, 8, 8))),
+        ("conv1", nn.Conv2d(1, 32, 3, padding=1)), ("act1", nn.ReLU()),
+        ("conv2", nn.Conv2d(32, 64, 3, padding=1)), ("act2", nn.ReLU()),
+        ("pool", nn.MaxPool2d(2)), ("flatten", nn.Flatten()),
+        ("fc1", nn.Linear(64 * 4 * 4, 128)), ("act3", nn.ReLU()),
+        ("fc2", nn.Linear(128, 10)),
+    ]))
+
+
+class RowReader(nn.Module):
+    """Reads an 8x8 image as a sequence of 8 rows with a GRU or LSTM; a linear head on the last state.
+
+    Input ``(n, 64)``; the recurrent layer sees ``(n, 8, 8)`` (batch, steps, features).
+    """
+
+    def __init__(self, cell: str = "gru", hidden: int = 64):
+        super().__init__()
+        rnn_cls = {"gru": nn.GRU, "lstm": nn.LSTM}[cell]
+        self.rows = nn.Unflatten(1, (8, 8))
+        self.rnn = rnn_cls(input_size=8, hidden_size=hidden, batch_first=True)
+        self.head = nn.Linear(hidden, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(self.rows(x))
+        return self.head(out[:, -1])
+
+
+DIGITS_MODELS: dict[str, tuple[Callable[[], nn.Module], Recipe, str]] = {
+    "digits-mlp": (digits_mlp, Recipe(epochs=40, lr=2e-3),
+                   "64-256-256-10 MLP on 8x8 digits"),
+    "digits-cnn": (digits_cnn, Recipe(epochs=30, lr=2e-3),
+                   "two 3x3 convs (32, 64 channels) + two linears on 8x8 digits"),
+    "digits-gru": (lambda: RowReader("gru"), Recipe(epochs=60, lr=5e-3),
+                   "GRU (hidden 64) reading the 8 image rows as 8 steps"),
+    "digits-lstm": (lambda: RowReader("lstm"), Recipe(epochs=60, lr=5e-3),
+                    "LSTM (hidden 64) reading the 8 image rows as 8 steps"),
+}
+
+
+def build_digits_task(name: str) -> Task:
+    """Train (or load from cache) the embedded digits model ``name`` and wrap it in a `Task`."""
+    constructor, recipe, description = DIGITS_MODELS[name]
+    split = digits_split()
+    torch.manual_seed(recipe.seed)
+    model = constructor()
+    key = {"model": name, "architecture": repr(model), **recipe.as_dict()}
+    path = cache.cached_weights_path(name, key)
+    if not cache.try_load(model, path):
+        train_classifier(model, split.x_train, split.y_train, recipe, desc=f"training {name}")
+        cache.store(model, path)
+    model.eval()
+    return Task(name=name, model=model, eval_inputs=split.x_test, eval_targets=split.y_test,
+                metric=accuracy, metric_name="accuracy", train_inputs=split.x_train,
+                train_targets=split.y_train, description=description)
