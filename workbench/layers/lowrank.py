@@ -35,13 +35,14 @@ class LowRankLinear(nn.Module):
         w = linear.weight.detach()
         svd_kernels.check_rank(rank, tuple(w.shape), name)
         a, b = factors if factors is not None else svd_kernels.truncate(w, rank)
-        layer = cls(linear.in_features, linear.out_features, rank, bias=linear.bias is not None)
+        layer = cls(linear.in_features, linear.out_features, rank,
+                    bias=linear.bias is not None).to(w.dtype)
         with torch.no_grad():
             layer.first.weight.copy_(b)
             layer.second.weight.copy_(a)
             if linear.bias is not None:
                 layer.second.bias.copy_(linear.bias.detach())
-        return layer.to(w.dtype)
+        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.second(self.first(x))
@@ -83,13 +84,13 @@ class LowRankConv2d(nn.Module):
         matrix = w.reshape(w.shape[0], -1)
         svd_kernels.check_rank(rank, tuple(matrix.shape), name)
         a, b = factors if factors is not None else svd_kernels.truncate(matrix, rank)
-        layer = cls(conv, rank)
+        layer = cls(conv, rank).to(w.dtype)
         with torch.no_grad():
             layer.first.weight.copy_(b.reshape(rank, *w.shape[1:]))
             layer.second.weight.copy_(a.reshape(w.shape[0], rank, 1, 1))
             if conv.bias is not None:
                 layer.second.bias.copy_(conv.bias.detach())
-        return layer.to(w.dtype)
+        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.second(self.first(x))

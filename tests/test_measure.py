@@ -1,0 +1,46 @@
+"""Measures: parameter counts, bytes really written, FLOPs against hand counts."""
+import torch
+from torch import nn
+
+from workbench.measure import count_flops, count_params, latency_ms, measure, saved_bytes
+
+
+def test_flops_of_an_mlp_match_the_hand_count():
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
+    assert count_flops(model, torch.randn(1, 64)) == 2 * (64 * 256 + 256 * 10)
+
+
+def test_flops_of_a_conv_match_the_hand_count():
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    assert count_flops(conv, torch.randn(1, 3, 8, 8)) == 2 * 8 * 8 * 8 * 3 * 9
+
+
+def test_saved_bytes_track_the_stored_floats():
+    small, large = nn.Linear(10, 10), nn.Linear(100, 100)
+    extra_floats = (100 * 100 + 100) - (10 * 10 + 10)
+    difference = saved_bytes(large) - saved_bytes(small)
+    assert extra_floats * 4 <= difference < extra_floats * 4 + 128  # zip alignment padding only
+
+
+def test_measure_reports_every_field(mlp_task):
+    result = measure(mlp_task.model, mlp_task)
+    assert result["params"] == 64 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10
+    assert result["bytes"] > result["params"] * 4
+    assert result["flops"] == 2 * (64 * 256 + 256 * 256 + 256 * 10)
+    assert result["latency_ms"] > 0 and result["threads"] >= 1
+    assert result["metric"] == mlp_task.evaluate()
+
+
+def test_count_params_honours_stored_weights():
+    class Packed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("codes", torch.zeros(50, dtype=torch.uint8))
+            self.scale = nn.Parameter(torch.ones(1))
+
+        def stored_weights(self):
+            return 100
+
+    model = nn.Sequential(nn.Linear(2, 2), Packed())
+    assert count_params(model) == 6 + 100
+    assert latency_ms(model[0], torch.randn(1, 2), repeats=3, warmup=1) > 0
