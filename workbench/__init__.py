@@ -6,6 +6,8 @@ from workbench.plan import LayerPlan, Plan
 from workbench.zoo import Task, available_models, load
 from workbench.compress import apply
 from workbench.measure import measure
+from workbench.export import load_compressed, save_compressed
 
-__all__ = ["LayerPlan", "Plan", "Task", "apply", "available_models", "load", "measure"]
+__all__ = ["LayerPlan", "Plan", "Task", "apply", "available_models", "load", "load_compressed", "measure",
+           "save_compressed"]
 __version__ = "0.1.0"

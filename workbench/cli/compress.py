@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from workbench.cli.output import emit
+from workbench.cli.recovery_options import add_recovery_arguments, recover
 from workbench.compress import apply
 from workbench.errors import WorkbenchError
 from workbench.inventory import matrix_layers
@@ -50,6 +51,14 @@ def layer_rows(original, compressed, plan) -> list[dict]:
                      "method": choice.method if choice else "dense",
                      "settings": dict(choice.params) if choice else {},
                      "params_before": info.params, "params_after": after})
+    from workbench.layers.recurrent import recurrent_layers  # GRU/LSTM rows: shape [G*H, in + H]
+    for name, rnn in recurrent_layers(original):
+        choice = plan.layers.get(name)
+        rows.append({"name": name, "shape": [rnn.weight_ih_l0.shape[0], rnn.input_size + rnn.hidden_size],
+                     "method": choice.method if choice else "dense",
+                     "settings": dict(choice.params) if choice else {},
+                     "params_before": count_params(rnn),
+                     "params_after": count_params(compressed.get_submodule(name))})
     return rows
 
 
@@ -58,9 +67,15 @@ def run(args) -> int:
     recipe = get_recipe(args.method)
     plan = recipe(task.model, task=task, **recipe_options(args))
     compressed = apply(task.model, plan, calibration_inputs=task.calibration_inputs())
+    compressed, history = recover(args, task, compressed)  # --finetune / --distill / qat; else unchanged
     result = {"model": args.model, "method": args.method, "plan": plan.to_dict(),
               "before": measure(task.model, task), "after": measure(compressed, task),
               "layers": layer_rows(task.model, compressed, plan)}
+    report = getattr(recipe, "report", None)  # a family's extra figures and notes (e.g. sparse latency)
+    if report is not None:
+        result.update(report(task.model, compressed, task))
+    if history is not None:
+        result["history"] = history
     if args.out:
         from workbench.export import save_compressed
         result["out"] = str(save_compressed(args.out, compressed, plan, args.model))
@@ -68,6 +83,8 @@ def run(args) -> int:
     text = (f"{args.model} {args.method}: {task.metric_name} {before['metric']:.4f} -> {after['metric']:.4f}, "
             f"params {before['params']} -> {after['params']} ({after['params'] / before['params']:.1%}), "
             f"bytes {before['bytes']} -> {after['bytes']}, flops {before['flops']} -> {after['flops']}")
+    if history is not None:
+        text += f"; after {history['kind']} ({len(history['loss'])} epochs, best {history['best_epoch']})"
     emit(result, args.json, text)
     return 0
 
@@ -86,6 +103,7 @@ def register(subparsers) -> None:
     parser.add_argument("--asymmetric", action="store_true", help="asymmetric quantization (zero point)")
     parser.add_argument("--structured", action="store_true", help="prune whole channels/neurons")
     parser.add_argument("--activation-aware", choices=["whiten", "scale"], help="data-aware SVD")
+    add_recovery_arguments(parser)
     parser.add_argument("--out", help="save the compressed model here (.safetensors)")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.set_defaults(func=run)

@@ -8,6 +8,7 @@ from torch import nn
 from workbench.errors import WorkbenchError
 from workbench.inventory import get_submodule, matrix_layers
 from workbench.kernels import svd as svd_kernels
+from workbench.methods.recurrent import recurrent_part
 from workbench.layers.lowrank import LowRankConv2d, LowRankLinear
 from workbench.plan import LayerPlan, Plan
 from workbench.registry import LayerContext, Method, register_method, register_recipe
@@ -49,7 +50,8 @@ def svd_plan(model: nn.Module, *, ratio: float | None = None, energy: float | No
     if len(given) != 1:
         raise WorkbenchError(f"svd needs exactly one of ratio, energy or ranks; got {given or 'none'}")
     infos = {info.name: info for info in matrix_layers(model)}
-    choices: dict[str, LayerPlan] = {}
+    # GRU/LSTM layers go to `svd_rnn` (ratio = kept fraction of recurrent weights); the rest below.
+    choices, ranks, layers = recurrent_part(model, ratio=ratio, energy=energy, ranks=ranks, layers=layers)
     if ranks is not None:
         for name, rank in ranks.items():
             module = get_submodule(model, name)

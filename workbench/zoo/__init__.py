@@ -39,6 +39,10 @@ def _register_embedded() -> None:
 
     for model_name, (_, _, description) in DIGITS_MODELS.items():
         register_model(model_name, lambda n=model_name: build_digits_task(n), description)
+    from workbench.zoo.text import DESCRIPTION as TEXT_DESCRIPTION, build_text_task
+    register_model("text-gru", build_text_task, TEXT_DESCRIPTION)
+    from workbench.zoo.minilm import DESCRIPTION as MINILM_DESCRIPTION, build_minilm_task
+    register_model("minilm", build_minilm_task, MINILM_DESCRIPTION)
 
 
 _register_embedded()

@@ -1,0 +1,55 @@
+"""Pareto front against brute-force dominance; advisor choices and explanations; real measurements."""
+import random
+
+import pytest
+
+import workbench as wb
+from workbench.errors import WorkbenchError
+from workbench.select.pareto import Point, advise, collect_points, pareto_front
+
+
+def synthetic(n=30, seed=0):
+    rng = random.Random(seed)
+    return [Point("m", f"p{i}", rng.random(), 1, rng.randint(1000, 100_000), latency_ms=rng.random())
+            for i in range(n)] + [Point("original", "original", 0.99, 1, 200_000, latency_ms=1.0)]
+
+
+@pytest.mark.parametrize("x", ["bytes", "latency_ms"])
+def test_front_is_exactly_the_non_dominated_points(x):
+    points = synthetic()
+    front = pareto_front(points, x)
+
+    def dominated(p):
+        return any(getattr(q, x) <= getattr(p, x) and q.metric >= p.metric
+                   and (getattr(q, x) < getattr(p, x) or q.metric > p.metric) for q in points)
+
+    assert {p.label for p in front} == {p.label for p in points if not dominated(p)}
+    assert [getattr(p, x) for p in front] == sorted(getattr(p, x) for p in front)
+
+
+def test_advisor_picks_and_explains():
+    points = synthetic()
+    advice = advise(points, max_bytes=50_000)
+    fitting = [p for p in points if p.bytes <= 50_000]
+    assert advice.choice.metric == max(p.metric for p in fitting)
+    assert "at most 48.8 kB" in advice.reason and advice.choice.label in advice.reason
+    floor = advise(points, min_metric=0.5)
+    assert floor.choice.bytes == min(p.bytes for p in points if p.metric >= 0.5)
+    none = advise(points, max_bytes=10)
+    assert none.choice is None and "No measured option" in none.reason
+    with pytest.raises(WorkbenchError, match="at least one constraint"):
+        advise(points)
+
+
+def test_collect_points_measures_for_real(mlp_task):
+    points, skipped = collect_points(mlp_task, methods=["svd"], recovery=False, allocations=(0.3,),
+                                     latency=False, progress=False)
+    labels = [p.label for p in points]
+    assert labels[0] == "original" and "svd(ratio=0.3)" in labels
+    svd = points[labels.index("svd(ratio=0.3)")]
+    model = wb.apply(mlp_task.model, wb.registry.get_recipe("svd")(mlp_task.model, ratio=0.3))
+    measured = wb.measure(model, mlp_task, latency=False)
+    assert (svd.metric, svd.params, svd.bytes) == (measured["metric"], measured["params"], measured["bytes"])
+    greedy = next(p for p in points if p.method == "svd greedy")
+    assert greedy.metric > svd.metric  # the allocation beats the uniform ratio at the same budget
+    assert skipped == []

@@ -1,0 +1,53 @@
+"""The pruning and quantization explorers, headless: call update, check state and artist data."""
+import numpy as np
+import pytest
+
+from workbench.widgets.pruning import PruningExplorer
+from workbench.widgets.quantization import QuantizationExplorer
+
+
+def test_pruning_explorer_moves_the_cut_and_updates_measures(mlp_task):
+    explorer = PruningExplorer(mlp_task, synchronous=True)
+    assert explorer.state["metric"] == pytest.approx(mlp_task.evaluate())
+    state = explorer.update(0.05)
+    assert explorer.cut.high.get_xdata()[0] == pytest.approx(0.05)
+    heat = explorer.heatmap.image.get_array()[0]
+    assert np.allclose(heat, [state["sparsity"][n] for n in explorer.names]) and heat.min() > 0.2
+    assert state["bytes"] < explorer.base["bytes"]
+    assert explorer.heatmap.labels[0].get_text() == f"{heat[0]:.0%}"
+    explorer.threshold.value = 0.03  # the slider drives the same path
+    assert explorer.state["threshold"] == pytest.approx(0.03) and explorer.state["bytes"] > state["bytes"]
+    explorer.threshold.value = 0.0  # back to the original: undo is re-applying the plan
+    assert explorer.state["bytes"] == explorer.base["bytes"]
+    assert explorer.state["metric"] == pytest.approx(mlp_task.evaluate())
+
+
+def test_pruning_explorer_agrees_with_apply(mlp_task):
+    import workbench as wb
+    from workbench.widgets.pruning import threshold_plan
+
+    explorer = PruningExplorer(mlp_task, synchronous=True)
+    state = explorer.update(0.04)
+    model = wb.apply(mlp_task.model, threshold_plan(explorer.names, 0.04))
+    assert state["metric"] == pytest.approx(mlp_task.evaluate(model))
+
+
+def test_pruning_explorer_shows_errors_as_messages(mlp_task):
+    explorer = PruningExplorer(mlp_task, synchronous=True)
+    state = explorer.update(100.0)
+    assert state["error"] and "prunes every weight" in explorer.summary.value
+    explorer.layer.value = "fc2"
+    assert explorer.histogram.ax.get_title() == "fc2"
+
+
+def test_quantization_explorer_draws_both_grids(mlp_task):
+    explorer = QuantizationExplorer(mlp_task, bits=2, synchronous=True)
+    segments = {s: explorer.grids[s].get_segments() for s in ("uniform", "kmeans")}
+    assert len(segments["uniform"]) == 4 and len(segments["kmeans"]) == 4
+    kmeans_levels = sorted(seg[0][0] for seg in segments["kmeans"])
+    assert np.allclose(kmeans_levels, explorer.state["kmeans"]["levels"]["fc1"])
+    before = explorer.state["uniform"]["bytes"]
+    explorer.bits.value = 3  # the slider path (coalesced; synchronous here)
+    assert len(explorer.grids["uniform"].get_segments()) == 8
+    assert explorer.state["uniform"]["bytes"] > before
+    assert explorer.state["kmeans"]["metric"] >= explorer.state["uniform"]["metric"] - 0.05

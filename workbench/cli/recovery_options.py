@@ -1,0 +1,53 @@
+"""Recovery flags of ``compress``: ``--finetune EPOCHS [--distill --temperature T --alpha A]`` and
+``--method qat --bits B --epochs N``. Not a command itself (no ``register``): `workbench.cli.compress`
+adds these flags and calls `recover` on the compressed model before measuring it."""
+from __future__ import annotations
+
+from torch import nn
+
+from workbench.errors import WorkbenchError
+
+QAT_DEFAULT_EPOCHS = 10
+
+
+def add_recovery_arguments(parser) -> None:
+    group = parser.add_argument_group("recovering accuracy")
+    group.add_argument("--finetune", type=int, metavar="EPOCHS",
+                       help="fine-tune what the compression left trainable for up to EPOCHS epochs")
+    group.add_argument("--epochs", type=int, metavar="N", help="epochs of recovery (qat, or same as --finetune)")
+    group.add_argument("--distill", action="store_true", help="fine-tune with the original model as teacher")
+    group.add_argument("--temperature", type=float, help="distillation temperature T > 0 (default 4)")
+    group.add_argument("--alpha", type=float, help="weight of the soft teacher loss in [0, 1] (default 0.9)")
+
+
+def recover(args, task, compressed: nn.Module) -> tuple[nn.Module, dict | None]:
+    """``(model, history)``: the recovered model and its JSON history, or ``(compressed, None)``
+    when no recovery flag was given."""
+    from workbench.recovery.finetune import distill_finetune, finetune
+
+    if args.finetune is not None and args.epochs is not None and args.finetune != args.epochs:
+        raise WorkbenchError(f"--finetune {args.finetune} and --epochs {args.epochs} disagree; give one")
+    epochs = args.finetune if args.finetune is not None else args.epochs
+    is_qat = args.method == "qat"
+    if epochs is None and is_qat:
+        epochs = QAT_DEFAULT_EPOCHS
+    if epochs is None:
+        if args.distill or args.temperature is not None or args.alpha is not None:
+            raise WorkbenchError("--distill, --temperature and --alpha need --finetune EPOCHS")
+        return compressed, None
+    if not args.distill and (args.temperature is not None or args.alpha is not None):
+        raise WorkbenchError("--temperature and --alpha set distillation; add --distill")
+    options = {"epochs": epochs, "learn_scales": is_qat, "desc": "QAT" if is_qat else "fine-tuning"}
+    if args.distill:
+        options["desc"] = "distilling"
+        result = distill_finetune(compressed, task, temperature=4.0 if args.temperature is None else args.temperature,
+                                  alpha=0.9 if args.alpha is None else args.alpha, **options)
+    else:
+        result = finetune(compressed, task, **options)
+    kind = "distill" if args.distill else ("qat" if is_qat else "finetune")
+    history = {"kind": kind, "epoch": [h["epoch"] for h in result.history], **result.history_dict(),
+               "metric_split": "validation (carved from the training split)"}
+    if args.distill:
+        history.update(temperature=4.0 if args.temperature is None else args.temperature,
+                       alpha=0.9 if args.alpha is None else args.alpha)
+    return result.model, history

@@ -1,0 +1,124 @@
+"""``python -m workbench sensitivity | allocate | pareto MODEL``: choosing, headless, JSON out."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from workbench.cli.output import emit
+from workbench.errors import WorkbenchError
+from workbench.zoo import load
+
+
+def run_sensitivity(args) -> int:
+    from workbench.select.sensitivity import sensitivity
+
+    task = load(args.model)
+    result = sensitivity(task, args.method, args.grid, layers=args.layers, split=args.split,
+                         progress=not args.json)
+    data = {"model": args.model, **result.to_dict()}
+    lines = [f"{args.model} {args.method} sensitivity ({result.metric_name} on {result.split}, "
+             f"original {result.baseline:.4f}); {result.option}: " + " ".join(f"{g:g}" for g in result.grid)]
+    lines += [f"  {name:>12}: " + " ".join(f"{v:.3f}" for v in row) for name, row in zip(result.layers, result.metric)]
+    emit(data, args.json, "\n".join(lines))
+    return 0
+
+
+def run_allocate(args) -> int:
+    from workbench.select.allocate import allocate
+
+    task = load(args.model)
+    result = allocate(task, args.budget, args.by, args.allocator, method=args.method, loss=args.loss,
+                      progress=not args.json)
+    data = {"model": args.model, "metric_name": task.metric_name, "original_metric": task.evaluate(),
+            **result.to_dict()}
+    text = (f"{args.model} {args.allocator} at {args.budget} of {args.by}: used {result.used:,} of "
+            f"{result.total:,} ({result.fraction_used:.1%}); {task.metric_name} {data['original_metric']:.4f} -> "
+            f"{result.metric:.4f}; ranks " + ", ".join(f"{k}={v if v is not None else 'dense'}"
+                                                    for k, v in result.ranks.items()))
+    emit(data, args.json, text)
+    return 0
+
+
+def run_pareto(args) -> int:
+    from workbench.select.pareto import advise, collect_points, pareto_front
+
+    task = load(args.model)
+    points, skipped = collect_points(task, recovery=not args.no_recovery, progress=not args.json)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    front = {p.label for p in pareto_front(points, "bytes")}
+    front_latency = {p.label for p in pareto_front(points, "latency_ms")}
+    data = {"model": args.model, "metric_name": task.metric_name,
+            "points": [{**p.to_dict(), "on_front_bytes": p.label in front,
+                        "on_front_latency": p.label in front_latency} for p in points],
+            "skipped": skipped}
+    constraints = {k: v for k, v in (("max_bytes", args.max_bytes), ("max_latency_ms", args.max_latency_ms),
+                                     ("min_metric", args.min_metric)) if v is not None}
+    if constraints:
+        data["advice"] = advise(points, metric_name=task.metric_name, **constraints).to_dict()
+    (out / "pareto.json").write_text(json.dumps(data, indent=2, default=str))
+    _save_chart(points, front, front_latency, out, task.metric_name)
+    data["files"] = [str(out / name) for name in ("pareto.json", "pareto_bytes.png", "pareto_latency.png")]
+    text = "\n".join(f"{'*' if p.label in front else ' '} {p.label:<48} {p.metric:.4f} {p.bytes:>9,} B"
+                     for p in points) + f"\nwritten to {out}" + (
+                         f"\n{data['advice']['reason']}" if "advice" in data else "")
+    emit(data, args.json, text)
+    return 0
+
+
+def _save_chart(points, front, front_latency, out: Path, metric_name: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from workbench.plotting.selection import draw_pareto
+
+    for x, on, name in (("bytes", front, "pareto_bytes.png"), ("latency_ms", front_latency, "pareto_latency.png")):
+        fig, ax = plt.subplots(figsize=(8, 5))
+        usable = [p for p in points if getattr(p, x) is not None]
+        draw_pareto(ax, [getattr(p, x) for p in usable], [p.metric for p in usable], [p.label for p in usable],
+                    [p.method for p in usable], [p.label in on for p in usable], xlabel=x, ylabel=metric_name)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=100)
+        plt.close(fig)
+
+
+def _budget(value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise WorkbenchError(f"--budget {value!r} must be a number in (0, 1]") from None
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("sensitivity", help="per-layer metric along a grid, one layer at a time")
+    p.add_argument("model")
+    p.add_argument("--method", default="svd", help="recipe to vary: svd, prune, quant, ...")
+    p.add_argument("--grid", type=float, nargs="+", help="kept ratios (svd/prune) or bits (quant)")
+    p.add_argument("--layers", nargs="+", help="restrict to these layers")
+    p.add_argument("--split", default="validation", choices=["validation", "test"],
+                   help="data scored (validation: carved from the training split)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run_sensitivity)
+
+    p = subparsers.add_parser("allocate", help="per-layer settings under a budget, applied and measured")
+    p.add_argument("model")
+    p.add_argument("--budget", type=_budget, required=True, help="fraction of the original kept, e.g. 0.3")
+    p.add_argument("--by", default="params", choices=["params", "bytes", "flops"])
+    p.add_argument("--allocator", default="greedy", choices=["uniform", "energy", "greedy", "convex"])
+    p.add_argument("--method", default="svd", help="recipe whose settings are allocated")
+    p.add_argument("--loss", default="sensitivity", choices=["sensitivity", "proxy"],
+                   help="predicted loss: measured sensitivity, or sigma^2 x activation energy")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run_allocate)
+
+    p = subparsers.add_parser("pareto", help="every method measured; Pareto charts and JSON in --out")
+    p.add_argument("model")
+    p.add_argument("--out", required=True, help="directory for pareto.json and the charts")
+    p.add_argument("--max-bytes", type=int, help="advisor: size limit")
+    p.add_argument("--max-latency-ms", type=float, help="advisor: latency limit")
+    p.add_argument("--min-metric", type=float, help="advisor: accuracy floor")
+    p.add_argument("--no-recovery", action="store_true", help="skip distillation points (faster)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run_pareto)

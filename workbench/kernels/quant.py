@@ -1,0 +1,200 @@
+"""Quantization kernels: uniform b-bit grids, k-means codebooks, and bit-packing of codes.
+
+Shapes: ``w: (out, ...)`` a weight (Linear ``(out, in)``, Conv2d ``(out, in, kh, kw)``).
+Codes are unsigned integers in ``[0, 2^bits)`` held in ``uint8`` tensors shaped like ``w``;
+`pack_codes` stores them at ``bits`` bits each, so a 4-bit layer takes ``numel / 2`` bytes.
+
+Uniform grids dequantize as ``w_hat = scale * (code - zero_point)``:
+
+- symmetric, ``bits >= 2``: ``scale = max|w| / (2^(b-1) - 1)``, ``zero_point = 2^(b-1)``; codes use
+  the restricted signed range ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` (zero is exact);
+- symmetric, ``bits = 1``: binarization ``w_hat = ±mean|w|`` (``scale = 2 mean|w|``, ``zero_point = 1/2``);
+- asymmetric: the range ``[min(w, 0), max(w, 0)]`` split into ``2^b - 1`` steps, integer zero point.
+
+With round-to-nearest and no clipping, ``|w - w_hat| <= scale / 2`` for every weight (``bits >= 2``).
+``scale`` and ``zero_point`` are scalars (per tensor) or ``(out, 1, ...)`` (per output channel).
+K-means (weight clustering) replaces the grid by a sorted codebook of ``2^bits`` centroids
+(scikit-learn ``KMeans``, seeded): ``w_hat = codebook[code]``.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+from workbench.errors import WorkbenchError
+
+#: Bit widths that mean "keep the float weights" (no quantization).
+NO_OP_BITS = (16, 32)
+SCHEMES = ("uniform", "kmeans")
+
+
+def check_bits(bits: int, name: str = "", allow_no_op: bool = False) -> int:
+    """Raise `WorkbenchError` unless ``1 <= bits <= 8`` (or 16 / 32 when ``allow_no_op``)."""
+    where = f" for layer {name!r}" if name else ""
+    extra = " (or 16/32 for no quantization)" if allow_no_op else ""
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise WorkbenchError(f"bits={bits!r}{where} must be an integer from 1 to 8{extra}")
+    if 1 <= bits <= 8 or (allow_no_op and bits in NO_OP_BITS):
+        return bits
+    raise WorkbenchError(f"bits={bits}{where} is outside 1..8{extra}")
+
+
+def check_scheme(scheme: str) -> str:
+    if scheme not in SCHEMES:
+        raise WorkbenchError(f"scheme={scheme!r} must be one of {', '.join(SCHEMES)}")
+    return scheme
+
+
+def _rows(w: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    """``(groups, n)``: one row per output channel, or the whole tensor as one row."""
+    w = w.detach()
+    return w.reshape(w.shape[0], -1) if per_channel else w.reshape(1, -1)
+
+
+def _shape_param(p: torch.Tensor, w: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    """``(groups, 1)`` -> ``(out, 1, ...)`` broadcastable to ``w``, or a scalar."""
+    return p.reshape(w.shape[0], *([1] * (w.dim() - 1))) if per_channel else p.reshape(())
+
+
+def quantize_uniform(w: torch.Tensor, bits: int, per_channel: bool = False,
+                     asymmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest uniform quantization of ``w`` to ``bits`` bits.
+
+    Returns ``(codes, scale, zero_point)``: ``codes`` uint8 shaped like ``w`` in ``[0, 2^bits)``;
+    ``scale`` and ``zero_point`` float32, scalars or ``(out, 1, ...)`` when ``per_channel``.
+    """
+    check_bits(bits)
+    rows = _rows(w, per_channel).float()
+    levels = 2 ** bits - 1
+    if asymmetric:
+        lo = rows.amin(dim=1, keepdim=True).clamp(max=0)
+        hi = rows.amax(dim=1, keepdim=True).clamp(min=0)
+        scale = (hi - lo) / levels
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        zero = torch.clamp(torch.round(-lo / scale), 0, levels)
+        codes = torch.clamp(torch.round(rows / scale) + zero, 0, levels)
+    elif bits == 1:
+        mean_abs = rows.abs().mean(dim=1, keepdim=True)
+        scale = torch.where(mean_abs > 0, 2 * mean_abs, torch.ones_like(mean_abs))
+        zero = torch.full_like(scale, 0.5)
+        codes = (rows >= 0).float()
+    else:
+        qmax = 2 ** (bits - 1) - 1
+        top = rows.abs().amax(dim=1, keepdim=True)
+        scale = torch.where(top > 0, top / qmax, torch.ones_like(top))
+        zero = torch.full_like(scale, float(2 ** (bits - 1)))
+        codes = torch.clamp(torch.round(rows / scale), -qmax, qmax) + zero
+    return (codes.to(torch.uint8).reshape(w.shape), _shape_param(scale, w, per_channel),
+            _shape_param(zero, w, per_channel))
+
+
+def dequantize_uniform(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """``scale * (codes - zero_point)`` as float32, shaped like ``codes``."""
+    return scale * (codes.float() - zero_point)
+
+
+def uniform_grid(scale: float, zero_point: float, bits: int) -> torch.Tensor:
+    """The ``2^bits`` representable values of one uniform grid, ascending."""
+    return scale * (torch.arange(2 ** bits, dtype=torch.float32) - zero_point)
+
+
+def kmeans_codebook(w: torch.Tensor, bits: int, per_channel: bool = False,
+                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight clustering: scikit-learn ``KMeans(2^bits, random_state=seed)`` on the weight values.
+
+    Returns ``(codes, codebook)``: ``codes`` uint8 shaped like ``w`` (index of the nearest
+    centroid); ``codebook`` float32 ``(2^bits,)`` ascending, or ``(out, 2^bits)`` per channel.
+    A group with fewer distinct values than ``2^bits`` gets its distinct values, the rest of
+    the codebook repeating the largest one.
+    """
+    from sklearn.cluster import KMeans
+
+    check_bits(bits)
+    k = 2 ** bits
+    rows = _rows(w, per_channel).double().numpy()
+    codes = np.empty(rows.shape, dtype=np.uint8)
+    books = np.empty((rows.shape[0], k), dtype=np.float64)
+    for i, row in enumerate(rows):
+        distinct = np.unique(row)
+        if len(distinct) <= k:
+            centroids = distinct
+            labels = np.searchsorted(distinct, row)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                km = KMeans(n_clusters=k, n_init=1, random_state=seed).fit(row.reshape(-1, 1))
+            order = np.argsort(km.cluster_centers_[:, 0])
+            centroids = km.cluster_centers_[order, 0]
+            rank = np.empty(k, dtype=np.int64)
+            rank[order] = np.arange(k)
+            labels = rank[km.labels_]
+        books[i, :len(centroids)] = centroids
+        books[i, len(centroids):] = centroids[-1]
+        codes[i] = labels
+    codebook = torch.from_numpy(books).float()
+    return (torch.from_numpy(codes).reshape(w.shape),
+            codebook if per_channel else codebook.reshape(k))
+
+
+def dequantize_codebook(codes: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """``codebook[codes]`` (per channel: ``codebook[row, codes[row]]``), float, shaped like ``codes``."""
+    idx = codes.long()
+    if codebook.dim() == 1:
+        return codebook[idx]
+    flat = idx.reshape(idx.shape[0], -1)
+    return torch.gather(codebook, 1, flat).reshape(codes.shape)
+
+
+def packed_size(count: int, bits: int) -> int:
+    """Bytes holding ``count`` codes of ``bits`` bits: ``ceil(count * bits / 8)``."""
+    return (count * bits + 7) // 8
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack unsigned ``bits``-bit codes (any shape, values ``< 2^bits``) into a flat uint8 stream.
+
+    Little-endian bit order: code ``i`` occupies bits ``[i*bits, (i+1)*bits)`` of the stream.
+    Returns ``(packed_size(codes.numel(), bits),)`` uint8.
+    """
+    check_bits(bits)
+    flat = codes.reshape(-1).to(torch.int64)
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 2 ** bits):
+        raise WorkbenchError(f"codes must lie in [0, {2 ** bits - 1}] to pack at bits={bits}; "
+                             f"got [{int(flat.min())}, {int(flat.max())}]")
+    if bits == 8:
+        return flat.to(torch.uint8)
+    if bits == 1:  # bitmaps: numpy's packbits is a single C loop
+        return torch.from_numpy(np.packbits(flat.to(torch.uint8).numpy(), bitorder="little"))
+    if 8 % bits == 0:  # 1, 2, 4 bits: whole codes per byte
+        per = 8 // bits
+        flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % per)]).reshape(-1, per)
+        return (flat << (bits * torch.arange(per))).sum(dim=1).to(torch.uint8)
+    stream = ((flat[:, None] >> torch.arange(bits)) & 1).reshape(-1)
+    pad = (-stream.numel()) % 8
+    stream = torch.cat([stream, stream.new_zeros(pad)]).reshape(-1, 8)
+    return (stream << torch.arange(8)).sum(dim=1).to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Inverse of `pack_codes`: the first ``count`` codes, ``(count,)`` uint8."""
+    check_bits(bits)
+    if packed.numel() != packed_size(count, bits):
+        raise WorkbenchError(f"{packed.numel()} packed bytes cannot hold exactly {count} codes of "
+                             f"{bits} bits (expected {packed_size(count, bits)})")
+    if bits == 8:
+        return packed.reshape(-1).clone()
+    if bits == 1:
+        return torch.from_numpy(np.unpackbits(packed.numpy(), count=count, bitorder="little"))
+    if 8 % bits == 0:
+        per = 8 // bits
+        codes = (packed.to(torch.int32)[:, None] >> (bits * torch.arange(per, dtype=torch.int32))) & (2 ** bits - 1)
+        return codes.reshape(-1)[:count].to(torch.uint8)
+    stream = ((packed.to(torch.int64)[:, None] >> torch.arange(8)) & 1).reshape(-1)[:count * bits]
+    return (stream.reshape(count, bits) << torch.arange(bits)).sum(dim=1).to(torch.uint8)
+
+
+def weight_mse(w: torch.Tensor, w_hat: torch.Tensor) -> float:
+    """Mean squared error between a weight and its quantized version."""
+    return float(((w.detach().float() - w_hat.detach().float()) ** 2).mean())

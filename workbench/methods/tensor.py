@@ -1,0 +1,218 @@
+"""Tensor decompositions of Conv2d layers ("tucker", "cp", "spatial-svd") and BatchNorm folding.
+
+Layer methods and their settings::
+
+    LayerPlan("tucker", {"rank_out": 16, "rank_in": 8})
+    LayerPlan("cp", {"rank": 40})
+    LayerPlan("spatial-svd", {"rank": 12})
+
+Recipes of the same names build a plan for every ungrouped Conv2d (or ``layers``) from exactly one
+rule: ``ratio`` (kept fraction of each conv's weights), ``ranks`` (``{layer: rank}``; for Tucker an
+int sets both modes, capped at each mode's size, or a pair ``(rank_out, rank_in)``), ``energy``
+(Tucker: per channel mode, the rank keeping that fraction of the unfolding's sigma^2) or
+``estimate="vbmf"`` (Tucker: VBMF on each channel unfolding). A conv whose chosen ranks would not
+save weights is left dense. Grouped/depthwise convs are left dense (the reason is in the error).
+
+The ``fold_bn`` step folds every BatchNorm that directly follows a Conv2d/Linear inside an
+``nn.Sequential`` into that layer (inference-time exact: uses the running statistics).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from workbench.errors import UnsupportedLayerError, WorkbenchError
+from workbench.inventory import get_submodule
+from workbench.kernels import svd as svd_kernels
+from workbench.kernels import tensor as tk
+from workbench.layers.tensor import CPConv2d, SpatialSVDConv2d, TuckerConv2d, check_conv
+from workbench.plan import LayerPlan, Plan
+from workbench.registry import LayerContext, Method, register_method, register_recipe
+
+TENSOR_METHODS = ("tucker", "cp", "spatial-svd")
+
+
+# --------------------------------------------------------------------------- layer methods
+def build_tucker(module: nn.Module, params: Mapping[str, Any], context: LayerContext) -> nn.Module:
+    ranks = (params.get("rank_out"), params.get("rank_in"))
+    return TuckerConv2d.from_conv(module, ranks, name=context.name)
+
+
+def build_cp(module: nn.Module, params: Mapping[str, Any], context: LayerContext) -> nn.Module:
+    return CPConv2d.from_conv(module, params.get("rank"), name=context.name)
+
+
+def build_spatial(module: nn.Module, params: Mapping[str, Any], context: LayerContext) -> nn.Module:
+    return SpatialSVDConv2d.from_conv(module, params.get("rank"), name=context.name)
+
+
+register_method(Method("tucker", build_tucker, (nn.Conv2d,),
+                       description="Tucker-2: 1x1 -> k x k core -> 1x1 (ranks rank_out, rank_in)"))
+register_method(Method("cp", build_cp, (nn.Conv2d,),
+                       description="CP: 1x1 -> k x 1 depthwise -> 1 x k depthwise -> 1x1 (rank)"))
+register_method(Method("spatial-svd", build_spatial, (nn.Conv2d,),
+                       description="spatial SVD: k x 1 conv then 1 x k conv (rank)"))
+
+
+def layer_params(method: str, shape: tuple[int, ...], settings: Mapping[str, Any]) -> int:
+    """Weights (no bias) of ``method`` with ``settings`` on a kernel of ``shape``."""
+    if method == "tucker":
+        return tk.tucker_params(shape, (settings["rank_out"], settings["rank_in"]))
+    if method == "cp":
+        return tk.cp_params(shape, settings["rank"])
+    return tk.spatial_params(shape, settings["rank"])
+
+
+# --------------------------------------------------------------------------- recipes
+def conv_layers(model: nn.Module) -> dict[str, nn.Conv2d]:
+    """``{name: conv}`` of every ungrouped Conv2d (the ones these methods can decompose)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups == 1}
+
+
+def _settings_for_rank(method: str, shape: tuple[int, ...], rank: Any, name: str) -> dict:
+    if method == "tucker":
+        if isinstance(rank, (tuple, list)):
+            r_out, r_in = tk.check_tucker_ranks(shape, tuple(rank), name)
+        else:
+            where = f" for layer {name!r}" if name else ""
+            tk.check_int_rank(rank, "rank", max(shape[0], shape[1]), "the larger channel mode", where)
+            r_out, r_in = min(rank, shape[0]), min(rank, shape[1])  # one int: capped per mode
+        return {"rank_out": r_out, "rank_in": r_in}
+    if method == "cp":
+        return {"rank": tk.check_cp_rank(shape, rank, name)}
+    return {"rank": tk.check_spatial_rank(shape, rank, name)}
+
+
+def _settings_for_rule(method: str, conv: nn.Conv2d, ratio, energy, estimate) -> dict:
+    shape = tuple(conv.weight.shape)
+    w = conv.weight.detach()
+    if method == "tucker":
+        if ratio is not None:
+            r_out, r_in = tk.tucker_ranks_for_ratio(shape, ratio)
+        elif energy is not None:
+            r_out, r_in = tk.tucker_ranks_for_energy(w, energy)
+        else:
+            r_out, r_in = tk.tucker_ranks_vbmf(w)
+        return {"rank_out": r_out, "rank_in": r_in}
+    if ratio is None:
+        raise WorkbenchError(f"{method} chooses its rank from ratio or ranks; energy/estimate are "
+                             "Tucker rules (got energy={energy!r}, estimate={estimate!r})")
+    if method == "cp":
+        return {"rank": tk.cp_rank_for_ratio(shape, ratio)}
+    return {"rank": tk.spatial_rank_for_ratio(shape, ratio)}
+
+
+def tensor_plan(method: str, model: nn.Module, *, ratio: float | None = None,
+                energy: float | None = None, ranks: Mapping[str, Any] | None = None,
+                estimate: str | None = None, layers: list[str] | None = None, **_: Any) -> Plan:
+    """A plan decomposing convs with ``method`` ("tucker", "cp" or "spatial-svd"); see module doc."""
+    if method not in TENSOR_METHODS:
+        raise WorkbenchError(f"method={method!r} must be one of {TENSOR_METHODS}")
+    if estimate is not None and estimate != "vbmf":
+        raise WorkbenchError(f"estimate={estimate!r}: the only estimate offered is 'vbmf'")
+    given = [k for k, v in (("ratio", ratio), ("energy", energy), ("ranks", ranks), ("estimate", estimate))
+             if v is not None]
+    if len(given) != 1:
+        raise WorkbenchError(f"{method} needs exactly one of ratio, energy, ranks or estimate; got "
+                             f"{given or 'none'}")
+    if ratio is not None:
+        svd_kernels.check_fraction(ratio, "ratio")
+    if energy is not None:
+        svd_kernels.check_fraction(energy, "energy")
+    convs = conv_layers(model)
+    chosen = dict(ranks) if ranks is not None else {name: None for name in (layers or list(convs))}
+    choices: dict[str, LayerPlan] = {}
+    for name, rank in chosen.items():
+        module = get_submodule(model, name)
+        if name not in convs:
+            check_conv(module, name, method)  # raises with the reason (not a conv / grouped)
+        conv = convs[name]
+        shape = tuple(conv.weight.shape)
+        settings = (_settings_for_rank(method, shape, rank, name) if ranks is not None
+                    else _settings_for_rule(method, conv, ratio, energy, estimate))
+        if layer_params(method, shape, settings) < math.prod(shape):
+            choices[name] = LayerPlan(method, settings)
+    return Plan(choices)
+
+
+for _method in TENSOR_METHODS:
+    register_recipe(_method, lambda model, _m=_method, **options: tensor_plan(_m, model, **options))
+
+
+# --------------------------------------------------------------------------- BatchNorm folding
+def fold_bn_into(layer: nn.Module, bn: nn.Module) -> nn.Module:
+    """A copy of ``layer`` (Conv2d or Linear) with ``bn`` (eval-mode BatchNorm after it) folded in.
+
+    ``w' = w * gamma / sqrt(var + eps)`` per output channel,
+    ``b' = (b - mean) * gamma / sqrt(var + eps) + beta``. Exact for the running statistics.
+    """
+    if bn.running_mean is None or bn.running_var is None:
+        raise WorkbenchError("BatchNorm with track_running_stats=False has no running statistics to fold")
+    out = layer.weight.shape[0]
+    if bn.num_features != out:
+        raise WorkbenchError(f"BatchNorm has {bn.num_features} features but the layer before has {out} outputs")
+    import copy
+
+    fused = copy.deepcopy(layer)
+    with torch.no_grad():
+        scale = bn.running_var.double().add(bn.eps).rsqrt()
+        if bn.weight is not None:
+            scale = scale * bn.weight.double()
+        shift = -bn.running_mean.double() * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias.double()
+        if layer.bias is not None:
+            shift = shift + layer.bias.double() * scale
+        fused.weight.copy_((layer.weight.double() * scale.view(-1, *([1] * (layer.weight.dim() - 1))))
+                           .to(layer.weight.dtype))
+        fused.bias = nn.Parameter(shift.to(layer.weight.dtype))
+    return fused
+
+
+_FOLDABLE = ((nn.Conv2d, nn.BatchNorm2d), (nn.Linear, nn.BatchNorm1d))
+
+
+def foldable_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """``[(layer name, bn name)]``: BatchNorms directly after a Conv2d/Linear in an nn.Sequential."""
+    pairs = []
+    for parent_name, parent in model.named_modules():
+        if not isinstance(parent, nn.Sequential):
+            continue
+        children = list(parent.named_children())
+        for (name_a, a), (name_b, b) in zip(children, children[1:]):
+            if any(isinstance(a, la) and type(b) is lb for la, lb in _FOLDABLE):
+                prefix = f"{parent_name}." if parent_name else ""
+                pairs.append((prefix + name_a, prefix + name_b))
+    return pairs
+
+
+def build_fold_bn(model: nn.Module, params: Mapping[str, Any], context: LayerContext) -> nn.Module:
+    """Whole-model step: fold each BatchNorm of `foldable_pairs` into its layer, BN -> Identity.
+
+    ``model`` is the copy made by `workbench.apply`; it is changed and returned.
+    """
+    from workbench.inventory import set_submodule
+
+    for layer_name, bn_name in foldable_pairs(model):
+        layer, bn = model.get_submodule(layer_name), model.get_submodule(bn_name)
+        set_submodule(model, layer_name, fold_bn_into(layer, bn))
+        set_submodule(model, bn_name, nn.Identity())
+    return model
+
+
+register_method(Method("fold_bn", build_fold_bn, (nn.Module,), kind="step",
+                       description="fold BatchNorm into the preceding Conv2d/Linear (exact at inference)"))
+
+
+def fold_bn_plan(model: nn.Module, **_: Any) -> Plan:
+    """The plan with the single step ``fold_bn``."""
+    if not foldable_pairs(model):
+        raise UnsupportedLayerError("no BatchNorm directly after a Conv2d/Linear inside an nn.Sequential "
+                                    "was found; nothing to fold")
+    return Plan({}, (LayerPlan("fold_bn", {}),))
+
+
+register_recipe("fold_bn", fold_bn_plan)

@@ -1,0 +1,314 @@
+"""Whole-model dashboard: one rank slider per compressible layer, live accuracy / size / FLOPs and
+the accuracy-vs-size chart with the current point.
+
+Slider -> `Knob.choice` -> `Plan` -> `workbench.engine.Engine.evaluate` (sliced cached factors,
+forward from the changed stage on) -> readouts + `update_tradeoff` (``set_data``) -> one draw.
+Slider events go through a `Coalescer`: while one computation runs only the latest slider values
+are kept, and the display always ends on the values the sliders show. Errors are shown in the
+widget as a message.
+
+Which layers get a slider comes from `knobs_for`: every layer `workbench.inventory.matrix_layers`
+lists gets an ``svd`` rank knob, and every recurrent layer gets an ``svd_rnn`` knob when that
+method is registered; `register_knob_provider` adds more kinds.
+
+The figure is shown as an ipympl canvas when the ``widget`` backend is active
+(``%matplotlib widget``), otherwise as an ``ipywidgets.Image`` whose PNG bytes (drawn on the Agg
+canvas) are replaced in place: the same code then runs in JupyterLab, Voilà, nbval and tests.
+"""
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import ipywidgets as widgets
+import matplotlib
+import PIL.Image
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from workbench.engine import Engine
+from workbench.errors import WorkbenchError
+from workbench.inventory import matrix_layers
+from workbench.plan import LayerPlan, Plan
+from workbench.plotting.tradeoff import draw_tradeoff, update_tradeoff
+from workbench.registry import get_recipe, methods
+from workbench.widgets.throttle import Coalescer
+
+REFERENCE_RATIOS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75)
+
+
+# --------------------------------------------------------------------------- knobs
+@dataclass(frozen=True)
+class Knob:
+    """A rank slider for one layer: values ``1..maximum``; ``maximum`` means "keep dense"."""
+
+    layer: str
+    description: str
+    maximum: int
+    to_choice: Callable[[int], LayerPlan | None]
+    preview: bool = False   # the engine can preview this layer (a matrix layer)
+
+    def choice(self, rank: int) -> LayerPlan | None:
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= self.maximum:
+            raise WorkbenchError(f"rank={rank!r} for layer {self.layer!r} must be an integer in 1..{self.maximum}")
+        return None if rank == self.maximum else self.to_choice(rank)
+
+
+def _matrix_knobs(model) -> list[Knob]:
+    return [Knob(info.name, f"{info.name} {info.shape[0]}x{info.shape[1]}", min(info.shape),
+                 lambda r: LayerPlan("svd", {"rank": r}), preview=True)
+            for info in matrix_layers(model)]
+
+
+def _recurrent_knobs(model) -> list[Knob]:
+    if "svd_rnn" not in methods():
+        return []
+    from workbench.layers.recurrent import max_rank, recurrent_layers, rnn_kind, unsupported_reason
+
+    knobs = []
+    for name, rnn in recurrent_layers(model):
+        if unsupported_reason(rnn):
+            continue
+        kind, h, n_in = rnn_kind(rnn), rnn.hidden_size, rnn.input_size
+        ih, hh = max_rank(kind, "ih", n_in, h, True), max_rank(kind, "hh", n_in, h, True)
+
+        def to_choice(r: int, ih=ih, hh=hh) -> LayerPlan:
+            return LayerPlan("svd_rnn", {"rank_ih": r if r < ih else None, "rank_hh": r if r < hh else None,
+                                         "per_gate": True})
+        knobs.append(Knob(name, f"{name} {kind} {h} (per gate)", max(ih, hh), to_choice))
+    return knobs
+
+
+_KNOB_PROVIDERS: list[Callable] = [_matrix_knobs, _recurrent_knobs]
+
+
+def register_knob_provider(provider: Callable) -> None:
+    """Add ``provider(model) -> list[Knob]`` (a new layer kind gets sliders in every dashboard)."""
+    _KNOB_PROVIDERS.append(provider)
+
+
+def knobs_for(model) -> list[Knob]:
+    """Every knob of ``model``, in module order of the layers."""
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    knobs = [knob for provider in _KNOB_PROVIDERS for knob in provider(model)]
+    return sorted(knobs, key=lambda k: order.get(k.layer, len(order)))
+
+
+# --------------------------------------------------------------------------- figure view
+class FigureImage:
+    """A figure shown in a widget: the ipympl canvas under ``%matplotlib widget``, else an
+    ``ipywidgets.Image`` whose PNG is replaced in place by ``draw()``.
+
+    In the Image view, ``draw(moving)`` draws the figure once without the ``moving`` artists on the
+    Agg canvas, keeps that background, and afterwards only restores it and draws the moving
+    artists over it (blitting) before encoding the PNG; ``invalidate()`` forces a full draw.
+    """
+
+    def __init__(self, figsize: tuple[float, float], dpi: int = 80):
+        backend = matplotlib.get_backend().lower()
+        self.interactive = "ipympl" in backend or backend.endswith("widget")
+        self._background = None
+        if self.interactive:
+            import matplotlib.pyplot as plt
+
+            with plt.ioff():
+                self.figure = plt.figure(figsize=figsize, dpi=dpi)
+            self.widget = self.figure.canvas
+        else:
+            self.figure = Figure(figsize=figsize, dpi=dpi)
+            FigureCanvasAgg(self.figure)
+            width, height = (int(v * dpi) for v in figsize)
+            self.widget = widgets.Image(format="png", layout={"width": f"{width}px", "height": f"{height}px"})
+
+    def invalidate(self) -> None:
+        self._background = None
+
+    def draw(self, moving: tuple = ()) -> None:
+        canvas = self.figure.canvas
+        if self.interactive:
+            canvas.draw_idle()
+            return
+        if self._background is None:
+            for artist in moving:
+                artist.set_animated(True)
+            canvas.draw()
+            self._background = canvas.copy_from_bbox(self.figure.bbox)
+        else:
+            canvas.restore_region(self._background)
+        for artist in moving:
+            self.figure.draw_artist(artist)
+        width, height = canvas.get_width_height()
+        image = PIL.Image.frombuffer("RGBA", (width, height), canvas.buffer_rgba(), "raw", "RGBA", 0, 1)
+        buffer = io.BytesIO()
+        image.save(buffer, format="png", compress_level=1)
+        self.widget.value = buffer.getvalue()
+
+
+# --------------------------------------------------------------------------- dashboard
+def _readout(css: str) -> widgets.HTML:
+    label = widgets.HTML()
+    label.add_class("wb-readout")
+    label.add_class(css)
+    return label
+
+
+class Dashboard(widgets.VBox):
+    """Rank sliders for every compressible layer with live metric, params, bytes, FLOPs and plot.
+
+    Parameters
+    ----------
+    task : a `workbench.Task`; its model is never modified.
+    engine : an `Engine` for ``task`` (default: a new one).
+    synchronous : compute in the caller's thread (tests, benchmarks) instead of a worker thread.
+    reference : draw the "same ratio in every layer" curve (a few evaluations at start).
+    """
+
+    def __init__(self, task, engine: Engine | None = None, synchronous: bool = False, reference: bool = True):
+        self.task = task
+        self.engine = engine or Engine(task)
+        self.knobs = knobs_for(task.model)
+        if not self.knobs:
+            raise WorkbenchError(f"model {task.name!r} has no layer with a rank to choose")
+        self.base = {"metric": task.evaluate(), **self.engine.base}
+        self.state: dict = {}
+        self.history: list[tuple[float, float]] = []
+
+        self.sliders = {}
+        for knob in self.knobs:
+            slider = widgets.IntSlider(value=knob.maximum, min=1, max=knob.maximum, step=1,
+                                       description=knob.description, continuous_update=True,
+                                       style={"description_width": "160px"}, layout={"width": "520px"})
+            slider.add_class("wb-rank-slider")
+            slider.observe(lambda change, k=knob: self._on_slider(k, change["new"]), names="value")
+            self.sliders[knob.layer] = slider
+        self.readouts = {key: _readout(f"wb-readout-{key}")
+                         for key in ("accuracy", "size", "params", "bytes", "flops", "preview")}
+        self.error = widgets.HTML()
+        self.error.add_class("wb-dashboard-error")
+
+        self.view = FigureImage((6.0, 3.6))
+        self.view.widget.add_class("wb-dashboard-plot")
+        ax = self.view.figure.subplots()
+        ref_size, ref_metric = self._reference() if reference else ([], [])
+        self.tradeoff = draw_tradeoff(ax, ref_size, ref_metric, (self.base["bytes"] / 1024, self.base["metric"]),
+                                      size_label="estimated size (KiB)", metric_label=task.metric_name)
+        self.view.figure.tight_layout()
+
+        self.coalescer = Coalescer(self.compute, self.render, self.show_error, synchronous=synchronous)
+        readouts = widgets.VBox(list(self.readouts.values()), layout={"min_width": "300px"})
+        from workbench.widgets.persistence import SaveLoadBar
+        self.persistence = SaveLoadBar(self)  # "Save this configuration" / "Load" (issue 9)
+        super().__init__(children=[widgets.HBox([widgets.VBox(list(self.sliders.values())), readouts]),
+                                   self.error, self.view.widget, self.persistence])
+        self.add_class("wb-dashboard")
+        self.render(self.compute(self.ranks()))
+
+    # ------------------------------------------------------------------ state
+    def ranks(self) -> dict[str, int]:
+        """The rank each slider shows now."""
+        return {layer: slider.value for layer, slider in self.sliders.items()}
+
+    def plan_for(self, ranks: dict[str, int]) -> Plan:
+        """The plan the sliders describe (a slider at its maximum leaves its layer dense)."""
+        knobs = {knob.layer: knob for knob in self.knobs}
+        return Plan({layer: choice for layer, rank in ranks.items()
+                     if (choice := knobs[layer].choice(rank)) is not None})
+
+    @property
+    def plan(self) -> Plan:
+        """The plan the sliders show now (the save/load protocol of `workbench.widgets.persistence`)."""
+        return self.plan_for(self.ranks())
+
+    def set_plan(self, plan: Plan) -> None:
+        """Move the sliders to ``plan`` (a saved configuration); `WorkbenchError` if they cannot show it."""
+        from workbench.widgets.persistence import slider_values_for_plan
+        for layer, value in slider_values_for_plan(self.knobs, plan).items():
+            self.sliders[layer].value = value
+
+    # ------------------------------------------------------------------ compute
+    def compute(self, ranks: dict[str, int]) -> dict:
+        """``{"ranks", "plan", "result"}`` where ``result`` is `Engine.evaluate` of the plan."""
+        plan = self.plan_for(ranks)
+        return {"ranks": dict(ranks), "plan": plan, "result": self.engine.evaluate(plan)}
+
+    def preview(self, layer: str, rank: int) -> dict | None:
+        """The engine's instant preview (no forward pass) of one layer's rank, if it has one."""
+        knob = next(k for k in self.knobs if k.layer == layer)
+        if not knob.preview or rank >= knob.maximum:
+            return None
+        return self.engine.preview(layer, rank)
+
+    # ------------------------------------------------------------------ render
+    def render(self, state: dict) -> None:
+        """Update readouts and the chart's artists for ``state``; one draw."""
+        result, base = state["result"], self.base
+        self.state = state
+        self.error.value = ""
+        self.readouts["accuracy"].value = (f"{self.task.metric_name} <b>{result['metric']:.4f}</b> "
+                                           f"(original {base['metric']:.4f})")
+        self.readouts["size"].value = (f"total size <b>{result['bytes'] / 1024:,.1f} KiB</b> "
+                                       f"= {result['bytes'] / base['bytes']:.1%} of {base['bytes'] / 1024:,.1f} KiB")
+        self.readouts["params"].value = f"params <b>{result['params']:,}</b> ({result['params'] / base['params']:.1%})"
+        self.readouts["bytes"].value = (f"bytes <b>{result['bytes']:,}</b> "
+                                        "<span title='sum of numel*element_size of the state dict; "
+                                        "file overhead not included'>(tensor payload)</span>")
+        self.readouts["flops"].value = f"FLOPs <b>{result['flops']:,}</b> per sample ({result['flops'] / base['flops']:.1%})"
+        point = (result["bytes"] / 1024, result["metric"])
+        self.history.append(point)
+        self.history = self.history[-200:]
+        if update_tradeoff(self.tradeoff, point, trail=tuple(zip(*self.history)),
+                           text=f"{result['metric']:.3f} at {point[0]:,.1f} KiB"):
+            self.view.invalidate()
+        self.view.draw(self.tradeoff.moving)
+
+    def show_error(self, message: str) -> None:
+        self.error.value = f"<span style='color:#b00'>&#9888; {message}</span>"
+
+    # ------------------------------------------------------------------ events
+    def _on_slider(self, knob: Knob, rank: int) -> None:
+        try:
+            preview = self.preview(knob.layer, rank)
+        except WorkbenchError as exc:
+            self.show_error(str(exc))
+            return
+        self.readouts["preview"].value = (
+            f"<i>{knob.layer} rank {rank}: weight error {preview['weight_error']:.1%}, "
+            f"output error {preview['output_error']:.1%} (instant preview)</i>" if preview else
+            f"<i>{knob.layer} rank {rank}</i>")
+        self.coalescer.submit(self.ranks())
+
+    def set_rank(self, layer: str, rank: int, wait: bool = True) -> dict:
+        """Move one slider as a user would; with ``wait``, return once the display shows it."""
+        if layer not in self.sliders:
+            raise WorkbenchError(f"unknown layer {layer!r}; sliders: {', '.join(self.sliders)}")
+        self.sliders[layer].value = rank
+        if wait:
+            self.coalescer.wait()
+        return self.state
+
+    def _reference(self) -> tuple[list[float], list[float]]:
+        """Size (KiB) and metric of the ``svd`` recipe at a few kept ratios, for context."""
+        recipe = get_recipe("svd")
+        sizes, metrics = [], []
+        for ratio in REFERENCE_RATIOS:
+            try:
+                result = self.engine.evaluate(recipe(self.task.model, ratio=ratio))
+            except WorkbenchError:
+                continue
+            sizes.append(result["bytes"] / 1024)
+            metrics.append(result["metric"])
+        sizes.append(self.base["bytes"] / 1024)
+        metrics.append(self.base["metric"])
+        return sizes, metrics
+
+
+def timed_render(dashboard: Dashboard, state: dict) -> float:
+    """Milliseconds to render ``state``: artists updated and drawn on the Agg canvas (blitted over the
+    kept background in the Image view, plus its PNG encoding; a full draw under ipympl)."""
+    start = time.perf_counter()
+    dashboard.render(state)
+    if dashboard.view.interactive:
+        dashboard.view.figure.canvas.draw()
+    return (time.perf_counter() - start) * 1e3

