@@ -138,7 +138,7 @@ def readouts(page) -> dict:
       error: document.querySelector('.wb-dashboard-error').textContent})""")
 
 
-def press_and_wait(page, key: str, handle_index: int = 1, timeout_ms: int = 30_000) -> dict:
+def press_and_wait(page, key: str, handle_index: int = 1, timeout_ms: int = 90_000) -> dict:
     """Press ``key`` on a slider handle; wait until the size readout and the image have changed.
 
     Returns ``{"readout_ms", "figure_ms"}`` measured in the page from the keydown event.

@@ -33,7 +33,7 @@ def test_slider_moves_update_readouts_and_plot(kind, tmp_path):
         ui_latency.press_and_wait(page, "Home", handle_index=0)  # fc1 to rank 1: accuracy drops
         page.wait_for_function(
             "prev => document.querySelector('.wb-readout-accuracy').textContent !== prev",
-            arg=after_one["accuracy"], timeout=30_000)
+            arg=after_one["accuracy"], timeout=90_000)
         last = ui_latency.readouts(page)
         assert last["accuracy"] != after_one["accuracy"] and last["image"] != after_one["image"]
 

@@ -44,3 +44,14 @@ def test_count_params_honours_stored_weights():
     model = nn.Sequential(nn.Linear(2, 2), Packed())
     assert count_params(model) == 6 + 100
     assert latency_ms(model[0], torch.randn(1, 2), repeats=3, warmup=1) > 0
+
+
+def test_int8_and_fused_lstm_kernels_are_counted(mlp_task):
+    from workbench.registry import get_recipe
+    import workbench as wb
+
+    int8 = wb.apply(mlp_task.model, get_recipe("int8")(mlp_task.model))
+    assert count_flops(int8, mlp_task.example_input) == count_flops(mlp_task.model, mlp_task.example_input)
+    lstm = nn.LSTM(8, 16, batch_first=True)
+    x = torch.randn(1, 5, 8)
+    assert count_flops(lstm, x) == 2 * 5 * (4 * 16 * 8 + 4 * 16 * 16)

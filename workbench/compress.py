@@ -46,10 +46,13 @@ def collect_layer_inputs(model: nn.Module, names: list[str], inputs: torch.Tenso
     return {name: torch.cat(chunks) for name, chunks in seen.items()}
 
 
-def apply(model: nn.Module, plan: Plan, calibration_inputs: torch.Tensor | None = None) -> nn.Module:
+def apply(model: nn.Module, plan: Plan, calibration_inputs: torch.Tensor | None = None,
+          structure_only: bool = False) -> nn.Module:
     """A new model with ``plan`` applied; ``model`` is left exactly as it was.
 
     ``calibration_inputs``: model inputs used by data-aware methods (e.g. activation-aware SVD).
+    ``structure_only``: where a method has a ``skeleton`` builder, build only the structure (the
+    weights are about to be loaded from a file), skipping decompositions and calibration.
     Raises `WorkbenchError` for an unknown layer or method, a method that does not apply to the
     layer's type, or settings out of range.
     """
@@ -75,7 +78,10 @@ def apply(model: nn.Module, plan: Plan, calibration_inputs: torch.Tensor | None 
                 f"{type(module).__name__}; it handles: {allowed}")
         entries.append((name, module, method, choice))
 
-    needing = [name for name, _, method, _ in entries if method.needs_inputs]
+    def builder(method):
+        return method.skeleton if structure_only and method.skeleton is not None else method.build
+
+    needing = [name for name, _, method, _ in entries if method.needs_inputs and builder(method) is method.build]
     layer_inputs: dict[str, torch.Tensor] = {}
     if needing:
         if calibration_inputs is None:
@@ -83,7 +89,7 @@ def apply(model: nn.Module, plan: Plan, calibration_inputs: torch.Tensor | None 
                 f"layers {needing} use a data-aware method; pass calibration_inputs to apply()")
         layer_inputs = collect_layer_inputs(new, needing, calibration_inputs)
 
-    built = [(name, method.build(module, choice.params, LayerContext(name, layer_inputs.get(name))))
+    built = [(name, builder(method)(module, choice.params, LayerContext(name, layer_inputs.get(name))))
              for name, module, method, choice in entries]
     for name, replacement in built:
         set_submodule(new, name, replacement)

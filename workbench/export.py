@@ -370,7 +370,8 @@ def rebuild_structure(header: dict, original: nn.Module | None = None,
         raise WorkbenchError(f"the saved model was compressed from a different {header['model']!r}: "
                              "its layer names or shapes differ from the model given as original")
     check_plan_fits(original, plan, recorded.get("shapes"), what="saved model")
-    needs = any(get_method(c.method).needs_inputs for c in plan.layers.values())
+    needs = any(get_method(c.method).needs_inputs and get_method(c.method).skeleton is None
+                for c in plan.layers.values())
     inputs = calibration_inputs
     if needs and inputs is None:
         inputs = _stand_in_inputs(header, task)
@@ -379,7 +380,7 @@ def rebuild_structure(header: dict, original: nn.Module | None = None,
                                  "pass calibration_inputs= (any inputs of the right shape: only the "
                                  "structure is rebuilt from them, the weights come from the file)")
     torch.manual_seed(REBUILD_SEED)
-    return apply(original, plan, calibration_inputs=inputs)
+    return apply(original, plan, calibration_inputs=inputs, structure_only=True)
 
 
 def load_compressed(path: str | os.PathLike, original: nn.Module | None = None,

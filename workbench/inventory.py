@@ -37,11 +37,26 @@ def skip_reason(module: nn.Module) -> str | None:
     return None
 
 
+def shared_weight_groups(model: nn.Module) -> list[list[str]]:
+    """Names of modules that hold the SAME weight Parameter (tied weights), one list per weight."""
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, nn.Parameter) and name not in owners.get(id(weight), []):
+            owners.setdefault(id(weight), []).append(name)
+    return [names for names in owners.values() if len(names) > 1]
+
+
 def matrix_layers(model: nn.Module) -> list[LayerInfo]:
-    """Every Linear and (ungrouped) Conv2d in ``model``, in module order."""
+    """Every Linear and (ungrouped) Conv2d in ``model``, in module order.
+
+    Layers whose weight is tied to another module's are left out: compressing one copy would
+    store the weight twice (factors here, dense there).
+    """
     layers = []
+    tied = {name for group in shared_weight_groups(model) for name in group}
     for name, module in model.named_modules():
-        if isinstance(module, MATRIX_LAYERS) and skip_reason(module) is None:
+        if isinstance(module, MATRIX_LAYERS) and skip_reason(module) is None and name not in tied:
             shape = tuple(weight_matrix(module).shape)
             kind = "linear" if isinstance(module, nn.Linear) else "conv"
             params = sum(p.numel() for p in module.parameters(recurse=False))

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+import workbench.flop_formulas  # noqa: F401  (LSTM and int8 kernels counted too)
+
 
 def count_params(model: nn.Module) -> int:
     """Stored weights: parameters, plus weights kept in buffers by compressed layers.

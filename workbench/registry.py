@@ -34,6 +34,9 @@ class Method:
     kind: str = "layer"  # "layer" or "step"
     needs_inputs: bool = False
     description: str = ""
+    # Optional: build the replacement's structure only (right shapes, arbitrary weights), computing
+    # nothing from the original's weights or data. Used when the weights come from a saved file.
+    skeleton: Callable[[nn.Module, Mapping[str, Any], LayerContext], nn.Module] | None = None
 
 
 _METHODS: dict[str, Method] = {}

@@ -111,6 +111,26 @@ def aware_factors(w: torch.Tensor, rank: int, *, x: torch.Tensor | None = None,
     return a.to(w.dtype), b.to(w.dtype)
 
 
+def aware_decomposition(w: torch.Tensor, gram_matrix: torch.Tensor, tokens: int, mode: str = "whiten",
+                        ridge: float = DEFAULT_RIDGE, alpha: float = DEFAULT_ALPHA):
+    """Full activation-aware decomposition ``(u (out, k), sig (k,), bt (k, in))`` for slicing.
+
+    Rank-r factors are ``a = u[:, :r] * sqrt(sig[:r])``, ``b = sqrt(sig[:r])[:, None] * bt[:r]``:
+    the same as `aware_factors` at every rank, computed once (float64).
+    """
+    if mode not in AWARE_MODES:
+        raise WorkbenchError(f"aware={mode!r} is not a mode; use one of {', '.join(AWARE_MODES)}")
+    _check(w, gram_matrix, 1, "")
+    wd = w.detach().double()
+    if mode == "whiten":
+        s = whitening_factor(gram_matrix, ridge)
+        u, sig, vh = torch.linalg.svd(wd @ s, full_matrices=False)
+        return u, sig, torch.linalg.solve_triangular(s.T, vh.T, upper=True).T
+    s = channel_scale(gram_matrix, alpha, tokens)
+    u, sig, vh = torch.linalg.svd(wd * s, full_matrices=False)
+    return u, sig, vh / s
+
+
 def output_error(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> float:
     """``||(w - a b) X^T||_F``: the Frobenius error of the layer's outputs on ``x: (tokens, in)``."""
     return float(((w.double() - a.double() @ b.double()) @ x.double().T).norm())

@@ -16,11 +16,12 @@ from workbench.kernels import svd as svd_kernels
 class LowRankLinear(nn.Module):
     """``(…, in) -> (…, out)`` through a rank-``rank`` bottleneck."""
 
-    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True):
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
+                 device=None, dtype=None):
         super().__init__()
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        self.first = nn.Linear(in_features, rank, bias=False)
-        self.second = nn.Linear(rank, out_features, bias=bias)
+        self.first = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
+        self.second = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, rank: int,
@@ -35,8 +36,9 @@ class LowRankLinear(nn.Module):
         w = linear.weight.detach()
         svd_kernels.check_rank(rank, tuple(w.shape), name)
         a, b = factors if factors is not None else svd_kernels.truncate(w, rank)
-        layer = cls(linear.in_features, linear.out_features, rank,
-                    bias=linear.bias is not None).to(w.dtype)
+        # Built on the meta device (no random init to throw away), then given real storage.
+        layer = cls(linear.in_features, linear.out_features, rank, bias=linear.bias is not None,
+                    device="meta", dtype=w.dtype).to_empty(device=w.device)
         with torch.no_grad():
             layer.first.weight.copy_(b)
             layer.second.weight.copy_(a)
@@ -61,13 +63,14 @@ class LowRankConv2d(nn.Module):
     Input ``(n, in, h, w)``, output as the original conv. Weights: ``rank*(in*k*k + out)`` + bias.
     """
 
-    def __init__(self, conv: nn.Conv2d, rank: int):
+    def __init__(self, conv: nn.Conv2d, rank: int, device=None, dtype=None):
         super().__init__()
         self.rank = rank
         self.first = nn.Conv2d(conv.in_channels, rank, conv.kernel_size, stride=conv.stride,
                                padding=conv.padding, dilation=conv.dilation, bias=False,
-                               padding_mode=conv.padding_mode)
-        self.second = nn.Conv2d(rank, conv.out_channels, 1, bias=conv.bias is not None)
+                               padding_mode=conv.padding_mode, device=device, dtype=dtype)
+        self.second = nn.Conv2d(rank, conv.out_channels, 1, bias=conv.bias is not None,
+                                device=device, dtype=dtype)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, rank: int,
@@ -84,7 +87,7 @@ class LowRankConv2d(nn.Module):
         matrix = w.reshape(w.shape[0], -1)
         svd_kernels.check_rank(rank, tuple(matrix.shape), name)
         a, b = factors if factors is not None else svd_kernels.truncate(matrix, rank)
-        layer = cls(conv, rank).to(w.dtype)
+        layer = cls(conv, rank, device="meta", dtype=w.dtype).to_empty(device=w.device)
         with torch.no_grad():
             layer.first.weight.copy_(b.reshape(rank, *w.shape[1:]))
             layer.second.weight.copy_(a.reshape(w.shape[0], rank, 1, 1))

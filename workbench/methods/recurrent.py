@@ -1,4 +1,4 @@
-"""Low-rank GRU/LSTM method ``svd_rnn`` and its recipe; FLOP counting for PyTorch's fused LSTM.
+"""Low-rank GRU/LSTM method ``svd_rnn`` and its recipe.
 
 ``LayerPlan("svd_rnn", {"rank_ih": 3, "rank_hh": 16, "per_gate": True})`` replaces an ``nn.GRU`` /
 ``nn.LSTM`` by a `LowRankRNN`; a rank of ``None`` keeps that matrix dense.
@@ -9,14 +9,11 @@ turns ``ratio`` = kept fraction of each recurrent layer's weight-matrix entries 
 rank whose factors hold at most ``ratio`` of its weights; a matrix where no rank saves weights is
 kept dense.
 
-FLOPs: ``torch.utils.flop_counter`` counts ``nn.GRU`` on CPU (it decomposes into ``addmm``) but not
-``nn.LSTM``, which runs as one ``aten.mkldnn_rnn_layer`` call. Importing this module registers a
-formula for that op (``2 * T * n * (numel(w_ih) + numel(w_hh))``, the same matmul-only count the
-counter gives a GRU), so dense and low-rank LSTMs are compared on equal terms.
+FLOPs of PyTorch's fused LSTM kernel are counted by `workbench.flop_formulas`, so dense and
+low-rank LSTMs are compared on equal terms.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping
 
 import torch
@@ -115,23 +112,6 @@ def svd_rnn_plan(model: nn.Module, *, ratio: float | None = None, ranks: Mapping
 
 
 register_recipe("svd_rnn", svd_rnn_plan)
-
-
-# --------------------------------------------------------------------------- FLOPs of fused LSTM
-def _register_fused_rnn_flops() -> None:
-    from torch.utils.flop_counter import flop_registry, register_flop_formula
-
-    op = getattr(torch.ops.aten, "mkldnn_rnn_layer", None)
-    if op is None or op in flop_registry or op.default in flop_registry:
-        return
-
-    @register_flop_formula(op)
-    def _mkldnn_rnn_flops(input_shape, w_ih_shape, w_hh_shape, *args, **kwargs) -> int:
-        tokens = math.prod(input_shape[:-1])
-        return 2 * tokens * (math.prod(w_ih_shape) + math.prod(w_hh_shape))
-
-
-_register_fused_rnn_flops()
 
 
 # --------------------------------------------------------------------------- the `svd` recipe's share

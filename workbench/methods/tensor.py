@@ -49,11 +49,26 @@ def build_spatial(module: nn.Module, params: Mapping[str, Any], context: LayerCo
     return SpatialSVDConv2d.from_conv(module, params.get("rank"), name=context.name)
 
 
-register_method(Method("tucker", build_tucker, (nn.Conv2d,),
+def tucker_skeleton(module: nn.Module, params: Mapping[str, Any], context: LayerContext) -> nn.Module:
+    check_conv(module, context.name)
+    return TuckerConv2d(module, params["rank_out"], params["rank_in"])
+
+
+def cp_skeleton(module: nn.Module, params: Mapping[str, Any], context: LayerContext) -> nn.Module:
+    check_conv(module, context.name)
+    return CPConv2d(module, params["rank"])
+
+
+def spatial_skeleton(module: nn.Module, params: Mapping[str, Any], context: LayerContext) -> nn.Module:
+    check_conv(module, context.name)
+    return SpatialSVDConv2d(module, params["rank"])
+
+
+register_method(Method("tucker", build_tucker, (nn.Conv2d,), skeleton=tucker_skeleton,
                        description="Tucker-2: 1x1 -> k x k core -> 1x1 (ranks rank_out, rank_in)"))
-register_method(Method("cp", build_cp, (nn.Conv2d,),
+register_method(Method("cp", build_cp, (nn.Conv2d,), skeleton=cp_skeleton,
                        description="CP: 1x1 -> k x 1 depthwise -> 1 x k depthwise -> 1x1 (rank)"))
-register_method(Method("spatial-svd", build_spatial, (nn.Conv2d,),
+register_method(Method("spatial-svd", build_spatial, (nn.Conv2d,), skeleton=spatial_skeleton,
                        description="spatial SVD: k x 1 conv then 1 x k conv (rank)"))
 
 

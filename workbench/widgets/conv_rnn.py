@@ -18,6 +18,7 @@ from workbench.measure import count_flops, count_params, latency_ms
 from workbench.plan import LayerPlan, Plan
 from workbench.plotting.gates import draw_gate_spectra, update_rank_markers
 from workbench.widgets.figure_view import FigureView
+from workbench.widgets.persistence import SaveLoadBar, check_plan_shape, check_slider_value
 
 
 def measure_quick(model: nn.Module, task, repeats: int = 10) -> dict:
@@ -38,16 +39,20 @@ def _table(before: dict, after: dict | None, error: str | None) -> str:
 
 
 class _Explorer(widgets.VBox):
+    config_path = "workbench-configuration.json"  # default file of the save / load bar
+
     def __init__(self, task, controls: list, latency_repeats: int = 10):
         self.task = task
         self.latency_repeats = latency_repeats
         self.before = measure_quick(task.model, task, latency_repeats)
         self.after: dict | None = None
         self.error: str | None = None
+        self._holding = False
         self.readout = widgets.HTML()
         for control in controls:
             control.observe(lambda _change: self.update(), names="value")
-        super().__init__(controls + [self.readout] + self.extra_children())
+        self.persistence = SaveLoadBar(self, self.config_path)  # save / load (issue 9)
+        super().__init__(controls + [self.readout] + self.extra_children() + [self.persistence])
 
     def extra_children(self) -> list:
         return []
@@ -56,7 +61,25 @@ class _Explorer(widgets.VBox):
         """Measures of ``apply(task.model, plan)`` (raises `WorkbenchError` on bad settings)."""
         return measure_quick(apply(self.task.model, plan), self.task, self.latency_repeats)
 
+    def control_values(self, plan: Plan) -> list[tuple[widgets.Widget, object]]:
+        """``[(control, value)]`` showing ``plan``; `WorkbenchError` if the controls cannot show it."""
+        raise NotImplementedError
+
+    def set_plan(self, plan: Plan) -> None:
+        """Move the controls to ``plan`` (a saved configuration) and recompute once; `WorkbenchError`
+        (controls untouched) for a plan they cannot show."""
+        values = self.control_values(plan)
+        self._holding = True
+        try:
+            for control, value in values:
+                control.value = value
+        finally:
+            self._holding = False
+        self.update()
+
     def update(self) -> None:
+        if self._holding:  # set_plan moves several controls, then computes once
+            return
         try:
             self.after, self.error = self.compute(self.plan()), None
         except WorkbenchError as exc:
@@ -69,6 +92,8 @@ class _Explorer(widgets.VBox):
 
 class TuckerExplorer(_Explorer):
     """Sliders ``rank_out`` and ``rank_in`` for one Conv2d of ``task.model``."""
+
+    config_path = "tucker-configuration.json"
 
     def __init__(self, task, layer: str, rank_out: int | None = None, rank_in: int | None = None,
                  latency_repeats: int = 10):
@@ -86,10 +111,20 @@ class TuckerExplorer(_Explorer):
         return Plan({self.layer: LayerPlan("tucker", {"rank_out": self.rank_out.value,
                                                       "rank_in": self.rank_in.value})})
 
+    def control_values(self, plan: Plan) -> list:
+        settings = check_plan_shape(plan, "Tucker explorer", [self.layer], "tucker", ("rank_out", "rank_in"))
+        if self.layer not in settings:
+            raise WorkbenchError(f"the Tucker explorer always decomposes {self.layer!r}; the plan leaves it dense")
+        params = settings[self.layer]
+        return [(self.rank_out, check_slider_value(self.rank_out, params.get("rank_out"), "rank_out")),
+                (self.rank_in, check_slider_value(self.rank_in, params.get("rank_in"), "rank_in"))]
+
 
 class GateRankExplorer(_Explorer):
     """Sliders ``rank_ih`` / ``rank_hh`` (0 = keep dense) and a per-gate switch for one GRU/LSTM,
     above the spectra of each gate's input and hidden matrices."""
+
+    config_path = "gate-rank-configuration.json"
 
     def __init__(self, task, layer: str = "rnn", rank_ih: int = 0, rank_hh: int = 0, per_gate: bool = True,
                  latency_repeats: int = 10):
@@ -122,6 +157,17 @@ class GateRankExplorer(_Explorer):
             return Plan()
         return Plan({self.layer: LayerPlan("svd_rnn", {"rank_ih": ranks["ih"], "rank_hh": ranks["hh"],
                                                        "per_gate": self.per_gate.value})})
+
+    def control_values(self, plan: Plan) -> list:
+        settings = check_plan_shape(plan, "gate rank explorer", [self.layer], "svd_rnn",
+                                    ("rank_ih", "rank_hh", "per_gate"))
+        params = settings.get(self.layer, {})
+        values = [(slider, check_slider_value(slider, params.get(key) or 0, key))
+                  for slider, key in ((self.rank_ih, "rank_ih"), (self.rank_hh, "rank_hh"))]
+        per_gate = params.get("per_gate", True) if params else self.per_gate.value
+        if not isinstance(per_gate, bool):
+            raise WorkbenchError(f"per_gate={per_gate!r} must be true or false")
+        return values + [(self.per_gate, per_gate)]
 
     def render(self) -> None:
         super().render()

@@ -30,6 +30,7 @@ import ipywidgets as widgets
 from torch import nn
 
 from workbench.errors import WorkbenchError
+from workbench.widgets.throttle import error_message
 from workbench.export import atomic_write, check_plan_fits, plan_layer_shapes
 from workbench.plan import Plan
 
@@ -126,6 +127,46 @@ def slider_values_for_plan(knobs, plan: Plan) -> dict[str, int]:
     return values
 
 
+def check_plan_shape(plan: Plan, explorer: str, layers, method: str, keys, defaults: dict | None = None
+                     ) -> dict[str, dict]:
+    """``{layer: params}`` of ``plan`` once checked against what an explorer's controls can show.
+
+    Refuses (`WorkbenchError`, naming the value and the rule) whole-model steps, a layer not in
+    ``layers``, a method other than ``method``, and a parameter outside ``keys`` unless it equals
+    its entry in ``defaults`` (what the explorer applies implicitly; such entries are dropped).
+    """
+    if plan.steps:
+        raise WorkbenchError(f"the plan has whole-model steps {[s.method for s in plan.steps]}, which the "
+                             f"{explorer} cannot show")
+    unknown = [name for name in plan.layers if name not in layers]
+    if unknown:
+        raise WorkbenchError(f"the plan sets layers {unknown}, which the {explorer} does not control "
+                             f"(it controls {', '.join(layers)})")
+    settings = {}
+    for name, choice in plan.layers.items():
+        if choice.method != method:
+            raise WorkbenchError(f"layer {name!r}: method {choice.method!r} is not one the {explorer} shows "
+                                 f"(it shows {method!r})")
+        params = dict(choice.params)
+        for key in [k for k in params if k not in keys]:
+            if (defaults or {}).get(key, object()) != params[key]:
+                raise WorkbenchError(f"layer {name!r}: {key}={params[key]!r} is not a setting the {explorer} "
+                                     f"shows (it shows {', '.join(keys)})")
+            del params[key]
+        settings[name] = params
+    return settings
+
+
+def check_slider_value(slider: widgets.Widget, value: Any, what: str) -> Any:
+    """``value`` if ``slider`` (an Int/Float slider) can show it; else `WorkbenchError` with the range."""
+    integer = isinstance(slider, (widgets.IntSlider, widgets.BoundedIntText))
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        raise WorkbenchError(f"{what}={value!r} must be {'an integer' if integer else 'a number'}")
+    if not slider.min <= value <= slider.max:
+        raise WorkbenchError(f"{what}={value!r} is outside the slider's range {slider.min}..{slider.max}")
+    return value
+
+
 class SaveLoadBar(widgets.VBox):
     """A path box, "Save this configuration" and "Load" buttons, and a status line.
 
@@ -159,8 +200,8 @@ class SaveLoadBar(widgets.VBox):
         try:
             plan = host_plan(self.host)
             written = save_configuration(self.path.value, plan, model, name, state)
-        except WorkbenchError as exc:
-            return self._report(False, f"not saved: {exc}")
+        except Exception as exc:  # noqa: BLE001 - a message in the widget, never a traceback
+            return self._report(False, f"not saved: {error_message(exc)}")
         return self._report(True, f"saved {len(plan.layers)} layer setting(s) to {written}")
 
     def load(self) -> bool:
@@ -171,6 +212,6 @@ class SaveLoadBar(widgets.VBox):
             self.host.set_plan(plan)
             if state and callable(getattr(self.host, "set_widget_state", None)):
                 self.host.set_widget_state(state)
-        except WorkbenchError as exc:
-            return self._report(False, f"not loaded: {exc}")
+        except Exception as exc:  # noqa: BLE001 - a message in the widget, never a traceback
+            return self._report(False, f"not loaded: {error_message(exc)}")
         return self._report(True, f"loaded {len(plan.layers)} layer setting(s) from {self.path.value}")

@@ -19,6 +19,7 @@ from workbench.plan import LayerPlan, Plan
 from workbench.plotting.histograms import (draw_cut, draw_sparsity_heatmap, draw_weight_histogram,
                                            update_cut, update_sparsity_heatmap, update_weight_histogram)
 from workbench.widgets.figure_view import FigureView
+from workbench.widgets.persistence import SaveLoadBar, check_plan_shape, check_slider_value
 from workbench.widgets.throttle import Coalescer
 
 
@@ -67,8 +68,41 @@ class PruningExplorer(widgets.VBox):
         self.cut = draw_cut(ax_hist, threshold)
         self.heatmap = draw_sparsity_heatmap(ax_heat, self.names, [0.0] * len(self.names))
         self.view.figure.tight_layout()
-        super().__init__(children=[widgets.HBox([self.threshold, self.layer]), self.summary, self.view.widget])
+        self.persistence = SaveLoadBar(self, "pruning-configuration.json")  # save / load (issue 9)
+        super().__init__(children=[widgets.HBox([self.threshold, self.layer]), self.summary, self.view.widget,
+                                   self.persistence])
         self.update(threshold)
+
+    # ------------------------------------------------------------------ save / load
+    @property
+    def plan(self) -> Plan:
+        """The plan the slider shows now (the protocol of `workbench.widgets.persistence`)."""
+        return threshold_plan(self.names, float(self.threshold.value))
+
+    def set_plan(self, plan: Plan) -> None:
+        """Move the slider to ``plan`` (one "prune" threshold on every layer, or the empty plan) and
+        recompute; `WorkbenchError` (slider untouched) for a plan the slider cannot show."""
+        settings = check_plan_shape(plan, "pruning explorer", self.names, "prune", ("threshold",))
+        threshold = 0.0
+        if settings:
+            thresholds = sorted({repr(p.get("threshold")) for p in settings.values()})
+            dense = [name for name in self.names if name not in settings]
+            if dense or len(thresholds) != 1:
+                raise WorkbenchError(f"the pruning explorer shows one threshold for every layer; the plan has "
+                                     f"thresholds {', '.join(thresholds)} and leaves {dense or 'no layer'} dense")
+            threshold = check_slider_value(self.threshold, next(iter(settings.values())).get("threshold"),
+                                           "threshold")
+        if float(self.threshold.value) == float(threshold):
+            self.coalescer.submit(float(threshold))  # no slider event: recompute what it shows
+        else:
+            self.threshold.value = float(threshold)
+
+    def widget_state(self) -> dict:
+        return {"layer": self.layer.value}
+
+    def set_widget_state(self, state: dict) -> None:
+        if state.get("layer") in self.names:
+            self.layer.value = state["layer"]
 
     # ------------------------------------------------------------------ compute
     def compute(self, threshold: float) -> dict:

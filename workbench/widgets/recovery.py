@@ -24,6 +24,7 @@ from workbench.plotting.recovery import add_result, draw_curves, draw_size_chart
 from workbench.recovery.finetune import Recovery, distill_finetune, finetune
 from workbench.registry import get_recipe, recipes
 from workbench.widgets.figure_view import FigureView
+from workbench.widgets.persistence import SaveLoadBar
 from workbench.widgets.throttle import error_message
 
 #: (label, recipe, options) tried by `default_compressions`; those whose recipe exists are offered.
@@ -96,8 +97,53 @@ class RecoveryExplorer(widgets.VBox):
                     self.learn_scales,
                     widgets.HBox([self.finetune_button, self.distill_button, self.cancel_button, self.progress]),
                     self.status]
-        super().__init__(children=controls + [self.view])
+        self.persistence = SaveLoadBar(self, "recovery-configuration.json")  # save / load (issue 9)
+        super().__init__(children=controls + [self.view, self.persistence])
         self.render_chart()
+
+    # ------------------------------------------------------------------ save / load
+    def plan(self) -> Plan:
+        """The plan of the chosen compression (the protocol of `workbench.widgets.persistence`);
+        `WorkbenchError` for a compression given as a ready-made model."""
+        entry = self.compressions[self.choice.value]
+        if not isinstance(entry, Plan):
+            raise WorkbenchError(f"the compression {self.choice.value!r} was given as a ready-made "
+                                 f"{type(entry).__name__}, not a plan; only plans can be saved")
+        return entry
+
+    def set_plan(self, plan: Plan) -> None:
+        """Choose the compression whose plan is ``plan``; a plan not offered yet is built (so a bad
+        setting is refused with `WorkbenchError`, choice untouched) and added as "saved configuration"."""
+        for label, entry in self.compressions.items():
+            if isinstance(entry, Plan) and entry == plan:
+                self.choice.value = label
+                return
+        model = apply(self.task.model, plan, self.task.calibration_inputs())
+        label, n = "saved configuration", 2
+        while label in self.compressions:
+            label, n = f"saved configuration {n}", n + 1
+        self.compressions[label] = plan
+        self._models[label] = model
+        self.choice.options = list(self.compressions)
+        self.choice.value = label
+
+    def widget_state(self) -> dict:
+        """The run settings (the plan is the chosen compression)."""
+        return {"choice": self.choice.value, "epochs": int(self.epochs.value),
+                "temperature": float(self.temperature.value), "alpha": float(self.alpha.value),
+                "learn_scales": bool(self.learn_scales.value)}
+
+    def set_widget_state(self, state: dict) -> None:
+        """Restore the run settings that fit their controls (others are left as they are)."""
+        label = state.get("choice")
+        if label in self.compressions and self.compressions[label] == self.compressions[self.choice.value]:
+            self.choice.value = label  # of two labels with the same plan, the one saved
+        for control, key in ((self.epochs, "epochs"), (self.temperature, "temperature"), (self.alpha, "alpha")):
+            value = state.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and control.min <= value <= control.max:
+                control.value = value
+        if isinstance(state.get("learn_scales"), bool):
+            self.learn_scales.value = state["learn_scales"]
 
     # ------------------------------------------------------------------ view
     def _build_figure(self) -> None:

@@ -22,16 +22,21 @@ def available_models() -> dict[str, str]:
     return {name: description for name, (_, description) in _BUILDERS.items()}
 
 
-def load(name: str) -> Task:
-    """The embedded model ``name`` with its evaluation data and metric.
+def load(name, **options) -> Task:
+    """A `Task`: an embedded model by ``name``, or the user's own (an ``nn.Module`` or a path).
 
-    Raises `WorkbenchError` naming the known models when ``name`` is unknown.
+    For the user's models, ``options`` are those of `workbench.zoo.user.load_user`
+    (``constructor``, ``eval_data``, ``metric``, ...). Raises `WorkbenchError` naming the known
+    models when a name is neither embedded nor an existing file.
     """
-    if not isinstance(name, str) or name not in _BUILDERS:
-        known = ", ".join(sorted(_BUILDERS))
-        raise WorkbenchError(f"unknown model {name!r}; embedded models are: {known}")
-    builder, _ = _BUILDERS[name]
-    return builder()
+    if isinstance(name, str) and name in _BUILDERS:
+        if options:
+            raise WorkbenchError(f"options {sorted(options)} are for your own models; "
+                                 f"the embedded model {name!r} takes none")
+        builder, _ = _BUILDERS[name]
+        return builder()
+    from workbench.zoo.user import load_user
+    return load_user(name, known=sorted(_BUILDERS), **options)
 
 
 def _register_embedded() -> None:

@@ -94,6 +94,35 @@ class MiniLMEncoder(nn.Module):
         return mean_pool(hidden, mask)
 
 
+    def compression_stages(self) -> list:
+        """Stages for `workbench.engine`: embeddings, then one per encoder block (the last pools).
+
+        Between stages flows ``(hidden (n, seq, d), mask (n, seq), additive mask (n, 1, 1, seq))``,
+        so a changed layer in block k re-runs blocks k..5 only.
+        """
+        from workbench.engine import Stage
+
+        def embed_stage(embeddings, inputs):
+            ids, mask = inputs[:, 0], inputs[:, 1]
+            longest = max(int(mask.sum(1).max()), 1) if len(ids) else ids.shape[1]
+            ids, mask = ids[:, :longest], mask[:, :longest]
+            hidden = embeddings(input_ids=ids, token_type_ids=torch.zeros_like(ids))
+            additive = (1.0 - mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
+            return hidden, mask, additive
+
+        def block_stage(block, state):
+            hidden, mask, additive = state
+            return block(hidden, attention_mask=additive), mask, additive
+
+        def last_stage(block, state):
+            hidden, mask, _ = block_stage(block, state)
+            return mean_pool(hidden, mask)
+
+        blocks = [f"bert.encoder.layer.{i}" for i in range(len(self.bert.encoder.layer))]
+        return ([Stage("bert.embeddings", embed_stage)] + [Stage(b, block_stage) for b in blocks[:-1]]
+                + [Stage(blocks[-1], last_stage)])
+
+
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``hidden: (n, seq, d)`` over positions where ``mask: (n, seq)`` is 1, L2-normalised."""
     weights = mask.unsqueeze(-1).to(hidden.dtype)

@@ -1,0 +1,83 @@
+"""MiniLM loads offline, matches sentence-transformers, and its metrics and data behave."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import workbench as wb
+from workbench.inventory import matrix_layers
+from workbench.zoo import minilm
+
+
+@pytest.fixture(scope="session")
+def minilm_task():
+    return wb.load("minilm")
+
+
+def test_embeddings_match_sentence_transformers(minilm_task):
+    from sentence_transformers import SentenceTransformer
+    texts = ["The cat sat on the mat.", "Quarterly revenue rose by four percent.",
+             "'Where are you going?' she asked.", minilm_task.extras["sentences"][0]]
+    reference = SentenceTransformer(str(minilm.model_path()), device="cpu", local_files_only=True)
+    expected = reference.encode(texts, convert_to_tensor=True)
+    ours = minilm.embed(minilm_task.model, texts)
+    assert ours.shape == (4, 384)
+    assert torch.nn.functional.cosine_similarity(ours, expected).min() > 0.9999
+
+
+def test_task_shape_layers_and_metric(minilm_task):
+    layers = matrix_layers(minilm_task.model)
+    assert len(layers) == 36 and all(info.kind == "linear" for info in layers)
+    assert {minilm.layer_type(info.name) for info in layers} == set(minilm.LAYER_TYPES)
+    assert sorted({minilm.block_of(info.name) for info in layers}) == list(range(6))
+    assert minilm_task.eval_inputs.shape[1] == 2 and minilm_task.eval_inputs.dtype == torch.long
+    assert minilm_task.eval_targets.shape == (len(minilm_task.extras["sentences"]), 384)
+    assert minilm_task.metric(minilm_task.eval_targets, minilm_task.eval_targets) == pytest.approx(1.0)
+
+
+def test_sentences_split_by_topic_and_calibration_has_enough_tokens(minilm_task):
+    data = json.loads((Path(minilm.__file__).parents[1] / "resources" / "sentences.json").read_text())
+    calibration, evaluation = data["calibration"], data["evaluation"]
+    assert not set(calibration) & set(evaluation)
+    assert not set(minilm.flat(calibration)) & set(minilm.flat(evaluation))
+    assert len(minilm.flat(calibration)) + len(minilm.flat(evaluation)) >= 300
+    counts = minilm_task.extras["calibration_counts"]
+    assert counts["positions"] >= 10 * 1536 and counts["unique_tokens"] > 1536
+    calib = minilm_task.calibration_inputs()
+    assert bool((calib[:, 1] == 1).all())  # no padding in calibration
+    assert bool((calib[:, 0, 0] == minilm.tokenizer().cls_token_id).all())
+
+
+def test_metrics_have_their_oracles():
+    g = torch.Generator().manual_seed(0)
+    ref = torch.nn.functional.normalize(torch.randn(20, 8, generator=g), dim=-1)
+    assert minilm.neighbour_agreement(ref, ref) == 1.0
+    assert minilm.similarity_spearman(ref, ref) == pytest.approx(1.0)
+    assert minilm.similarity_spearman(ref * 3, ref) == pytest.approx(1.0)  # scale-free
+    noisy = ref + 0.05 * torch.randn(20, 8, generator=g)
+    assert 0.9 < minilm.mean_cosine(noisy, ref) < 1.0
+    shuffled = ref[torch.randperm(20, generator=g)]
+    assert minilm.mean_cosine(shuffled, ref) < 0.5
+
+
+def test_bad_input_shape_is_explained(minilm_task):
+    with pytest.raises(wb.errors.WorkbenchError, match=r"\(n, 2, seq\)"):
+        minilm_task.model(torch.zeros(2, 5, dtype=torch.long))
+
+
+@pytest.mark.slow
+def test_compressing_one_block_aware_keeps_embeddings_close(minilm_task):
+    from workbench.registry import get_recipe
+    from tests.conftest import state_bytes
+    names = [i.name for i in matrix_layers(minilm_task.model) if minilm.block_of(i.name) == 5]
+    before = state_bytes(minilm_task.model)
+    plan = get_recipe("svd")(minilm_task.model, ratio=0.5, layers=names, activation_aware="whiten")
+    new = wb.apply(minilm_task.model, plan, calibration_inputs=minilm_task.calibration_inputs()[:96])
+    plain = wb.apply(minilm_task.model, get_recipe("svd")(minilm_task.model, ratio=0.5, layers=names))
+    sub = minilm_task.eval_inputs[:32]
+    with torch.no_grad():
+        ref = minilm_task.model(sub)
+        aware_cos, plain_cos = minilm.mean_cosine(new(sub), ref), minilm.mean_cosine(plain(sub), ref)
+    assert aware_cos > plain_cos and aware_cos > 0.8
+    assert state_bytes(minilm_task.model) == before
