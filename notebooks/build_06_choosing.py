@@ -1,4 +1,4 @@
-"""Builds notebooks/06_choosing.ipynb (outputs cleared). Run: .venv/bin/python notebooks/make_06_choosing.py"""
+"""Builds notebooks/06_choosing.ipynb (outputs cleared). Run: .venv/bin/python notebooks/build_06_choosing.py"""
 from pathlib import Path
 
 import nbformat as nbf
