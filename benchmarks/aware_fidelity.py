@@ -6,30 +6,44 @@ not in the calibration set) and the digits models (test accuracy), at kept ratio
 0.4 of every compressible layer's parameters (pruning: kept fraction of weights). Also times one
 end-to-end aware compression of MiniLM (calibration included) on 2 threads, and writes a chart
 (``--chart PATH``). Run: ``python benchmarks/aware_fidelity.py [--models minilm digits-mlp ...]``.
+
+Variants: ``plain``, ``whiten``, ``scale`` (one-shot, the same kept ratio in every layer);
+``whiten+seq`` (sequential calibration, each layer refitted to the original outputs from the
+partly compressed model's inputs, `workbench.sequential`); ``alloc`` and ``alloc+seq`` (whiten,
+ranks allocated under the same TOTAL budget by measured sensitivity x whitened spectra,
+`workbench.select.aware_budget`); ``prune`` (magnitude pruning). ``compress_s`` is the end-to-end
+time of that row (plan, calibration, factorization); the machine's load average is printed.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
 
 import workbench as wb
+from workbench.inventory import matrix_layers
 from workbench.registry import get_recipe
+from workbench.select.aware_budget import allocated_plan
 from workbench.zoo import minilm
 
 RATIOS = (0.8, 0.6, 0.5, 0.4)
-VARIANTS = ("plain", "whiten", "scale", "prune")
+VARIANTS = ("plain", "whiten", "scale", "whiten+seq", "alloc", "alloc+seq", "prune")
 
 
 def compress(task, variant: str, ratio: float):
+    calibration = task.calibration_inputs()
     if variant == "prune":
         plan = get_recipe("prune")(task.model, task=task, ratio=ratio)
+    elif variant.startswith("alloc"):
+        plan = allocated_plan(task.model, calibration, ratio, sequential=variant.endswith("+seq"))
     else:
-        plan = get_recipe("svd")(task.model, ratio=ratio,
-                                 activation_aware=None if variant == "plain" else variant)
-    return wb.apply(task.model, plan, calibration_inputs=task.calibration_inputs())
+        mode = variant.removesuffix("+seq")
+        plan = get_recipe("svd")(task.model, ratio=ratio, activation_aware=None if mode == "plain" else mode,
+                                 sequential=variant.endswith("+seq"))
+    return wb.apply(task.model, plan, calibration_inputs=calibration)
 
 
 def scores(task, model) -> dict:
@@ -50,6 +64,8 @@ def main() -> None:
     parser.add_argument("--chart", help="write a PNG chart of the table here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    print(json.dumps({"threads": args.threads, "cpus": os.cpu_count(),
+                      "load_average_1_5_15min": [round(v, 2) for v in os.getloadavg()]}), flush=True)
     table = []
     for name in args.models:
         start = time.perf_counter()
@@ -60,6 +76,9 @@ def main() -> None:
                               "evaluation_sentences": len(task.extras["sentences"])}), flush=True)
         for ratio in args.ratios:
             for variant in args.variants:
+                if variant.startswith("alloc") and any(i.kind != "linear" for i in matrix_layers(task.model)):
+                    table.append({"model": name, "ratio": ratio, "variant": variant, "skipped": True})
+                    continue  # the allocator handles Linear layers only
                 start = time.perf_counter()
                 model = compress(task, variant, ratio)
                 seconds = time.perf_counter() - start
@@ -67,14 +86,15 @@ def main() -> None:
                        "compress_s": round(seconds, 1), **scores(task, model)}
                 print(json.dumps(row), flush=True)
                 table.append(row)
+    print(json.dumps({"load_average_1_5_15min": [round(v, 2) for v in os.getloadavg()]}), flush=True)
     key = {"minilm": "mean_cosine"}
-    print("\nmodel        ratio  " + "  ".join(f"{v:>7}" for v in args.variants))
+    print("\nmodel        ratio  " + "  ".join(f"{v:>10}" for v in args.variants))
     for name in args.models:
         for ratio in args.ratios:
             cells = []
             for variant in args.variants:
                 row = next(r for r in table if r["model"] == name and r["ratio"] == ratio and r["variant"] == variant)
-                cells.append(f"{row[key.get(name, 'accuracy')]:7.4f}")
+                cells.append(f"{'n/a':>10}" if row.get("skipped") else f"{row[key.get(name, 'accuracy')]:10.4f}")
             print(f"{name:12} {ratio:5.2f}  " + "  ".join(cells))
     if args.chart:
         import matplotlib
@@ -84,7 +104,8 @@ def main() -> None:
         fig, axes = plt.subplots(1, len(args.models), figsize=(4 * len(args.models), 3.2), squeeze=False)
         for ax, name in zip(axes[0], args.models):
             series = {v: [next(r for r in table if r["model"] == name and r["ratio"] == q and r["variant"] == v)
-                          [key.get(name, "accuracy")] for q in args.ratios] for v in args.variants}
+                          [key.get(name, "accuracy")] for q in args.ratios] for v in args.variants
+                      if not any(r.get("skipped") for r in table if r["model"] == name and r["variant"] == v)}
             draw_fidelity_by_ratio(ax, list(args.ratios), series, title=name)
         fig.tight_layout()
         fig.savefig(args.chart, dpi=100)

@@ -1,5 +1,7 @@
 """Incremental engine: same numbers as apply + evaluate, less work, bounded memory, exact previews."""
+import dataclasses
 import random
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -175,3 +177,36 @@ def test_bad_plan_changes_nothing(mlp_task):
         with pytest.raises(WorkbenchError, match=message):
             engine.evaluate(bad)
     assert engine.evaluate(good)["metric"] == expected
+
+
+def test_subset_and_model_declared_batches(mlp_task):
+    class Grouped(nn.Sequential):
+        """The MLP, evaluated in shuffled groups of 7 (as MiniLM groups sentences by length)."""
+
+        def evaluation_batches(self, inputs):
+            order = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(0))
+            return list(order.split(7))
+
+    sub = mlp_task.subset(100)
+    assert len(sub.eval_inputs) == 100 and sub.model is mlp_task.model
+    index = torch.linspace(0, len(mlp_task.eval_inputs) - 1, 100).round().long()
+    assert torch.equal(sub.eval_inputs, mlp_task.eval_inputs[index])
+    assert torch.equal(sub.eval_targets, mlp_task.eval_targets[index])
+    assert mlp_task.subset(None) is mlp_task and mlp_task.subset(10**6) is mlp_task
+    with pytest.raises(WorkbenchError, match="subset=0"):
+        mlp_task.subset(0)
+
+    grouped = dataclasses.replace(mlp_task, model=Grouped(OrderedDict(mlp_task.model.named_children())).eval())
+    engine = Engine(grouped, subset=100, preview=False)
+    assert len(engine._batches) == 15 and engine.task.eval_targets.shape == (100,)
+    for plan in random_plans(engine, 4, seed=2):
+        outputs = wb.apply(mlp_task.model, plan)(sub.eval_inputs)
+        # outputs go back to the task's order before the metric: same predictions, row by row
+        assert engine.evaluate(plan)["metric"] == pytest.approx(sub.metric(outputs, sub.eval_targets))
+
+    class Broken(Grouped):
+        def evaluation_batches(self, inputs):
+            return [torch.arange(len(inputs) - 1)]
+
+    with pytest.raises(WorkbenchError, match="exactly once"):
+        Engine(dataclasses.replace(mlp_task, model=Broken(OrderedDict(mlp_task.model.named_children()))), preview=False)

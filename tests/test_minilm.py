@@ -81,3 +81,45 @@ def test_compressing_one_block_aware_keeps_embeddings_close(minilm_task):
         aware_cos, plain_cos = minilm.mean_cosine(new(sub), ref), minilm.mean_cosine(plain(sub), ref)
     assert aware_cos > plain_cos and aware_cos > 0.8
     assert state_bytes(minilm_task.model) == before
+
+
+def test_engine_reruns_only_the_blocks_after_a_move(minilm_task):
+    from workbench.engine import Engine
+    from workbench.measure import count_params
+    from workbench.plan import LayerPlan, Plan
+    engine = Engine(minilm_task, subset=12, preview=False)
+    assert [s.name for s in engine.stages][:2] == ["bert.embeddings", "bert.encoder.layer.0"]
+    sub = minilm_task.subset(12)
+    assert engine.task.eval_inputs.shape[0] == 12 and engine.base["metric"] == pytest.approx(1.0, abs=1e-6)
+    plan = Plan({"bert.encoder.layer.2.intermediate.dense": LayerPlan("svd", {"rank": 40})})
+    assert engine.evaluate(plan)["from_stage"] == 3
+    plan = plan.with_layer("bert.encoder.layer.5.attention.self.key", LayerPlan("svd", {"rank": 8}))
+    result = engine.evaluate(plan)
+    assert result["from_stage"] == 6 and result["stages_run"] == 1
+    model = wb.apply(minilm_task.model, plan)
+    with torch.no_grad():  # length-grouped batches, put back in order: the same embeddings
+        expected = minilm.mean_cosine(model(sub.eval_inputs), sub.eval_targets)
+    assert result["metric"] == pytest.approx(expected, abs=1e-5) and result["metric"] < 0.999
+    assert result["params"] == count_params(model)
+
+
+def test_explorer_starts_plain_and_decomposes_each_layer_once(minilm_task, monkeypatch):
+    from workbench.widgets import real_model
+    calls = []
+
+    def quick_decomposition(weight, gram, tokens, mode="whiten", **_):  # rank r keeps W's first r rows
+        calls.append(mode)
+        u = torch.eye(weight.shape[0], min(weight.shape), dtype=torch.float64)
+        return u, torch.ones(u.shape[1], dtype=torch.float64), u.T @ weight.detach().double()
+
+    monkeypatch.setattr(real_model.aware_kernels, "aware_decomposition", quick_decomposition)
+    explorer = real_model.RealModelExplorer(minilm_task, calibration_sequences=4, eval_sentences=6)
+    assert explorer.mode.value == "plain" and calls == []
+    plain = dict(explorer.state)
+    explorer.ratio.value = 0.5
+    assert calls == [] and explorer.state["mean_cosine"] < plain["mean_cosine"] <= 1.0
+    explorer.mode.value = "whiten"
+    explorer.ratio.value = 0.9
+    assert calls == ["whiten"] * 36  # once per layer; the ratio move only sliced
+    with pytest.raises(wb.errors.WorkbenchError, match="mode='svd'"):
+        real_model.RealModelExplorer(minilm_task, mode="svd")

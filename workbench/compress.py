@@ -82,6 +82,11 @@ def apply(model: nn.Module, plan: Plan, calibration_inputs: torch.Tensor | None 
         return method.skeleton if structure_only and method.skeleton is not None else method.build
 
     needing = [name for name, _, method, _ in entries if method.needs_inputs and builder(method) is method.build]
+    if any(choice.params.get("sequential") for name, _, method, choice in entries if name in needing):
+        if calibration_inputs is None:
+            raise WorkbenchError(f"layers {needing} use sequential calibration; pass calibration_inputs to apply()")
+        from workbench.sequential import build_in_order  # builds every layer in forward order
+        return build_in_order(new, entries, calibration_inputs).eval()
     layer_inputs: dict[str, torch.Tensor] = {}
     if needing:
         if calibration_inputs is None:

@@ -14,6 +14,11 @@ same numbers as ``task.evaluate(workbench.apply(task.model, plan))`` but without
   re-runs the network from that layer's stage onward. The cache is an LRU bounded by
   ``max_cache_bytes``; past the bound entries are evicted and evaluation falls back to earlier
   stages (at worst the full forward). ``report()`` says how much memory it uses.
+* **Batches.** The evaluation inputs are cut into batches of ``batch_size``, or into the index
+  groups of the model's ``evaluation_batches(inputs) -> [LongTensor]`` where it defines one (MiniLM:
+  sentences of similar length together, so each batch carries little padding); outputs are put
+  back in the task's order before the metric. ``subset=n`` judges plans on ``task.subset(n)``
+  (n evenly spaced evaluation samples), for models whose full evaluation is too slow for a slider.
 * **Preview.** ``preview(layer, rank)`` needs no forward pass: the relative Frobenius error of the
   truncated weight (from the spectrum) and the relative error of the layer's output on its cached
   evaluation inputs, both O(1) per call after a one-off precomputation.
@@ -248,10 +253,13 @@ class Engine:
     batch_size : evaluation batch (same default as `Task.outputs`, so results are identical).
     randomized_min_dim : see `FactorCache`.
     preview : precompute what ``preview`` needs (one pass collecting each layer's inputs).
+    subset : judge plans on ``task.subset(subset)`` (that many evenly spaced evaluation samples;
+        None: all). ``self.task`` is then the subset task.
     """
 
     def __init__(self, task, max_cache_bytes: int = DEFAULT_CACHE_BYTES, batch_size: int = 4096,
-                 randomized_min_dim: int = 1024, preview: bool = True):
+                 randomized_min_dim: int = 1024, preview: bool = True, subset: int | None = None):
+        task = task.subset(subset)
         self.task = task
         self.original = task.model
         self.batch_size = batch_size
@@ -267,7 +275,7 @@ class Engine:
         self._calibration: dict[str, torch.Tensor] = {}
         self._example_inputs: dict[str, torch.Tensor] | None = None
         self.stats = {"evaluations": 0, "full_evaluations": 0, "stages_run": 0, "stages_skipped": 0}
-        self._batches = [task.eval_inputs[i:i + batch_size] for i in range(0, len(task.eval_inputs), batch_size)]
+        self._batches, self._order = _evaluation_batches(self.original, task.eval_inputs, batch_size)
         self.base = {"params": count_params(self.original), "bytes": _state_bytes(self.original),
                      "flops": count_flops(self.original, task.example_input)}
         self._preview: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -429,7 +437,10 @@ class Engine:
                 self.cache.put((index, self._signature(plan, index)), x)
             x = [self.stages[index].run(self.working, batch) for batch in x]
             self.stats["stages_run"] += 1
-        return start, torch.cat(x) if len(x) > 1 else x[0]
+        out = torch.cat(x) if len(x) > 1 else x[0]
+        if self._order is not None:  # batches grouped by the model: back to the task's order
+            out = torch.empty_like(out).index_copy_(0, self._order, out)
+        return start, out
 
     def _layer_size(self, name: str, choice: LayerPlan | None) -> tuple[int, int, int]:
         """``(params, bytes, flops)`` of ``choice`` minus those of the original layer (None: itself)."""
@@ -443,19 +454,22 @@ class Engine:
         return self._layer_sizes[key]
 
     def _example_input(self, name: str) -> torch.Tensor:
-        """Input entering layer ``name`` for the task's one-sample example (as in ``measure``)."""
-        if self._example_inputs is None:
-            self._example_inputs = {}
-        if name not in self._example_inputs:
-            captured = {}
-            module = get_submodule(self.original, name)
-            handle = module.register_forward_pre_hook(lambda mod, args: captured.setdefault("x", args[0]))
+        """Input entering layer ``name`` for the task's one-sample example (as in ``measure``).
+
+        The first call captures the inputs of every matrix layer (and ``name``) in one forward pass.
+        """
+        if self._example_inputs is None or name not in self._example_inputs:
+            captured: dict[str, torch.Tensor] = {} if self._example_inputs is None else self._example_inputs
+            wanted = [n for n in dict.fromkeys([*self.layers, name]) if n not in captured]
+            handles = [get_submodule(self.original, n).register_forward_pre_hook(
+                lambda mod, args, _n=n: captured.setdefault(_n, args[0])) for n in wanted]
             try:
                 with torch.no_grad():
                     self.original(self.task.example_input)
             finally:
-                handle.remove()
-            self._example_inputs[name] = captured["x"]
+                for handle in handles:
+                    handle.remove()
+            self._example_inputs = captured
         return self._example_inputs[name]
 
     @torch.no_grad()
@@ -485,6 +499,21 @@ class Engine:
             tail = weighted.flip(0).cumsum(0).flip(0)                          # tail[r] = sum_{j>=r}
             total = total.clamp_min(1e-300)
             self._preview[name] = (tail, total)
+
+
+def _evaluation_batches(model: nn.Module, inputs: torch.Tensor,
+                        batch_size: int) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """``(batches, order)``: the model's ``evaluation_batches`` index groups when it declares them
+    (``order``: the concatenated indices), else contiguous slices of ``batch_size`` (``order`` None)."""
+    grouping = getattr(model, "evaluation_batches", None)
+    if not callable(grouping):
+        return [inputs[i:i + batch_size] for i in range(0, len(inputs), batch_size)], None
+    groups = [torch.as_tensor(g, dtype=torch.long) for g in grouping(inputs)]
+    order = torch.cat(groups) if groups else torch.zeros(0, dtype=torch.long)
+    if not torch.equal(order.sort().values, torch.arange(len(inputs))):
+        raise WorkbenchError(f"{type(model).__name__}.evaluation_batches must list each of the "
+                             f"{len(inputs)} evaluation samples exactly once")
+    return [inputs[g] for g in groups], order
 
 
 @torch.no_grad()

@@ -20,10 +20,13 @@ from workbench.errors import WorkbenchError
 @dataclass
 class LayerContext:
     """What a builder may need besides the module: its name and, for data-aware methods,
-    ``inputs``: the layer's calibration inputs ``(tokens, in_features)`` (None otherwise)."""
+    ``inputs``: the layer's calibration inputs ``(tokens, in_features)`` (None otherwise).
+    ``reference_inputs``: under sequential calibration (`workbench.sequential`), the same
+    positions' inputs in the ORIGINAL model, when ``inputs`` come from the partly compressed one."""
 
     name: str
     inputs: torch.Tensor | None = None
+    reference_inputs: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

@@ -131,6 +131,53 @@ def aware_decomposition(w: torch.Tensor, gram_matrix: torch.Tensor, tokens: int,
     return u, sig, vh / s
 
 
+def cross_gram(x_ref: torch.Tensor, x: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """``X_ref^T X: (in, in)`` float64 of two aligned inputs ``(tokens, in)`` (row t = same token)."""
+    if x_ref.shape != x.shape or x.dim() != 2:
+        raise WorkbenchError(f"reference and calibration inputs must both be (tokens, in) and aligned; "
+                             f"got {tuple(x_ref.shape)} and {tuple(x.shape)}")
+    total = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+    for start in range(0, len(x), chunk):
+        total += (x_ref[start:start + chunk].float().T @ x[start:start + chunk].float()).double()
+    return total
+
+
+def regression_factors(w: torch.Tensor, rank: int, gram_matrix: torch.Tensor, cross: torch.Tensor,
+                       ridge: float = DEFAULT_RIDGE, name: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-``rank`` ``(a (out, r), b (r, in))`` minimising ``||W X_ref^T - a b X^T||^2 + lam ||a b||^2``.
+
+    Reduced-rank regression: the layer sees inputs ``X`` (``gram_matrix`` = ``X^T X``) but should
+    reproduce the original outputs ``W X_ref^T`` (``cross`` = ``X_ref^T X``), e.g. when earlier
+    layers are already compressed. ``lam`` = ``ridge * mean(diag X^T X)``. With ``G + lam I = S S^T``
+    the objective is a constant plus ``||(a b - W_ls) S||^2``, ``W_ls = W cross (G + lam I)^{-1}``,
+    so the optimum truncates ``W_ls S = W cross S^{-T}`` by SVD (exact, not a heuristic).
+    With ``X_ref = X`` and ``ridge -> 0`` this is `aware_factors` in ``whiten`` mode.
+    """
+    _check(w, gram_matrix, rank, name)
+    if cross.shape != gram_matrix.shape:
+        raise WorkbenchError(f"cross has shape {tuple(cross.shape)}; expected {tuple(gram_matrix.shape)}")
+    s = whitening_factor(gram_matrix, ridge)                            # (in, in) lower
+    m = torch.linalg.solve_triangular(s, (w.detach().double() @ cross.double()).T, upper=False).T
+    u, sig, vh = torch.linalg.svd(m, full_matrices=False)               # m = W cross S^{-T}
+    root = sig[:rank].sqrt()
+    b = torch.linalg.solve_triangular(s.T, (root[:, None] * vh[:rank]).T, upper=True).T
+    return (u[:, :rank] * root).to(w.dtype), b.to(w.dtype)
+
+
+def refit_second(w: torch.Tensor, b: torch.Tensor, gram_matrix: torch.Tensor, cross: torch.Tensor,
+                 ridge: float = 1e-8) -> torch.Tensor:
+    """Least-squares ``a: (out, r)`` = argmin ``||W X_ref^T - a b X^T||`` for a fixed ``b: (r, in)``.
+
+    Closed form ``a = W cross b^T (b G b^T)^{-1}`` (``G = X^T X``, ``cross = X_ref^T X``); ``ridge``
+    (relative to the mean diagonal of ``b G b^T``) only guards against a singular ``b G b^T``.
+    """
+    wd, bd = w.detach().double(), b.double()
+    inner = bd @ gram_matrix.double() @ bd.T                              # (r, r)
+    inner = inner + ridge * float(inner.diagonal().mean() or 1.0) * torch.eye(len(inner), dtype=torch.float64)
+    rhs = wd @ cross.double() @ bd.T                                      # (out, r)
+    return torch.linalg.solve(inner, rhs.T).T.to(w.dtype)
+
+
 def output_error(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> float:
     """``||(w - a b) X^T||_F``: the Frobenius error of the layer's outputs on ``x: (tokens, in)``."""
     return float(((w.double() - a.double() @ b.double()) @ x.double().T).norm())

@@ -36,16 +36,24 @@ register_method(Method("svd", build_svd, (nn.Linear, nn.Conv2d),
 
 def svd_plan(model: nn.Module, *, ratio: float | None = None, energy: float | None = None,
              ranks: Mapping[str, int] | None = None, layers: list[str] | None = None,
-             activation_aware: str | None = None, **_: Any) -> Plan:
+             activation_aware: str | None = None, sequential: bool = False, refit: bool | None = None,
+             **_: Any) -> Plan:
     """A plan of per-layer SVD ranks, chosen by exactly one rule.
 
     ``ratio``: kept-parameter ratio per layer (rank r with r*(m+n) <= ratio*m*n);
     ``energy``: smallest rank keeping that fraction of sigma^2; ``ranks``: ``{layer: rank}``.
     ``layers`` restricts ``ratio``/``energy`` to some layers (default: every Linear/Conv2d).
     A layer whose rank would not save weights (rank > breakeven) is left dense.
-    ``activation_aware``: "whiten" or "scale" makes each layer a data-aware ``svd_aware`` choice.
+    ``activation_aware``: "whiten" or "scale" makes each layer a data-aware ``svd_aware`` choice;
+    with ``sequential=True`` its layers are calibrated in forward order on the partly compressed
+    model (`workbench.sequential`), fitting the original outputs unless ``refit=False``.
     """
     method, extra = ("svd", {}) if activation_aware is None else ("svd_aware", {"aware": activation_aware})
+    if sequential:
+        if activation_aware is None:
+            raise WorkbenchError("sequential=True calibrates data-aware layers; "
+                                 "give activation_aware='whiten' or 'scale'")
+        extra.update(sequential=True, refit=True if refit is None else bool(refit))
     given = [k for k, v in (("ratio", ratio), ("energy", energy), ("ranks", ranks)) if v is not None]
     if len(given) != 1:
         raise WorkbenchError(f"svd needs exactly one of ratio, energy or ranks; got {given or 'none'}")

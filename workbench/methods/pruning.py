@@ -8,8 +8,6 @@ computes exactly what the model with those neurons zeroed computes.
 """
 from __future__ import annotations
 
-import statistics
-import time
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -19,6 +17,7 @@ from workbench.errors import UnsupportedLayerError, WorkbenchError
 from workbench.inventory import get_submodule, matrix_layers
 from workbench.kernels import prune as prune_kernels
 from workbench.layers.sparse import SparseConv2d, SparseLinear, sparse_from_layer
+from workbench.measure import latency_ms
 from workbench.plan import LayerPlan, Plan
 from workbench.registry import LayerContext, Method, register_method, register_recipe
 
@@ -190,16 +189,6 @@ def prune_plan(model: nn.Module, *, task=None, ratio: float | None = None, thres
 
 
 # ------------------------------------------------------------------ honest latency notes
-@torch.no_grad()
-def _median_ms(fn, x: torch.Tensor, repeats: int = 30) -> float:
-    for _ in range(3):
-        fn(x)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn(x)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def sparse_latency_rows(model: nn.Module, batch: int = 64, repeats: int = 30) -> list[dict]:
@@ -217,7 +206,7 @@ def sparse_latency_rows(model: nn.Module, batch: int = 64, repeats: int = 30) ->
             x = torch.randn(batch, module.in_features)
         else:
             x = torch.randn(batch, module.spec.in_channels, 8, 8)
-        sparse_ms, dense_ms = _median_ms(module, x, repeats), _median_ms(dense, x, repeats)
+        sparse_ms, dense_ms = latency_ms(module, x, repeats, warmup=3), latency_ms(dense, x, repeats, warmup=3)
         rows.append({"name": name, "sparsity": round(1 - module.density(), 4), "format": module.format,
                      "sparse_ms": round(sparse_ms, 4), "dense_ms": round(dense_ms, 4),
                      "slower": sparse_ms > dense_ms})

@@ -6,8 +6,6 @@ weights + dynamic int8 activations, faster on CPU); recipes of the same names.
 """
 from __future__ import annotations
 
-import statistics
-import time
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -18,6 +16,7 @@ from workbench.errors import UnsupportedLayerError, WorkbenchError
 from workbench.inventory import get_submodule, matrix_layers
 from workbench.kernels import quant as quant_kernels
 from workbench.layers.quantized import Int8Linear, QuantConv2d, QuantLinear, quantized_from_layer
+from workbench.measure import latency_ms
 from workbench.plan import LayerPlan, Plan
 from workbench.registry import LayerContext, Method, register_method, register_recipe
 
@@ -125,16 +124,6 @@ def quant_report(original: nn.Module, compressed: nn.Module, task=None) -> dict:
                       "bytes but is not faster; use --method int8 for CPU speed"]}
 
 
-@torch.no_grad()
-def _median_ms(model: nn.Module, x: torch.Tensor, repeats: int = 30) -> float:
-    for _ in range(3):
-        model(x)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model(x)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def int8_report(original: nn.Module, compressed: nn.Module, task=None) -> dict:
@@ -143,7 +132,7 @@ def int8_report(original: nn.Module, compressed: nn.Module, task=None) -> dict:
     notes = []
     if task is not None:
         x = task.eval_inputs[:256]
-        fp32, int8 = _median_ms(original.eval(), x), _median_ms(compressed.eval(), x)
+        fp32, int8 = latency_ms(original, x, 30, warmup=3), latency_ms(compressed, x, 30, warmup=3)
         report["latency_batch"] = {"batch": len(x), "fp32_ms": round(fp32, 4), "int8_ms": round(int8, 4),
                                    "speedup": round(fp32 / int8, 3)}
         notes.append(f"batch {len(x)}: fp32 {fp32:.3f} ms, int8 {int8:.3f} ms ({fp32 / int8:.2f}x); small "

@@ -160,14 +160,14 @@ class Dashboard(widgets.VBox):
     Parameters
     ----------
     task : a `workbench.Task`; its model is never modified.
-    engine : an `Engine` for ``task`` (default: a new one).
+    engine : an `Engine` for ``task`` (default: a new one, on the task's ``live_subset``).
     synchronous : compute in the caller's thread (tests, benchmarks) instead of a worker thread.
     reference : draw the "same ratio in every layer" curve (a few evaluations at start).
     """
 
     def __init__(self, task, engine: Engine | None = None, synchronous: bool = False, reference: bool = True):
         self.task = task
-        self.engine = engine or Engine(task)
+        self.engine = engine or Engine(task, subset=task.live_subset)
         self.knobs = knobs_for(task.model)
         if not self.knobs:
             raise WorkbenchError(f"model {task.name!r} has no layer with a rank to choose")

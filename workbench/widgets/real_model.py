@@ -1,6 +1,11 @@
 """`RealModelExplorer`: MiniLM at a chosen kept ratio, plain vs activation-aware SVD, live fidelity,
 and a two-sentence similarity demo (original vs compressed). Compute (`compute`) is separate from
-the view (`render`), so the widget is testable headless by calling ``update()``."""
+the view (`render`), so the widget is testable headless by calling ``update()``.
+
+Everything expensive is computed once, and only when first needed: the plain SVD of each layer
+(shared with `workbench.spectra`, so the heatmap's SVDs are reused), the calibration ``X^T X`` of
+each layer and the activation-aware decomposition of each layer the first time an aware mode is
+picked. A ratio move then only slices factors and runs the evaluation subset."""
 from __future__ import annotations
 
 import copy
@@ -16,16 +21,17 @@ from workbench.kernels import aware as aware_kernels, svd as svd_kernels
 from workbench.layers.lowrank import LowRankLinear
 from workbench.plan import LayerPlan, Plan
 from workbench.plotting.heatmaps import draw_rank_heatmap
-from workbench.spectra import model_spectra
+from workbench.spectra import layer_svd, model_spectra
 from workbench.widgets.persistence import SaveLoadBar, check_plan_shape
 from workbench.zoo import minilm
 
 
 def effective_rank_table(model) -> tuple[np.ndarray, list[str], list[str]]:
     """``(values (blocks, types), block labels, type labels)`` of each encoder Linear's effective rank."""
-    blocks = sorted({minilm.block_of(s.name) for s in model_spectra(model)})
+    spectra = model_spectra(model)
+    blocks = sorted({minilm.block_of(s.name) for s in spectra})
     values = np.zeros((len(blocks), len(minilm.LAYER_TYPES)))
-    for s in model_spectra(model):
+    for s in spectra:
         values[minilm.block_of(s.name), minilm.LAYER_TYPES.index(minilm.layer_type(s.name))] = s.effective_rank
     return values, [f"block {b}" for b in blocks], list(minilm.LAYER_TYPES)
 
@@ -33,21 +39,26 @@ def effective_rank_table(model) -> tuple[np.ndarray, list[str], list[str]]:
 class RealModelExplorer(widgets.VBox):
     """Ratio slider + mode buttons -> compressed MiniLM -> fidelity readout and similarity demo.
 
-    ``calibration_sequences``: how many calibration rows feed the layers' ``X^T X`` (computed once);
-    ``eval_sentences``: evaluation subset for the live metric.
+    ``calibration_sequences``: how many calibration rows (of 32 tokens) feed the layers' ``X^T X``
+    (computed when an aware mode is first picked); ``eval_sentences``: evenly spaced evaluation
+    sentences (every topic) for the live metric; ``mode``: the starting mode ("plain" starts in
+    about a second once the spectra are cached; an aware mode first computes 36 decompositions).
     """
 
-    def __init__(self, task, calibration_sequences: int = 96, eval_sentences: int = 32):
+    def __init__(self, task, calibration_sequences: int = 96, eval_sentences: int = 32, mode: str = "plain"):
+        if mode not in ("plain", *aware_kernels.AWARE_MODES):
+            raise WorkbenchError(f"mode={mode!r} is not a mode; use plain, {', '.join(aware_kernels.AWARE_MODES)}")
         self.task = task
         self.names = [info.name for info in matrix_layers(task.model)]
-        self.eval_inputs = task.eval_inputs[:eval_sentences]
+        self.eval_inputs = task.subset(eval_sentences).eval_inputs
         with torch.no_grad():
             self.reference = task.model(self.eval_inputs)
         self._decompositions: dict = {}
-        self._grams = self._layer_grams(task.calibration_inputs()[:calibration_sequences])
+        self._calibration = task.calibration_inputs()[:calibration_sequences]
+        self._grams: dict[str, tuple[torch.Tensor, int]] | None = None
         self.ratio = widgets.FloatSlider(value=0.8, min=0.3, max=0.95, step=0.05, description="kept ratio",
                                          continuous_update=False)
-        self.mode = widgets.ToggleButtons(options=["plain", "whiten", "scale"], value="whiten")
+        self.mode = widgets.ToggleButtons(options=["plain", "whiten", "scale"], value=mode)
         self.readout = widgets.HTML()
         self.first = widgets.Text(value="The ship sailed into the storm.", description="sentence 1")
         self.second = widgets.Text(value="A boat was caught in bad weather at sea.", description="sentence 2")
@@ -65,6 +76,7 @@ class RealModelExplorer(widgets.VBox):
 
     @torch.no_grad()
     def _layer_grams(self, inputs: torch.Tensor) -> dict[str, tuple[torch.Tensor, int]]:
+        """``{layer: (X^T X (in, in) float64, tokens)}`` of every encoder Linear, in one forward pass."""
         grams = {name: [0, 0] for name in self.names}
         handles = []
         for name in self.names:
@@ -87,9 +99,11 @@ class RealModelExplorer(widgets.VBox):
             linear = self.task.model.get_submodule(name)
             rank = svd_kernels.rank_for_ratio(tuple(linear.weight.shape), ratio)
             if mode == "plain":
-                factors = svd_kernels.truncate(linear.weight.detach(), rank)
+                factors = layer_svd(linear).factors(rank)  # SVD cached per weight; moves slice it
             else:
                 if (name, mode) not in self._decompositions:  # once per layer and mode; moves slice it
+                    if self._grams is None:
+                        self._grams = self._layer_grams(self._calibration)
                     gram, tokens = self._grams[name]
                     self._decompositions[(name, mode)] = aware_kernels.aware_decomposition(
                         linear.weight, gram, tokens, mode)

@@ -1,11 +1,14 @@
 """`Task`: a model together with the data and metric it is judged by."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
+
+from workbench.errors import WorkbenchError
 
 Metric = Callable[[torch.Tensor, torch.Tensor], float]
 
@@ -24,6 +27,8 @@ class Task:
     metric_name : what ``metric`` measures (``"accuracy"``).
     train_inputs, train_targets : training split where there is one (fine-tuning, calibration).
     description : one line for listings.
+    live_subset : evaluation samples the live tools use by default (`workbench.engine.Engine`,
+        ``bench latency``) where a full evaluation is too slow for a slider move; None = all.
     """
 
     name: str
@@ -36,11 +41,28 @@ class Task:
     train_targets: torch.Tensor | None = None
     description: str = ""
     extras: dict = field(default_factory=dict)
+    live_subset: int | None = None
 
     @property
     def example_input(self) -> torch.Tensor:
         """One evaluation sample with its batch dimension: ``(1, ...)``."""
         return self.eval_inputs[:1]
+
+    def subset(self, n: int | None) -> "Task":
+        """The same task judged on ``n`` evenly spaced evaluation samples (deterministic).
+
+        Indices are ``round(linspace(0, N - 1, n))``, in order, so data stored group by group
+        (MiniLM's topics) keep every group. ``n=None`` or ``n >= N``: this task itself. The model,
+        training data and extras are shared, not copied.
+        """
+        total = len(self.eval_inputs)
+        if n is None or n >= total:
+            return self
+        if n < 1:
+            raise WorkbenchError(f"subset={n} must be at least 1 (the task has {total} evaluation samples)")
+        index = torch.linspace(0, total - 1, n).round().long()
+        return dataclasses.replace(self, eval_inputs=self.eval_inputs[index], eval_targets=self.eval_targets[index],
+                                   live_subset=None)
 
     def calibration_inputs(self, n: int = 512) -> torch.Tensor:
         """Up to ``n`` inputs for data-aware methods, drawn from training data, never the test split."""
