@@ -63,17 +63,25 @@ def test_other_methods_and_steps_match_apply(mlp_task, gru_task):
     assert gru_engine.evaluate(rnn_plan)["metric"] == gru_task.evaluate(wb.apply(gru_task.model, rnn_plan))
 
 
+def fresh_cnn():
+    from workbench.zoo.digits import digits_cnn
+    return digits_cnn()
+
+
 def test_a_change_reruns_only_from_its_stage(mlp_task):
     engine = Engine(mlp_task, preview=False)
-    assert [s.name for s in engine.stages] == ["fc1", "act1", "fc2", "act2", "fc3"]
+    # parameter-free children (the ReLUs) run inside the stage before them: no cache entry of their own
+    assert [s.label for s in engine.stages] == ["fc1+act1", "fc2+act2", "fc3"]
     plan = Plan({"fc1": LayerPlan("svd", {"rank": 8})})
     assert engine.evaluate(plan)["from_stage"] == 0
     moved = plan.with_layer("fc3", LayerPlan("svd", {"rank": 3}))
     result = engine.evaluate(moved)
-    assert result["from_stage"] == 4 and result["stages_run"] == 1
-    assert engine.evaluate(moved.with_layer("fc2", LayerPlan("svd", {"rank": 5})))["from_stage"] == 2
+    assert result["from_stage"] == 2 and result["stages_run"] == 1
+    assert engine.evaluate(moved.with_layer("fc2", LayerPlan("svd", {"rank": 5})))["from_stage"] == 1
     # back to an earlier plan: its activations are still cached
-    assert engine.evaluate(plan.with_layer("fc3", LayerPlan("svd", {"rank": 7})))["from_stage"] == 4
+    assert engine.evaluate(plan.with_layer("fc3", LayerPlan("svd", {"rank": 7})))["from_stage"] == 2
+    assert [s.label for s in model_stages(fresh_cnn())] == [
+        "image", "conv1+act1", "conv2+act2+pool+flatten", "fc1+act3", "fc2"]
 
 
 def test_cache_bound_evicts_and_falls_back(mlp_task):
@@ -210,3 +218,33 @@ def test_subset_and_model_declared_batches(mlp_task):
 
     with pytest.raises(WorkbenchError, match="exactly once"):
         Engine(dataclasses.replace(mlp_task, model=Broken(OrderedDict(mlp_task.model.named_children()))), preview=False)
+
+
+@pytest.mark.parametrize("fixture", ["mlp_task", "cnn_task"])
+def test_sizes_at_every_kind_of_rank_equal_the_built_layer(fixture, request):
+    """The engine sizes plain ranks from ranks 1 and 2 (each cost is c0 + c1 * r): check the
+    extrapolation against the model `apply` really builds, at the ends and in between."""
+    task = request.getfixturevalue(fixture)
+    engine = Engine(task, preview=False)
+    for name, info in engine.layers.items():
+        k = min(info.shape)
+        for rank in sorted({1, 2, 3, k // 2 or 1, k}):
+            plan = Plan({name: LayerPlan("svd", {"rank": rank})})
+            result, model = engine.evaluate(plan), wb.apply(task.model, plan)
+            assert (result["params"], result["bytes"], result["flops"]) == (
+                count_params(model), payload_bytes(model), count_flops(model, task.example_input)), (name, rank)
+            assert result["metric"] == task.evaluate(model)
+
+
+def test_recurrent_sizes_from_rank_basis_equal_the_built_layer(gru_task):
+    """``svd_rnn`` declares its ranks affine and separable; check that against real builds."""
+    engine = Engine(gru_task, preview=False)
+    rng = random.Random(4)
+    cases = [(1, 1, True), (3, 17, True), (None, 40, True), (8, None, True), (5, 63, False), (2, 2, False)]
+    cases += [(rng.randint(1, 8), rng.randint(1, 64), rng.random() < 0.5) for _ in range(6)]
+    for rank_ih, rank_hh, per_gate in cases:
+        plan = Plan({"rnn": LayerPlan("svd_rnn", {"rank_ih": rank_ih, "rank_hh": rank_hh, "per_gate": per_gate})})
+        result, model = engine.evaluate(plan), wb.apply(gru_task.model, plan)
+        assert (result["params"], result["bytes"], result["flops"]) == (
+            count_params(model), payload_bytes(model), count_flops(model, gru_task.example_input))
+        assert result["metric"] == gru_task.evaluate(model)

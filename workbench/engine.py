@@ -36,6 +36,7 @@ count plus each changed layer's difference, counted once per choice on that laye
 from __future__ import annotations
 
 import copy
+import gc
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -67,18 +68,29 @@ class Stage:
 
     ``name``: qualified name of the submodule it runs ("" for the whole model); the layers it owns
     are that module and everything below it. ``call(module, x) -> y`` runs it (default
-    ``module(x)``); the forward pass of the model must equal running its stages in order.
+    ``module(x)``). ``then``: names of parameter-free modules (activations, pooling, reshapes) run
+    on the result inside the same stage, so their outputs need no cache entry of their own. The
+    forward pass of the model must equal running its stages in order.
     """
 
     name: str
     call: Callable[[nn.Module, Any], Any] | None = None
+    then: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        """``name`` joined with ``then`` by ``+`` (``"fc1+act1"``)."""
+        return "+".join((self.name, *self.then))
 
     def run(self, model: nn.Module, x: Any) -> Any:
         module = model.get_submodule(self.name) if self.name else model
-        return module(x) if self.call is None else self.call(module, x)
+        x = module(x) if self.call is None else self.call(module, x)
+        for name in self.then:
+            x = model.get_submodule(name)(x)
+        return x
 
     def owns(self, layer: str) -> bool:
-        return self.name == "" or layer == self.name or layer.startswith(self.name + ".")
+        return self.name == "" or any(layer == n or layer.startswith(n + ".") for n in (self.name, *self.then))
 
 
 _STAGE_PROVIDERS: dict[type, Callable[[nn.Module], list]] = {}
@@ -111,10 +123,21 @@ def model_stages(model: nn.Module) -> list[Stage]:
     elif type(model) in _STAGE_PROVIDERS:
         entries = _STAGE_PROVIDERS[type(model)](model)
     elif isinstance(model, nn.Sequential):
-        entries = [Stage(name) for name, _ in model.named_children()]
+        entries = _sequential_stages(model)
     else:
         return [Stage("")]
     return [_as_stage(model, entry) for entry in entries]
+
+
+def _sequential_stages(model: nn.Sequential) -> list[Stage]:
+    """One stage per child that holds parameters, each with the parameter-free children after it."""
+    stages: list[Stage] = []
+    for name, child in model.named_children():
+        if stages and next(child.parameters(), None) is None and next(child.buffers(), None) is None:
+            stages[-1] = Stage(stages[-1].name, stages[-1].call, (*stages[-1].then, name))
+        else:
+            stages.append(Stage(name))
+    return stages
 
 
 def _row_reader_stages(model: nn.Module) -> list[Stage]:
@@ -156,6 +179,7 @@ class FactorCache:
         self.model = model
         self.randomized_min_dim, self.oversample, self.niter, self.seed = randomized_min_dim, oversample, niter, seed
         self._factors: dict[str, _Factors] = {}
+        self._split: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.recomputes = 0
 
     def get(self, name: str, upto: int | None = None) -> _Factors:
@@ -182,20 +206,54 @@ class FactorCache:
             full = svd_kernels.svd(w)
             result = _Factors(full.u, full.s, full.vh, k, weight_sq, False)
         self._factors[name] = result
+        self._split.pop(name, None)
         return result
 
     def factors(self, name: str, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(a: (m, rank), b: (rank, n))`` as `workbench.kernels.svd.SVD.factors` splits them."""
+        """``(a: (m, rank), b: (rank, n))`` as `workbench.kernels.svd.SVD.factors` splits them.
+
+        Views of ``u * sqrt(s)`` and ``sqrt(s) * vh``, multiplied out once per layer: element by
+        element the same numbers as splitting at each rank, without the work.
+        """
         f = self.get(name, upto=rank)
-        return svd_kernels.SVD(f.u, f.s, f.vh).factors(rank) if not f.randomized else _split(f, rank)
+        if name not in self._split:
+            root = f.s.sqrt()
+            self._split[name] = (f.u * root, root[:, None] * f.vh)
+        a, b = self._split[name]
+        return a[:, :rank], b[:rank]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for f in self._factors.values() for t in (f.u, f.s, f.vh))
+        tensors = [t for f in self._factors.values() for t in (f.u, f.s, f.vh)]
+        tensors += [t for pair in self._split.values() for t in pair]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _split(f: _Factors, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    root = f.s[:rank].sqrt()
-    return f.u[:, :rank] * root, root[:, None] * f.vh[:rank]
+class _SlicedLowRank(nn.Module):
+    """Evaluation view of an ``svd`` choice: ``second(first(x))`` exactly as `LowRankLinear` /
+    `LowRankConv2d` compute it, on the cached factors, without building their modules.
+
+    ``first: (r, n)`` (conv: ``(r, in, kh, kw)``), ``second: (m, r)`` (conv: ``(out, r, 1, 1)``),
+    both contiguous like the real layers' weights, so outputs are bit-identical. Only the engine's
+    working copy holds these; what is built for export comes from `workbench.apply`.
+    """
+
+    def __init__(self, original: nn.Module, a: torch.Tensor, b: torch.Tensor):
+        super().__init__()
+        self.conv = original if isinstance(original, nn.Conv2d) else None
+        if self.conv is None:
+            self.first, self.second = b.contiguous(), a.contiguous()
+        else:
+            w = original.weight
+            nhwc = torch.channels_last
+            self.first = b.reshape(len(b), *w.shape[1:]).contiguous(memory_format=nhwc)
+            self.second = a.reshape(w.shape[0], a.shape[1], 1, 1).contiguous(memory_format=nhwc)
+        self.bias = None if original.bias is None else original.bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv is None:
+            return F.linear(F.linear(x, self.first), self.second, self.bias)
+        c = self.conv
+        return F.conv2d(F.conv2d(x, self.first, None, c.stride, c.padding, c.dilation), self.second, self.bias)
 
 
 # --------------------------------------------------------------------------- activation cache
@@ -253,12 +311,17 @@ class Engine:
     batch_size : evaluation batch (same default as `Task.outputs`, so results are identical).
     randomized_min_dim : see `FactorCache`.
     preview : precompute what ``preview`` needs (one pass collecting each layer's inputs).
+    freeze_gc : call ``gc.freeze()`` once set up, so that Python's cyclic garbage collector no
+        longer scans the objects alive now (the model, the engine's caches, imported libraries).
+        With transformers loaded that is ~0.5M objects, a 140 ms full collection that would
+        otherwise land on random slider moves. Objects created later are collected as usual.
     subset : judge plans on ``task.subset(subset)`` (that many evenly spaced evaluation samples;
         None: all). ``self.task`` is then the subset task.
     """
 
     def __init__(self, task, max_cache_bytes: int = DEFAULT_CACHE_BYTES, batch_size: int = 4096,
-                 randomized_min_dim: int = 1024, preview: bool = True, subset: int | None = None):
+                 randomized_min_dim: int = 1024, preview: bool = True, subset: int | None = None,
+                 freeze_gc: bool = True):
         task = task.subset(subset)
         self.task = task
         self.original = task.model
@@ -267,7 +330,12 @@ class Engine:
         self.factors = FactorCache(self.original, randomized_min_dim=randomized_min_dim)
         self.cache = ActivationCache(max_cache_bytes)
         self.working = copy.deepcopy(self.original).eval()
+        self.channels_last = any(isinstance(m, nn.Conv2d) for m in self.working.modules())
+        if self.channels_last:  # oneDNN's CPU convolutions and pooling run faster in NHWC
+            self.working = self.working.to(memory_format=torch.channels_last)
         self.stages = model_stages(self.working)
+        self._stage_index: dict[str, int] = {}
+        self._svd_checked: dict[str, nn.Module] = {}
         self._installed: dict[str, LayerPlan] = {}
         self._originals: dict[str, nn.Module] = {}
         self._built: OrderedDict[tuple[str, LayerPlan], nn.Module] = OrderedDict()
@@ -283,6 +351,9 @@ class Engine:
             self._prepare_preview()
         # the original's stage inputs, cached once (any later plan starts from the ones it shares)
         self.base["metric"] = self.evaluate(Plan({}))["metric"]
+        if freeze_gc:
+            gc.collect()
+            gc.freeze()
 
     # ------------------------------------------------------------------ public
     def evaluate(self, plan: Plan, file_bytes: bool = False) -> dict:
@@ -347,14 +418,13 @@ class Engine:
         return {"cache_bytes": self.cache.bytes_used, "cache_limit_bytes": self.cache.max_bytes,
                 "cache_entries": len(self.cache), "cache_evictions": self.cache.evictions,
                 "factor_bytes": self.factors.nbytes(), "svd_recomputes": self.factors.recomputes,
-                "stages": [s.name for s in self.stages], **self.stats}
+                "stages": [s.label for s in self.stages], **self.stats}
 
     def stage_of(self, layer: str) -> int:
         """Index of the stage that owns ``layer`` (0 when no stage does: full evaluation)."""
-        for index, stage in enumerate(self.stages):
-            if stage.owns(layer):
-                return index
-        return 0
+        if layer not in self._stage_index:
+            self._stage_index[layer] = next((i for i, stage in enumerate(self.stages) if stage.owns(layer)), 0)
+        return self._stage_index[layer]
 
     # ------------------------------------------------------------------ internals
     def _info(self, layer: str):
@@ -364,11 +434,26 @@ class Engine:
         return self.layers[layer]
 
     def _module_for(self, name: str, choice: LayerPlan) -> nn.Module:
+        """The module evaluated for ``choice`` at ``name``: a `_SlicedLowRank` view for a plain rank,
+        else what the registry builds (memoised, LRU)."""
+        if _is_plain_svd(choice):
+            return self._svd_view(name, choice["rank"])
         key = (name, choice)
         hit = self._built.get(key)
         if hit is not None:
             self._built.move_to_end(key)
             return hit
+        original = self._checked_original(name, choice)
+        inputs = self._calibration_inputs(name) if get_method(choice.method).needs_inputs else None
+        module = get_method(choice.method).build(original, choice.params, LayerContext(name, inputs))
+        module.eval()
+        self._built[key] = module
+        while len(self._built) > 512:
+            self._built.popitem(last=False)
+        return module
+
+    def _checked_original(self, name: str, choice: LayerPlan) -> nn.Module:
+        """The original layer ``name``, after checking that ``choice``'s method can compress it."""
         original = get_submodule(self.original, name)
         method = get_method(choice.method)
         if method.kind != "layer":
@@ -377,22 +462,24 @@ class Engine:
             allowed = ", ".join(t.__name__ for t in method.layer_types)
             raise UnsupportedLayerError(f"method {choice.method!r} cannot compress layer {name!r} of type "
                                         f"{type(original).__name__}; it handles: {allowed}")
-        if choice.method == "svd" and set(choice.params) == {"rank"}:
-            module = self._svd_module(name, original, choice["rank"])
-        else:
-            inputs = self._calibration_inputs(name) if method.needs_inputs else None
-            module = method.build(original, choice.params, LayerContext(name, inputs))
-        module.eval()
-        self._built[key] = module
-        while len(self._built) > 512:
-            self._built.popitem(last=False)
-        return module
-
-    def _svd_module(self, name: str, original: nn.Module, rank: int) -> nn.Module:
-        if isinstance(original, nn.Conv2d) and original.groups != 1:
+        if isinstance(original, nn.Conv2d) and original.groups != 1 and choice.method == "svd":
             raise UnsupportedLayerError(
                 f"layer {name!r} is a grouped conv (groups={original.groups}); SVD needs groups=1")
+        return original
+
+    def _svd_view(self, name: str, rank: int) -> nn.Module:
+        if name not in self._svd_checked:
+            self._svd_checked[name] = self._checked_original(name, LayerPlan("svd", {"rank": rank}))
+        original = self._svd_checked[name]
         svd_kernels.check_rank(rank, self._info(name).shape, name)
+        a, b = self.factors.factors(name, rank)
+        if isinstance(original, nn.Conv2d) and original.padding_mode != "zeros":
+            return LowRankConv2d.from_conv(original, rank, factors=(a, b), name=name).eval()
+        return _SlicedLowRank(original, a, b)
+
+    def _svd_layer(self, name: str, rank: int) -> nn.Module:
+        """The real layer `workbench.apply` builds for rank ``rank`` (for exact sizes)."""
+        original = get_submodule(self.original, name)
         factors = self.factors.factors(name, rank)
         if isinstance(original, nn.Linear):
             return LowRankLinear.from_linear(original, rank, factors=factors, name=name)
@@ -405,7 +492,8 @@ class Engine:
 
     def _install(self, plan: Plan) -> None:
         """Make ``self.working`` hold ``plan``'s modules (built first, so a bad entry changes nothing)."""
-        wanted = {name: self._module_for(name, choice) for name, choice in plan.layers.items()}
+        wanted = {name: self.working.get_submodule(name) if self._installed.get(name) == choice
+                  else self._module_for(name, choice) for name, choice in plan.layers.items()}
         for name in list(self._installed):
             if name not in wanted:
                 set_submodule(self.working, name, self._originals.pop(name))
@@ -416,16 +504,22 @@ class Engine:
             set_submodule(self.working, name, module)
             self._installed[name] = plan.layers[name]
 
-    def _signature(self, plan: Plan, stage_index: int) -> tuple:
-        """Plan choices of the layers owned by stages before ``stage_index``."""
-        return tuple(sorted((name, choice) for name, choice in plan.layers.items()
-                            if self.stage_of(name) < stage_index))
+    def _signatures(self, plan: Plan) -> list[tuple]:
+        """``[signature of stage i]``: the plan choices of the layers owned by stages before i."""
+        entries = sorted((self.stage_of(name), name, choice) for name, choice in plan.layers.items())
+        signatures, taken = [], 0
+        for index in range(len(self.stages)):
+            while taken < len(entries) and entries[taken][0] < index:
+                taken += 1
+            signatures.append(tuple((name, choice) for _, name, choice in entries[:taken]))
+        return signatures
 
     @torch.no_grad()
     def _forward(self, plan: Plan) -> tuple[int, torch.Tensor]:
         start, x = 0, self._batches
+        signatures = self._signatures(plan)
         for index in range(len(self.stages) - 1, 0, -1):
-            hit = self.cache.get((index, self._signature(plan, index)))
+            hit = self.cache.get((index, signatures[index]))
             if hit is not None:
                 start, x = index, hit
                 break
@@ -434,7 +528,7 @@ class Engine:
         self.stats["stages_skipped"] += start
         for index in range(start, len(self.stages)):
             if index > start:
-                self.cache.put((index, self._signature(plan, index)), x)
+                self.cache.put((index, signatures[index]), x)
             x = [self.stages[index].run(self.working, batch) for batch in x]
             self.stats["stages_run"] += 1
         out = torch.cat(x) if len(x) > 1 else x[0]
@@ -443,15 +537,37 @@ class Engine:
         return start, out
 
     def _layer_size(self, name: str, choice: LayerPlan | None) -> tuple[int, int, int]:
-        """``(params, bytes, flops)`` of ``choice`` minus those of the original layer (None: itself)."""
+        """``(params, bytes, flops)`` of ``choice`` minus those of the original layer (None: itself).
+
+        For a method with ``rank_params`` (each size is ``c0 + sum_p c_p * rank_p`` for ranks >= 2),
+        a choice is sized exactly from the builds with its large ranks at 2 and with one of them at
+        3, so a new slider value costs no build and no FLOP count.
+        """
         key = (name, choice)
-        if key not in self._layer_sizes:
-            module = get_submodule(self.original, name) if choice is None else self._module_for(name, choice)
+        if key in self._layer_sizes:
+            return self._layer_sizes[key]
+        ranks = _rank_settings(choice)
+        if any(value > 3 for value in ranks.values()):
+            # ranks 1 and 2 stay exact (an einsum over a rank of 1 is a plain product, no matmul)
+            low = {p: v if v <= 3 else 2 for p, v in ranks.items()}
+            base = self._layer_size(name, choice.with_params(**low))
+            sizes = base
+            for param, value in ranks.items():
+                if value > 3:
+                    step = self._layer_size(name, choice.with_params(**{**low, param: 3}))
+                    sizes = tuple(total + (three - two) * (value - 2) for total, two, three in zip(sizes, base, step))
+        else:
+            if choice is None:
+                module = get_submodule(self.original, name)
+            elif _is_plain_svd(choice):
+                module = self._svd_layer(name, choice["rank"])
+            else:
+                module = self._module_for(name, choice)
             sizes = (count_params(module), _state_bytes(module), layer_flops(module, self._example_input(name)))
             if choice is not None:
                 sizes = tuple(new - old for new, old in zip(sizes, self._layer_size(name, None)))
-            self._layer_sizes[key] = sizes
-        return self._layer_sizes[key]
+        self._layer_sizes[key] = sizes
+        return sizes
 
     def _example_input(self, name: str) -> torch.Tensor:
         """Input entering layer ``name`` for the task's one-sample example (as in ``measure``).
@@ -499,6 +615,18 @@ class Engine:
             tail = weighted.flip(0).cumsum(0).flip(0)                          # tail[r] = sum_{j>=r}
             total = total.clamp_min(1e-300)
             self._preview[name] = (tail, total)
+
+
+def _is_plain_svd(choice: LayerPlan) -> bool:
+    return choice.method == "svd" and set(choice.params) == {"rank"}
+
+
+def _rank_settings(choice: LayerPlan | None) -> dict[str, int]:
+    """``{setting: rank}`` of ``choice``'s integer rank settings (its method's ``rank_params``)."""
+    if choice is None:
+        return {}
+    names = get_method(choice.method).rank_params
+    return {p: v for p, v in choice.params.items() if p in names and isinstance(v, int) and not isinstance(v, bool)}
 
 
 def _evaluation_batches(model: nn.Module, inputs: torch.Tensor,

@@ -40,6 +40,10 @@ class Method:
     # Optional: build the replacement's structure only (right shapes, arbitrary weights), computing
     # nothing from the original's weights or data. Used when the weights come from a saved file.
     skeleton: Callable[[nn.Module, Mapping[str, Any], LayerContext], nn.Module] | None = None
+    # Optional: integer settings (ranks) in which the replacement's params, bytes and FLOPs are
+    # affine and separable (each adds its own factor rows and columns; ``None`` keeps that part
+    # dense). The engine then sizes any ranks exactly from builds at ranks 1 and 2.
+    rank_params: tuple[str, ...] = ()
 
 
 _METHODS: dict[str, Method] = {}

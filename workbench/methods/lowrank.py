@@ -30,7 +30,7 @@ def build_svd(module: nn.Module, params: Mapping[str, Any], context: LayerContex
     return LowRankConv2d.from_conv(module, rank, factors=factors, name=context.name)
 
 
-register_method(Method("svd", build_svd, (nn.Linear, nn.Conv2d),
+register_method(Method("svd", build_svd, (nn.Linear, nn.Conv2d), rank_params=("rank",),
                        description="truncated SVD into two real factor layers"))
 
 

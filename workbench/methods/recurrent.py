@@ -37,7 +37,7 @@ def build_svd_rnn(module: nn.Module, params: Mapping[str, Any], context: LayerCo
                                name=context.name)
 
 
-register_method(Method("svd_rnn", build_svd_rnn, (nn.GRU, nn.LSTM),
+register_method(Method("svd_rnn", build_svd_rnn, (nn.GRU, nn.LSTM), rank_params=("rank_ih", "rank_hh"),
                        description="GRU/LSTM with low-rank weight_ih / weight_hh (per gate or stacked)"))
 
 
