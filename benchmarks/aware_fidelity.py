@@ -10,8 +10,8 @@ end-to-end aware compression of MiniLM (calibration included) on 2 threads, and 
 Variants: ``plain``, ``whiten``, ``scale`` (one-shot, the same kept ratio in every layer);
 ``whiten+seq`` (sequential calibration, each layer refitted to the original outputs from the
 partly compressed model's inputs, `workbench.sequential`); ``alloc`` and ``alloc+seq`` (whiten,
-ranks allocated under the same TOTAL budget by measured sensitivity x whitened spectra,
-`workbench.select.aware_budget`); ``prune`` (magnitude pruning). ``compress_s`` is the end-to-end
+one option per layer, dense or a rank, chosen under the same TOTAL budget from losses measured on
+calibration samples, `workbench.select.aware_budget`); ``prune`` (magnitude pruning). ``compress_s`` is the end-to-end
 time of that row (plan, calibration, factorization); the machine's load average is printed.
 """
 from __future__ import annotations

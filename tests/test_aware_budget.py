@@ -38,22 +38,33 @@ def test_ratio_below_the_rank_one_minimum_is_refused():
         allocate_ranks({"a": torch.ones(4)}, {"a": (4, 4)}, 0.01)
 
 
-@pytest.mark.parametrize("weigh", ["energy", "sensitivity"])
+@pytest.mark.parametrize("weigh", ["energy", "sensitivity", "measured"])
 def test_allocated_plan_keeps_the_total_budget_and_applies(mlp_task, weigh):
     model, calib = mlp_task.model, mlp_task.calibration_inputs()
     plan = allocated_plan(model, calib, 0.3, weigh=weigh)
     new = wb.apply(model, plan, calibration_inputs=calib)
-    names = list(plan.layers)
+    names = ["fc1", "fc2", "fc3"]  # the budget covers every layer, dense ones included
     before = sum(count_params(model.get_submodule(n)) for n in names)
     after = sum(count_params(new.get_submodule(n)) for n in names)
     biases = sum(model.get_submodule(n).bias.numel() for n in names)
     assert after - biases <= 0.3 * (before - biases)
     uniform = get_recipe("svd")(model, ratio=0.3, activation_aware="whiten")
     assert {n: c["rank"] for n, c in plan.layers.items()} != {n: c["rank"] for n, c in uniform.layers.items()}
+    assert mlp_task.evaluate(new) > mlp_task.evaluate(wb.apply(model, uniform, calibration_inputs=calib))
+
+
+def test_measured_allocation_keeps_sensitive_layers_dense_and_beats_uniform(mlp_task):
+    """With room to spare, measured losses keep the layers that matter dense (they are left out
+    of the plan) rather than capping every layer at its breakeven rank."""
+    model, calib = mlp_task.model, mlp_task.calibration_inputs()
+    plan = allocated_plan(model, calib, 0.6)
+    assert set(plan.layers) < {"fc1", "fc2", "fc3"}
+    with pytest.raises(wb.errors.WorkbenchError, match="ratio=0.001 is below"):
+        allocated_plan(model, calib, 0.001)
 
 
 def test_unknown_layer_and_rule_are_refused(mlp_task):
     with pytest.raises(wb.errors.WorkbenchError, match="nope"):
         allocated_plan(mlp_task.model, mlp_task.calibration_inputs(), 0.5, layers=["nope"])
-    with pytest.raises(wb.errors.WorkbenchError, match="weigh='magic'"):
+    with pytest.raises(wb.errors.WorkbenchError, match="weigh='magic' is not a rule; use 'measured'"):
         allocated_plan(mlp_task.model, mlp_task.calibration_inputs(), 0.5, weigh="magic")

@@ -43,8 +43,10 @@ def test_sentences_split_by_topic_and_calibration_has_enough_tokens(minilm_task)
     assert not set(minilm.flat(calibration)) & set(minilm.flat(evaluation))
     assert len(minilm.flat(calibration)) + len(minilm.flat(evaluation)) >= 300
     counts = minilm_task.extras["calibration_counts"]
-    assert counts["positions"] >= 10 * 1536 and counts["unique_tokens"] > 1536
+    # enough distinct text for X^T X of the widest input (the FFN's 1,536 features), 10 times over
+    assert counts["unique_tokens"] >= 10 * 1536
     calib = minilm_task.calibration_inputs()
+    assert calib.shape[0] * calib.shape[2] >= 10 * 1536
     assert bool((calib[:, 1] == 1).all())  # no padding in calibration
     assert bool((calib[:, 0, 0] == minilm.tokenizer().cls_token_id).all())
 
@@ -123,3 +125,29 @@ def test_explorer_starts_plain_and_decomposes_each_layer_once(minilm_task, monke
     assert calls == ["whiten"] * 36  # once per layer; the ratio move only sliced
     with pytest.raises(wb.errors.WorkbenchError, match="mode='svd'"):
         real_model.RealModelExplorer(minilm_task, mode="svd")
+
+
+def test_packed_stages_encode_each_sentence_as_on_its_own(minilm_task):
+    """The engine's stages pack several sentences into one row (block-diagonal attention, positions
+    restarting per sentence): the embeddings equal the padded forward pass's."""
+    from workbench.engine import model_stages
+    inputs = minilm_task.eval_inputs[::3]
+    ids, positions, segment = minilm.pack_rows(inputs)
+    lengths = inputs[:, 1].sum(1)
+    assert int((segment >= 0).sum()) == int(lengths.sum()) and ids.shape[0] < len(inputs)
+    x = inputs
+    with torch.no_grad():
+        for stage in model_stages(minilm_task.model):
+            x = stage.run(minilm_task.model, x)
+        expected = minilm_task.model(inputs)
+    assert torch.nn.functional.cosine_similarity(x, expected).min() > 1 - 1e-5
+
+
+def test_dashboard_folds_sliders_by_block_and_labels_them_by_type(minilm_task):
+    from workbench.widgets.dashboard import Dashboard
+    dashboard = Dashboard(minilm_task, synchronous=True, reference=False)
+    folds = dashboard.children[0].children[0]
+    assert folds.titles == tuple(f"block {b}" for b in range(6))
+    assert [s.description.split()[0] for s in folds.children[0].children] == list(minilm.LAYER_TYPES)
+    state = dashboard.set_rank("bert.encoder.layer.4.output.dense", 32)
+    assert state["result"]["metric"] < 0.999 and state["result"]["from_stage"] == 5

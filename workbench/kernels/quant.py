@@ -100,6 +100,10 @@ def uniform_grid(scale: float, zero_point: float, bits: int) -> torch.Tensor:
     return scale * (torch.arange(2 ** bits, dtype=torch.float32) - zero_point)
 
 
+KMEANS_FIT_SAMPLES = 65_536  # values a group's k-means is fitted on (larger groups: a seeded sample)
+KMEANS_REFINE = 3            # Lloyd steps on all the group's values after fitting on the sample
+
+
 def kmeans_codebook(w: torch.Tensor, bits: int, per_channel: bool = False,
                     seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight clustering: scikit-learn ``KMeans(2^bits, random_state=seed)`` on the weight values.
@@ -107,7 +111,9 @@ def kmeans_codebook(w: torch.Tensor, bits: int, per_channel: bool = False,
     Returns ``(codes, codebook)``: ``codes`` uint8 shaped like ``w`` (index of the nearest
     centroid); ``codebook`` float32 ``(2^bits,)`` ascending, or ``(out, 2^bits)`` per channel.
     A group with fewer distinct values than ``2^bits`` gets its distinct values, the rest of
-    the codebook repeating the largest one.
+    the codebook repeating the largest one. A group of more than `KMEANS_FIT_SAMPLES` values
+    (MiniLM's FFN: 590k) is fitted on a seeded sample of that many, then refined by
+    `KMEANS_REFINE` exact 1-D Lloyd steps on all its values.
     """
     from sklearn.cluster import KMeans
 
@@ -122,14 +128,21 @@ def kmeans_codebook(w: torch.Tensor, bits: int, per_channel: bool = False,
             centroids = distinct
             labels = np.searchsorted(distinct, row)
         else:
+            sample = row
+            if len(row) > KMEANS_FIT_SAMPLES:  # fit on a seeded sample, then refine on all values
+                sample = np.random.default_rng(seed).choice(row, KMEANS_FIT_SAMPLES, replace=False)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                km = KMeans(n_clusters=k, n_init=1, random_state=seed).fit(row.reshape(-1, 1))
-            order = np.argsort(km.cluster_centers_[:, 0])
-            centroids = km.cluster_centers_[order, 0]
-            rank = np.empty(k, dtype=np.int64)
-            rank[order] = np.arange(k)
-            labels = rank[km.labels_]
+                km = KMeans(n_clusters=k, n_init=1, random_state=seed).fit(sample.reshape(-1, 1))
+            centroids = np.sort(km.cluster_centers_[:, 0])
+            refinements = KMEANS_REFINE if sample is not row else 0
+            for _ in range(refinements + 1):  # 1-D Lloyd steps: nearest centroid = between midpoints
+                labels = np.searchsorted((centroids[1:] + centroids[:-1]) / 2, row)
+                if _ == refinements:
+                    break
+                counts = np.bincount(labels, minlength=k)
+                sums = np.bincount(labels, weights=row, minlength=k)
+                centroids = np.where(counts > 0, sums / np.maximum(counts, 1), centroids)
         books[i, :len(centroids)] = centroids
         books[i, len(centroids):] = centroids[-1]
         codes[i] = labels

@@ -25,7 +25,7 @@ from workbench.errors import WorkbenchError
 from workbench.recovery import views
 from workbench.recovery.distill import (Distillation, FeatureMatcher, check_shapes, distillation_loss,
                                         hard_loss)
-from workbench.recovery.qat import set_learn_scales
+from workbench.recovery.qat import FakeQuantLayer, set_learn_scales
 
 Cancel = threading.Event | Callable[[], bool] | None
 
@@ -70,6 +70,9 @@ def check_epochs(epochs: int) -> int:
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs <= 0:
         raise WorkbenchError(f"epochs={epochs!r} must be a positive integer (at least 1)")
     return epochs
+
+
+SCALE_LR = 0.1  # learning rate of LSQ steps relative to the weights' (see `finetune`)
 
 
 def _check_options(lr: float, batch_size: int, val_fraction: float, patience: int | None) -> None:
@@ -122,7 +125,8 @@ def finetune(model: nn.Module, task, *, epochs: int, lr: float = 1e-3, batch_siz
              distill: Distillation | None = None, learn_scales: bool = False,
              patience: int | None = 5, val_fraction: float = 0.15, weight_decay: float = 0.0,
              seed: int = 0, cancel: Cancel = None, on_epoch: Callable[[dict], bool | None] | None = None,
-             progress: bool = True, desc: str = "fine-tuning", threads: int | None = None) -> Recovery:
+             progress: bool = True, desc: str = "fine-tuning", threads: int | None = None,
+             scale_lr: float = SCALE_LR) -> Recovery:
     """Recover ``model``'s accuracy by training what its compression left trainable.
 
     Parameters
@@ -133,6 +137,9 @@ def finetune(model: nn.Module, task, *, epochs: int, lr: float = 1e-3, batch_siz
     lr, batch_size, weight_decay : Adam with a cosine schedule over ``epochs``.
     distill : a `Distillation` (teacher, temperature, alpha, feature pairs) or None (labels only).
     learn_scales : quantized layers also learn their step sizes (LSQ QAT) instead of keeping PTQ's.
+    scale_lr : the steps' learning rate as a fraction of ``lr``. Adam normalises every gradient,
+        so LSQ's gradient scale does not slow the steps down as it does under SGD; without a
+        smaller rate the steps jump by ~``lr`` per batch, a large fraction of their size.
     patience : stop after this many epochs without a better validation metric (None: never);
         the best epoch's weights are kept, and the starting point counts as epoch 0.
     cancel : a ``threading.Event`` (set it to stop) or a callable returning True to stop; checked
@@ -159,13 +166,13 @@ def finetune(model: nn.Module, task, *, epochs: int, lr: float = 1e-3, batch_siz
         torch.set_num_threads(threads)
     try:
         return _finetune(model, task, epochs, lr, batch_size, distill, learn_scales, patience, val_fraction,
-                         weight_decay, seed, cancel, on_epoch, progress, desc)
+                         weight_decay, seed, cancel, on_epoch, progress, desc, scale_lr)
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def _finetune(model, task, epochs, lr, batch_size, distill, learn_scales, patience, val_fraction,
-              weight_decay, seed, cancel, on_epoch, progress, desc) -> Recovery:
+              weight_decay, seed, cancel, on_epoch, progress, desc, scale_lr) -> Recovery:
     x_fit, y_fit, x_val, y_val = validation_split(task.train_inputs, task.train_targets, val_fraction, seed)
     work = views.trainable(copy.deepcopy(model))
     set_learn_scales(work, learn_scales)
@@ -202,7 +209,10 @@ def _finetune(model, task, epochs, lr, batch_size, distill, learn_scales, patien
             params += list(matcher.parameters())
         if not params:
             raise WorkbenchError("the model has nothing trainable left (every layer frozen or packed without a view)")
-        optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        steps = {id(m.scale) for m in work.modules() if isinstance(m, FakeQuantLayer) and m.scale.requires_grad}
+        groups = [{"params": [p for p in params if id(p) not in steps]},
+                  {"params": [p for p in params if id(p) in steps], "lr": lr * scale_lr, "weight_decay": 0.0}]
+        optimizer = torch.optim.Adam([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
         generator = torch.Generator().manual_seed(seed)
         since_best = 0

@@ -16,6 +16,13 @@ rank, ``1 - cosine`` of the model's outputs to the original's on calibration sam
 evaluation data), divided by the relative error its spectrum predicts (`probe_sensitivity`).
 Layers whose errors the network damps (MiniLM's query/key) then give ranks to those it passes on
 (attention output, FFN).
+
+``"measured"`` (the default) drops the spectrum model: each layer gets a few candidate ranks
+(fractions of its breakeven rank) and the option to stay dense, each candidate's loss is measured
+alone on the calibration probe (`measured_options`), and one option per layer is chosen by the
+multiple-choice knapsack of `workbench.select.allocate.convex_picks` (exact MILP with HiGHS).
+Keeping the most sensitive layers dense is what the other two rules cannot do: their ranks stop
+at the breakeven rank, half the rank of a square matrix.
 """
 from __future__ import annotations
 
@@ -145,14 +152,63 @@ def probe_sensitivity(model: nn.Module, inputs: torch.Tensor, decompositions: di
     return scales
 
 
+MEASURED_FRACTIONS = (0.15, 0.3, 0.45, 0.6, 0.75, 0.9, 1.0)
+
+
+@torch.no_grad()
+def measured_options(model: nn.Module, inputs: torch.Tensor, decompositions: dict,
+                     fractions: Sequence[float] = MEASURED_FRACTIONS):
+    """`workbench.select.allocate.OptionTable` of each layer: dense (index 0), then the ranks
+    ``max(1, int(f * breakeven))`` for ``f`` in ``fractions``; costs in weights, losses
+    ``1 - mean cosine`` of the model's outputs on ``inputs`` with that layer alone truncated
+    (the dense product swapped in for the measurement; `probe_sensitivity` does the same)."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    from workbench.engine import model_stages
+    from workbench.plan import LayerPlan
+    from workbench.select.allocate import OptionTable
+
+    stages = model_stages(model)
+    entering = [inputs]
+    for stage in stages:
+        entering.append(stage.run(model, entering[-1]))
+    reference = entering[-1].flatten(1).float()
+    names, choices, costs, losses = [], [], [], []
+    for name, (u, sig, bt) in decompositions.items():
+        module = model.get_submodule(name)
+        m, n = module.weight.shape
+        first = next(i for i, stage in enumerate(stages) if stage.owns(name))
+        ranks = sorted({max(1, int(f * svd_kernels.breakeven_rank((m, n)))) for f in fractions})
+        saved, row_loss = module.weight.data, [0.0]
+        try:
+            for r in ranks:
+                module.weight.data = ((u[:, :r] * sig[:r]) @ bt[:r]).to(saved.dtype)
+                x = entering[first]
+                for stage in stages[first:]:
+                    x = stage.run(model, x)
+                row_loss.append(max(0.0, 1.0 - float(F.cosine_similarity(x.flatten(1).float(), reference).mean())))
+        finally:
+            module.weight.data = saved
+        names.append(name)
+        choices.append([None] + [LayerPlan("svd_aware", {"rank": r}) for r in ranks])
+        costs.append(np.array([m * n] + [r * (m + n) for r in ranks], dtype=float))
+        losses.append(np.array(row_loss))
+    total = float(sum(c[0] for c in costs))
+    return OptionTable(names, choices, costs, losses, fixed=0.0, total=total)
+
+
 def allocated_plan(model: nn.Module, calibration_inputs: torch.Tensor, ratio: float, *,
                    mode: str = "whiten", layers: Sequence[str] | None = None,
-                   sequential: bool = False, refit: bool = True, weigh: str = "sensitivity",
+                   sequential: bool = False, refit: bool = True, weigh: str = "measured",
                    probe_samples: int = 64) -> Plan:
-    """An ``svd_aware`` plan whose ranks share one budget: ``ratio`` of the layers' parameters.
+    """An ``svd_aware`` plan whose ranks share one budget: ``ratio`` of the layers' weights.
 
     ``layers``: Linear layer names (default: every Linear); ``mode``: "whiten" | "scale" (the
-    spectra and the factors); ``sequential``/``refit``: as in the ``svd`` recipe.
+    spectra and the factors); ``sequential``/``refit``: as in the ``svd`` recipe; ``weigh``:
+    "measured" (default; layers may stay dense, and are then left out of the plan),
+    "sensitivity" or "energy" (see the module doc); ``probe_samples``: calibration samples
+    (the last ones) the losses are measured on.
     """
     infos = {info.name: info for info in matrix_layers(model) if info.kind == "linear"}
     names = list(layers) if layers is not None else list(infos)
@@ -166,16 +222,29 @@ def allocated_plan(model: nn.Module, calibration_inputs: torch.Tensor, ratio: fl
         g, tokens = grams[name]
         decompositions[name] = _decomposition(weight, g, tokens, mode)
         spectra[name], shapes[name] = decompositions[name][1], tuple(weight.shape)
-    if weigh not in ("sensitivity", "energy"):
-        raise WorkbenchError(f"weigh={weigh!r} is not a rule; use 'sensitivity' or 'energy'")
+    if weigh not in ("measured", "sensitivity", "energy"):
+        raise WorkbenchError(f"weigh={weigh!r} is not a rule; use 'measured', 'sensitivity' or 'energy'")
+    extra = {"aware": mode}
+    if sequential:
+        extra.update(sequential=True, refit=bool(refit))
+    if weigh == "measured":
+        import copy
+
+        from workbench.select.allocate import convex_picks
+        svd_kernels.check_fraction(ratio, "ratio")
+        table = measured_options(copy.deepcopy(model).eval(), calibration_inputs[-probe_samples:], decompositions)
+        smallest = table.smallest() / table.total
+        if ratio < smallest:
+            raise WorkbenchError(f"ratio={ratio:g} is below the smallest option mix {smallest:.4f} of these layers")
+        picks, _ = convex_picks(table, ratio * table.total)
+        chosen = {name: options[k] for name, options, k in zip(table.layers, table.choices, picks)}
+        return Plan({name: LayerPlan("svd_aware", {"rank": choice["rank"], **extra})
+                     for name, choice in chosen.items() if choice is not None})
     scales = None
     if weigh == "sensitivity":
         import copy
         probe = {n: max(1, svd_kernels.rank_for_ratio(shapes[n], ratio)) for n in names}
         scales = probe_sensitivity(copy.deepcopy(model).eval(), calibration_inputs[-probe_samples:],
                                    decompositions, probe)
-    extra = {"aware": mode}
-    if sequential:
-        extra.update(sequential=True, refit=bool(refit))
     ranks = allocate_ranks(spectra, shapes, ratio, scales)
     return Plan({name: LayerPlan("svd_aware", {"rank": ranks[name], **extra}) for name in names})

@@ -89,6 +89,21 @@ def register_knob_provider(provider: Callable) -> None:
     _KNOB_PROVIDERS.append(provider)
 
 
+def knob_groups(model, knobs: list[Knob]) -> dict[str, list[tuple[Knob, str]]]:
+    """``{group title: [(knob, slider label)]}`` in model order.
+
+    A model may define ``layer_groups() -> {layer: (group, label)}`` (MiniLM: ``("block 3",
+    "query")``); otherwise every knob is in one group, labelled by its description.
+    """
+    declared = getattr(model, "layer_groups", None)
+    groups = declared() if callable(declared) else {}
+    out: dict[str, list[tuple[Knob, str]]] = {}
+    for knob in knobs:
+        group, label = groups.get(knob.layer, ("", knob.description))
+        out.setdefault(group, []).append((knob, label))
+    return out
+
+
 def knobs_for(model) -> list[Knob]:
     """Every knob of ``model``, in module order of the layers."""
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
@@ -176,13 +191,20 @@ class Dashboard(widgets.VBox):
         self.history: list[tuple[float, float]] = []
 
         self.sliders = {}
-        for knob in self.knobs:
+        groups = knob_groups(task.model, self.knobs)
+        for knob, label in (entry for members in groups.values() for entry in members):
             slider = widgets.IntSlider(value=knob.maximum, min=1, max=knob.maximum, step=1,
-                                       description=knob.description, continuous_update=True,
+                                       description=label, continuous_update=True,
                                        style={"description_width": "160px"}, layout={"width": "520px"})
             slider.add_class("wb-rank-slider")
             slider.observe(lambda change, k=knob: self._on_slider(k, change["new"]), names="value")
             self.sliders[knob.layer] = slider
+        if len(groups) > 1:  # e.g. MiniLM: one fold per encoder block, sliders labelled by type
+            slider_box = widgets.Accordion(
+                children=[widgets.VBox([self.sliders[k.layer] for k, _ in members]) for members in groups.values()],
+                titles=tuple(groups), selected_index=0)
+        else:
+            slider_box = widgets.VBox(list(self.sliders.values()))
         self.readouts = {key: _readout(f"wb-readout-{key}")
                          for key in ("accuracy", "size", "params", "bytes", "flops", "preview")}
         self.error = widgets.HTML()
@@ -200,7 +222,7 @@ class Dashboard(widgets.VBox):
         readouts = widgets.VBox(list(self.readouts.values()), layout={"min_width": "300px"})
         from workbench.widgets.persistence import SaveLoadBar
         self.persistence = SaveLoadBar(self)  # "Save this configuration" / "Load" (issue 9)
-        super().__init__(children=[widgets.HBox([widgets.VBox(list(self.sliders.values())), readouts]),
+        super().__init__(children=[widgets.HBox([slider_box, readouts]),
                                    self.error, self.view.widget, self.persistence])
         self.add_class("wb-dashboard")
         self.render(self.compute(self.ranks()))

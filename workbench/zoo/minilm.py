@@ -32,7 +32,7 @@ from workbench.zoo.task import Task
 DESCRIPTION = "all-MiniLM-L6-v2 sentence encoder (22.7M params, 6 blocks, 36 encoder Linear layers)"
 MAX_LENGTH = 256          # sentence-transformers' max_seq_length for this model
 PACK_LENGTH = 32          # tokens per calibration sequence (sentence-like positions)
-PACK_ORDERS = 2           # each calibration sentence starts this many sequences (seeded orders)
+PACK_ORDERS = 1           # each calibration sentence starts this many sequences (seeded orders)
 SEED = 0
 LIVE_SUBSET = 64          # evaluation sentences a live slider move is judged on (engine, bench)
 BUCKET = 64               # sentences per engine batch (packed into rows, `pack_rows`)
@@ -128,6 +128,12 @@ class MiniLMEncoder(nn.Module):
         blocks = [f"bert.encoder.layer.{i}" for i in range(len(self.bert.encoder.layer))]
         return ([Stage("bert.embeddings", embed_stage)] + [Stage(b, block_stage) for b in blocks[:-1]]
                 + [Stage(blocks[-1], last_stage)])
+
+    def layer_groups(self) -> dict[str, tuple[str, str]]:
+        """``{layer: ("block k", type)}`` for every encoder Linear (dashboards group by these)."""
+        names = [n for n, m in self.named_modules() if isinstance(m, nn.Linear) and ".encoder.layer." in n]
+        return {n: (f"block {block_of(n)}", f"{layer_type(n)} {self.get_submodule(n).out_features}x"
+                                             f"{self.get_submodule(n).in_features}") for n in names}
 
     @staticmethod
     def evaluation_batches(inputs: torch.Tensor) -> list[torch.Tensor]:
