@@ -63,13 +63,39 @@ def test_compress_by_rank_and_energy(capsys):
     (["compress", "digits-mlp", "--method", "svd", "--rank", "act1=3"], "act1"),
     (["compress", "nonexistent", "--method", "svd", "--ratio", "0.5"], "unknown model 'nonexistent'"),
     (["compress", "digits-mlp", "--method", "magic", "--ratio", "0.5"], "unknown method 'magic'"),
+    # a flag the method would ignore is refused, naming what the method takes
+    (["compress", "digits-mlp", "--method", "quant", "--bits", "4", "--ratio", "0.3"],
+     r"--ratio does not apply to --method quant \(it takes: .*--bits"),
+    (["compress", "digits-mlp", "--method", "int8", "--bits", "4"], "--bits does not apply to --method int8"),
+    # ranks above a mode's size: Tucker's smaller channel mode, a GRU's largest matrix rank
+    (["compress", "digits-cnn", "--method", "tucker", "--rank", "conv2=40"], r"rank=40 is above the smaller channel mode"),
+    (["compress", "digits-cnn", "--method", "tucker", "--rank", "conv2=24x40"], "rank_in=40"),
+    (["compress", "digits-gru", "--method", "svd", "--rank", "rnn=100"], r"rank=100 is above .*weight_hh \(64"),
+    (["sensitivity", "digits-mlp", "--layers", "nope"], r"layers \['nope'\] are not compressible .* fc1, fc2, fc3"),
+    (["report", "digits-mlp", "--budget", "0.0001", "--out", "{tmp}/report"], r"below the smallest model .* at least 0.02"),
+    (["pareto", "digits-mlp", "--out", "{tmp}/file/sub"], "cannot create output folder"),
 ])
-def test_bad_input_exits_2_with_a_clear_message(capsys, argv, message):
+def test_bad_input_exits_2_with_a_clear_message(capsys, tmp_path, argv, message):
+    (tmp_path / "file").write_text("not a folder")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     assert main(argv) == 2
-    err = capsys.readouterr().err
+    err = capsys.readouterr().err.strip().split("\n")[-1].split("\r")[-1]  # after any progress bar
     assert err.startswith("error: ")
     assert __import__("re").search(message, err), err
     assert "Traceback" not in err
+    assert not list(tmp_path.rglob("*.html")) and not list(tmp_path.rglob("*.json"))  # nothing half-written
+
+
+def test_recurrent_rank_that_would_not_save_weights_leaves_the_matrix_dense(capsys, gru_task):
+    """One rank for both GRU matrices is capped per matrix, and a matrix whose factors would
+    hold more weights than itself stays dense: the model never grows."""
+    out = run_json(capsys, "compress", "digits-gru", "--method", "svd", "--rank", "rnn=20", "--json")
+    settings = out["plan"]["layers"]["rnn"]
+    assert settings["rank_ih"] is None and settings["rank_hh"] == 20  # ih: 8 inputs, rank 8 saves nothing
+    assert out["after"]["params"] < out["before"]["params"]
+    # per gate, 64 x 64 at rank 40 stores 5,120 weights instead of 4,096: both matrices stay dense
+    out = run_json(capsys, "compress", "digits-gru", "--method", "svd", "--rank", "rnn=40", "--json")
+    assert out["plan"]["layers"] == {} and out["after"]["params"] == out["before"]["params"]
 
 
 def test_python_dash_m_entry_point():

@@ -55,3 +55,15 @@ def test_int8_and_fused_lstm_kernels_are_counted(mlp_task):
     lstm = nn.LSTM(8, 16, batch_first=True)
     x = torch.randn(1, 5, 8)
     assert count_flops(lstm, x) == 2 * 5 * (4 * 16 * 8 + 4 * 16 * 16)
+
+
+def test_flops_of_a_csr_pruned_linear_count_only_the_kept_weights():
+    from workbench.layers.sparse import SparseLinear
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    mask = torch.rand(48, 64) < 0.04
+    sparse = SparseLinear.from_linear(linear, mask, "csr")
+    assert sparse.format == "csr"
+    x = torch.randn(5, 64)
+    assert count_flops(sparse, x) == 2 * int(mask.sum()) * 5
+    assert count_flops(SparseLinear.from_linear(linear, mask, "bitmap"), x) == 2 * 5 * 64 * 48  # computes dense

@@ -11,20 +11,44 @@ from workbench.registry import get_recipe
 from workbench.zoo import load
 
 
-def parse_ranks(items: list[str] | None) -> dict[str, int] | None:
-    """``["fc1=32", "fc2=8"] -> {"fc1": 32, "fc2": 8}``."""
+def parse_ranks(items: list[str] | None) -> dict[str, int | tuple[int, int]] | None:
+    """``["fc1=32", "conv2=24x12"] -> {"fc1": 32, "conv2": (24, 12)}`` (a pair: Tucker's
+    (rank_out, rank_in), or a GRU/LSTM's (rank_ih, rank_hh))."""
     if not items:
         return None
     ranks = {}
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or not name:
-            raise WorkbenchError(f"--rank {item!r} must look like LAYER=RANK, e.g. fc1=32")
+            raise WorkbenchError(f"--rank {item!r} must look like LAYER=RANK or LAYER=AxB, e.g. fc1=32, conv2=24x12")
         try:
-            ranks[name] = int(value)
+            parts = [int(v) for v in value.lower().split("x")]
         except ValueError:
-            raise WorkbenchError(f"--rank {item!r}: rank {value!r} is not an integer") from None
+            raise WorkbenchError(f"--rank {item!r}: rank {value!r} is not an integer or a pair AxB") from None
+        if len(parts) > 2:
+            raise WorkbenchError(f"--rank {item!r}: at most two ranks (AxB)")
+        ranks[name] = parts[0] if len(parts) == 1 else tuple(parts)
     return ranks
+
+
+# CLI flag of each recipe option, for the message when a flag does not apply to the method
+FLAGS = {"ratio": "--ratio", "energy": "--energy", "ranks": "--rank", "layers": "--layers", "bits": "--bits",
+         "scheme": "--scheme", "per_channel": "--per-channel", "asymmetric": "--asymmetric",
+         "structured": "--structured", "activation_aware": "--activation-aware", "estimate": "--estimate"}
+
+
+def check_options_apply(method: str, recipe, options: dict) -> None:
+    """Refuse a flag the method's recipe does not take (it would be ignored silently)."""
+    import inspect
+
+    accepted = set(getattr(recipe, "options", ()))
+    if not accepted:
+        accepted = {name for name, p in inspect.signature(recipe).parameters.items()
+                    if p.kind is p.KEYWORD_ONLY}
+    unused = [FLAGS.get(k, k) for k in options if k not in accepted]
+    if unused:
+        takes = ", ".join(sorted(FLAGS.get(k, k) for k in accepted if k in FLAGS)) or "no options"
+        raise WorkbenchError(f"{', '.join(unused)} does not apply to --method {method} (it takes: {takes})")
 
 
 def recipe_options(args) -> dict:
@@ -34,43 +58,62 @@ def recipe_options(args) -> dict:
         "layers": args.layers, "bits": args.bits, "scheme": args.scheme,
         "per_channel": args.per_channel or None, "asymmetric": args.asymmetric or None,
         "structured": args.structured or None, "activation_aware": args.activation_aware,
+        "estimate": args.estimate,
     }
     return {k: v for k, v in options.items() if v is not None}
 
 
+def _step_of(plan, name: str):
+    """The whole-model step of ``plan`` that names layer ``name`` (structured pruning), or None."""
+    return next((step for step in plan.steps if name in (step.params.get("layers") or ())), None)
+
+
 def layer_rows(original, compressed, plan) -> list[dict]:
     """One row per compressible layer of the original: its method, settings and weights kept."""
+    from workbench.layers.recurrent import recurrent_layers  # GRU/LSTM rows: shape [G*H, in + H]
+
+    entries = [(info.name, list(info.shape), info.params) for info in matrix_layers(original)]
+    entries += [(name, [rnn.weight_ih_l0.shape[0], rnn.input_size + rnn.hidden_size], count_params(rnn))
+                for name, rnn in recurrent_layers(original)]
     rows = []
-    for info in matrix_layers(original):
-        choice = plan.layers.get(info.name)
+    for name, shape, before in entries:
+        choice = plan.layers.get(name) or _step_of(plan, name)
         try:
-            after = count_params(compressed.get_submodule(info.name))
+            after = count_params(compressed.get_submodule(name))
         except AttributeError:
             after = None
-        rows.append({"name": info.name, "shape": list(info.shape),
-                     "method": choice.method if choice else "dense",
-                     "settings": dict(choice.params) if choice else {},
-                     "params_before": info.params, "params_after": after})
-    from workbench.layers.recurrent import recurrent_layers  # GRU/LSTM rows: shape [G*H, in + H]
-    for name, rnn in recurrent_layers(original):
-        choice = plan.layers.get(name)
-        rows.append({"name": name, "shape": [rnn.weight_ih_l0.shape[0], rnn.input_size + rnn.hidden_size],
-                     "method": choice.method if choice else "dense",
-                     "settings": dict(choice.params) if choice else {},
-                     "params_before": count_params(rnn),
-                     "params_after": count_params(compressed.get_submodule(name))})
+        settings = {k: v for k, v in choice.params.items() if k != "layers"} if choice else {}
+        rows.append({"name": name, "shape": shape, "method": choice.method if choice else "dense",
+                     "settings": settings, "params_before": before, "params_after": after})
+    return rows
+
+
+def left_dense(original, plan) -> list[dict]:
+    """``[{name, type, reason}]``: layers holding weights that ``plan`` leaves as they are, and why."""
+    from workbench.zoo.user import skipped_layers
+
+    touched = set(plan.layers) | {n for step in plan.steps for n in (step.params.get("layers") or ())}
+    if any(not step.params.get("layers") for step in plan.steps):
+        return []  # a step over the whole model (BatchNorm folding, fusion): it says what it changed
+    rows = [row for row in skipped_layers(original) if row["name"] not in touched]
+    rows += [{"name": info.name, "type": type(original.get_submodule(info.name)).__name__,
+              "reason": "not in the plan: not named, or at this setting its compressed form would not "
+                        "be smaller (or this method does not handle it)"}
+             for info in matrix_layers(original) if info.name not in touched]
     return rows
 
 
 def run(args) -> int:
     task = load(args.model)
     recipe = get_recipe(args.method)
-    plan = recipe(task.model, task=task, **recipe_options(args))
+    options = recipe_options(args)
+    check_options_apply(args.method, recipe, options)
+    plan = recipe(task.model, task=task, **options)
     compressed = apply(task.model, plan, calibration_inputs=task.calibration_inputs())
     compressed, history = recover(args, task, compressed)  # --finetune / --distill / qat; else unchanged
     result = {"model": args.model, "method": args.method, "plan": plan.to_dict(),
               "before": measure(task.model, task), "after": measure(compressed, task),
-              "layers": layer_rows(task.model, compressed, plan)}
+              "layers": layer_rows(task.model, compressed, plan), "left_dense": left_dense(task.model, plan)}
     report = getattr(recipe, "report", None)  # a family's extra figures and notes (e.g. sparse latency)
     if report is not None:
         result.update(report(task.model, compressed, task))
@@ -85,6 +128,8 @@ def run(args) -> int:
             f"bytes {before['bytes']} -> {after['bytes']}, flops {before['flops']} -> {after['flops']}")
     if history is not None:
         text += f"; after {history['kind']} ({len(history['loss'])} epochs, best {history['best_epoch']})"
+    for row in result["left_dense"]:
+        text += f"\n  left dense: {row['name']} ({row['type']}): {row['reason']}"
     emit(result, args.json, text)
     return 0
 
@@ -95,7 +140,9 @@ def register(subparsers) -> None:
     parser.add_argument("--method", required=True, help="svd, prune, quant, int8, tucker, cp, ...")
     parser.add_argument("--ratio", type=float, help="kept fraction (parameters for svd, weights for prune)")
     parser.add_argument("--energy", type=float, help="svd: keep this fraction of sigma^2 per layer")
-    parser.add_argument("--rank", action="append", metavar="LAYER=R", help="svd: rank of one layer (repeat)")
+    parser.add_argument("--rank", action="append", metavar="LAYER=R",
+                        help="rank of one layer (repeat); LAYER=AxB for a pair (tucker: out x in; GRU/LSTM: ih x hh)")
+    parser.add_argument("--estimate", choices=["vbmf"], help="tucker: ranks from a VBMF estimate")
     parser.add_argument("--layers", nargs="+", help="restrict to these layers")
     parser.add_argument("--bits", type=int, help="quantization bit width")
     parser.add_argument("--scheme", help="quantization scheme (uniform, kmeans)")

@@ -13,8 +13,10 @@ def run_sensitivity(args) -> int:
     from workbench.select.sensitivity import sensitivity
 
     task = load(args.model)
+    from workbench.zoo.cache import cache_dir
+
     result = sensitivity(task, args.method, args.grid, layers=args.layers, split=args.split,
-                         progress=not args.json)
+                         progress=not args.json, cache_dir=cache_dir() / "sensitivity")
     data = {"model": args.model, **result.to_dict()}
     lines = [f"{args.model} {args.method} sensitivity ({result.metric_name} on {result.split}, "
              f"original {result.baseline:.4f}); {result.option}: " + " ".join(f"{g:g}" for g in result.grid)]
@@ -42,10 +44,11 @@ def run_allocate(args) -> int:
 def run_pareto(args) -> int:
     from workbench.select.pareto import advise, collect_points, pareto_front
 
+    from workbench.export import atomic_write, check_writable_dir
+
+    out = check_writable_dir(args.out, create=True)  # before the work, not after it
     task = load(args.model)
     points, skipped = collect_points(task, recovery=not args.no_recovery, progress=not args.json)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     front = {p.label for p in pareto_front(points, "bytes")}
     front_latency = {p.label for p in pareto_front(points, "latency_ms")}
     data = {"model": args.model, "metric_name": task.metric_name,
@@ -56,7 +59,7 @@ def run_pareto(args) -> int:
                                      ("min_metric", args.min_metric)) if v is not None}
     if constraints:
         data["advice"] = advise(points, metric_name=task.metric_name, **constraints).to_dict()
-    (out / "pareto.json").write_text(json.dumps(data, indent=2, default=str))
+    atomic_write(out / "pareto.json", lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, default=str)))
     _save_chart(points, front, front_latency, out, task.metric_name)
     data["files"] = [str(out / name) for name in ("pareto.json", "pareto_bytes.png", "pareto_latency.png")]
     text = "\n".join(f"{'*' if p.label in front else ' '} {p.label:<48} {p.metric:.4f} {p.bytes:>9,} B"
@@ -80,7 +83,7 @@ def _save_chart(points, front, front_latency, out: Path, metric_name: str) -> No
         draw_pareto(ax, [getattr(p, x) for p in usable], [p.metric for p in usable], [p.label for p in usable],
                     [p.method for p in usable], [p.label in on for p in usable], xlabel=x, ylabel=metric_name)
         fig.tight_layout()
-        fig.savefig(out / name, dpi=100)
+        atomic_write(out / name, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
         plt.close(fig)
 
 

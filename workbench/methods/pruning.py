@@ -17,7 +17,7 @@ from workbench.errors import UnsupportedLayerError, WorkbenchError
 from workbench.inventory import get_submodule, matrix_layers
 from workbench.kernels import prune as prune_kernels
 from workbench.layers.sparse import SparseConv2d, SparseLinear, sparse_from_layer
-from workbench.measure import latency_ms
+from workbench.measure import count_params, latency_ms
 from workbench.plan import LayerPlan, Plan
 from workbench.registry import LayerContext, Method, register_method, register_recipe
 
@@ -224,8 +224,11 @@ def pruning_report(original: nn.Module, compressed: nn.Module, task=None) -> dic
     if rows:
         notes.append("sparse storage saves bytes; on a CPU a sparse layer is usually slower than dense "
                      "below ~90% sparsity (bitmap layers always decompress first)")
-    else:
+    elif count_params(compressed) < count_params(original):
         notes.append("structured pruning: smaller dense layers, so time falls with the removed neurons")
+    else:
+        notes.append("nothing was pruned: at this kept ratio no layer's sparse storage (bitmap + values, "
+                     "or CSR) would be smaller than its dense weights, so every layer stayed dense")
     return {"notes": notes, "sparse_latency": rows}
 
 

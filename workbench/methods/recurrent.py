@@ -86,28 +86,36 @@ def rnn_choices(model: nn.Module, ratio: float, layers: list[str] | None = None,
 def svd_rnn_plan(model: nn.Module, *, ratio: float | None = None, ranks: Mapping[str, Any] | None = None,
                  layers: list[str] | None = None, per_gate: bool = True, **_: Any) -> Plan:
     """Plan for the recurrent layers only: ``ratio`` (see module doc) or ``ranks``
-    ``{layer: rank}`` (one int for both matrices, or a pair ``(rank_ih, rank_hh)``)."""
+    ``{layer: rank}`` (one int for both matrices, capped at each one's largest rank, or a pair
+    ``(rank_ih, rank_hh)``). A matrix whose factors at that rank would hold at least as many
+    weights as the matrix itself stays dense (``None``), as the ``svd`` recipe does for Linear."""
     if (ratio is None) == (ranks is None):
         raise WorkbenchError("svd_rnn needs exactly one of ratio or ranks")
     if ratio is not None:
         return Plan(rnn_choices(model, ratio, layers, per_gate))
     choices = {}
+    layout = "per gate" if per_gate else "stacked"
     for name, rank in ranks.items():
         module = get_submodule(model, name)
         kind = rnn_kind(module)
         pair = tuple(rank) if isinstance(rank, (tuple, list)) else None
+        limits = {side: max_rank(kind, side, module.input_size, module.hidden_size, per_gate) for side in ("ih", "hh")}
+        if pair is None:  # one int for both matrices: at most the larger one's rank, capped per matrix
+            check_int_rank(rank, "rank", max(limits.values()),
+                           f"the larger of the largest ranks of weight_ih ({limits['ih']}) and weight_hh "
+                           f"({limits['hh']}, {layout})", f" for layer {name!r}")
         settings: dict[str, Any] = {"per_gate": per_gate}
         for i, side in enumerate(("ih", "hh")):
-            r = pair[i] if pair is not None else rank
-            limit = max_rank(kind, side, module.input_size, module.hidden_size, per_gate)
-            if r is not None and pair is None and isinstance(r, int) and not isinstance(r, bool):
-                r = min(r, limit)  # one int for both matrices: capped at each one's largest rank
+            r = pair[i] if pair is not None else min(rank, limits[side])
             if r is not None:
-                check_int_rank(r, f"rank_{side}", limit,
-                               f"the largest rank of weight_{side} ({'per gate' if per_gate else 'stacked'})",
+                check_int_rank(r, f"rank_{side}", limits[side], f"the largest rank of weight_{side} ({layout})",
                                f" for layer {name!r}")
+                dense = factored_weights(kind, side, module.input_size, module.hidden_size, None, per_gate)
+                if factored_weights(kind, side, module.input_size, module.hidden_size, r, per_gate) >= dense:
+                    r = None  # its factors would hold more weights than the matrix: left dense
             settings[f"rank_{side}"] = r
-        choices[name] = LayerPlan("svd_rnn", settings)
+        if settings["rank_ih"] is not None or settings["rank_hh"] is not None:
+            choices[name] = LayerPlan("svd_rnn", settings)
     return Plan(choices)
 
 

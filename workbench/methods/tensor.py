@@ -18,6 +18,7 @@ The ``fold_bn`` step folds every BatchNorm that directly follows a Conv2d/Linear
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Mapping
 
@@ -91,10 +92,12 @@ def _settings_for_rank(method: str, shape: tuple[int, ...], rank: Any, name: str
     if method == "tucker":
         if isinstance(rank, (tuple, list)):
             r_out, r_in = tk.check_tucker_ranks(shape, tuple(rank), name)
-        else:
+        else:  # one int: the rank of both channel modes
             where = f" for layer {name!r}" if name else ""
-            tk.check_int_rank(rank, "rank", max(shape[0], shape[1]), "the larger channel mode", where)
-            r_out, r_in = min(rank, shape[0]), min(rank, shape[1])  # one int: capped per mode
+            tk.check_int_rank(rank, "rank", min(shape[0], shape[1]),
+                              f"the smaller channel mode (out {shape[0]}, in {shape[1]}; give a pair "
+                              f"(rank_out, rank_in) for different ranks, CLI LAYER=OUTxIN)", where)
+            r_out, r_in = rank, rank
         return {"rank_out": r_out, "rank_in": r_in}
     if method == "cp":
         return {"rank": tk.check_cp_rank(shape, rank, name)}
@@ -114,7 +117,7 @@ def _settings_for_rule(method: str, conv: nn.Conv2d, ratio, energy, estimate) ->
         return {"rank_out": r_out, "rank_in": r_in}
     if ratio is None:
         raise WorkbenchError(f"{method} chooses its rank from ratio or ranks; energy/estimate are "
-                             "Tucker rules (got energy={energy!r}, estimate={estimate!r})")
+                             f"Tucker rules (got energy={energy!r}, estimate={estimate!r})")
     if method == "cp":
         return {"rank": tk.cp_rank_for_ratio(shape, ratio)}
     return {"rank": tk.spatial_rank_for_ratio(shape, ratio)}
@@ -154,7 +157,7 @@ def tensor_plan(method: str, model: nn.Module, *, ratio: float | None = None,
 
 
 for _method in TENSOR_METHODS:
-    register_recipe(_method, lambda model, _m=_method, **options: tensor_plan(_m, model, **options))
+    register_recipe(_method, functools.partial(tensor_plan, _method))
 
 
 # --------------------------------------------------------------------------- BatchNorm folding

@@ -182,6 +182,9 @@ def qat_plan(model: nn.Module, *, bits: int | None = None, scheme: str | None = 
     return get_recipe("quant")(model, bits=bits, **options)
 
 
+qat_plan.options = ("bits", "scheme", "asymmetric", "per_channel", "layers")  # the CLI flags it takes
+
+
 def _register() -> None:
     from workbench.registry import register_recipe
 

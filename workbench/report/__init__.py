@@ -96,8 +96,8 @@ def write_report(task, out_dir: str | os.PathLike, budget: float = 0.3,
 
     config = config or StudyConfig()
     out = check_writable_dir(out_dir, create=True)
-    models_dir = check_writable_dir(out / "models", create=True)
     study = run_study(task, budget, config)
+    models_dir = check_writable_dir(out / "models", create=True)
     study.results["versions"] = {"workbench": workbench.__version__, "torch": torch.__version__}
     try:
         study.results["exports"] = export_models(study, models_dir, onnx=config.onnx)

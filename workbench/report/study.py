@@ -155,8 +155,9 @@ class _Skip(Exception):
 def run_study(task, budget: float = 0.3, config: StudyConfig | None = None) -> Study:
     """Run every stage on ``task`` (never modified) and return the `Study`.
 
-    Raises `WorkbenchError` for a budget outside (0, 1]; a stage that cannot run is recorded in
-    ``results["skipped"]`` as ``{"stage", "reason"}``.
+    Raises `WorkbenchError` for a budget outside (0, 1] or one no allocation can meet (the
+    message names the smallest reachable size; nothing is written); another stage that cannot
+    run is recorded in ``results["skipped"]`` as ``{"stage", "reason"}``.
     """
     config = config or StudyConfig()
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
@@ -179,6 +180,10 @@ def run_study(task, budget: float = 0.3, config: StudyConfig | None = None) -> S
             stage()
         except _Skip as exc:
             study.results["skipped"].append({"stage": name, "reason": str(exc)})
+        except WorkbenchError as exc:
+            if name == "allocation":  # the budget cannot be met: there is no chosen model to report
+                raise
+            study.results["skipped"].append({"stage": name, "reason": f"WorkbenchError: {exc}"})
         except ImportError as exc:
             study.results["skipped"].append({"stage": name, "reason": f"not available: {exc}"})
         except Exception as exc:  # noqa: BLE001 - one failing stage is reported, the report still comes

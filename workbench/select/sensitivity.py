@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import weakref
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -161,28 +162,43 @@ def _check_grid(grid: Sequence[float], option: str) -> list[float]:
     return values
 
 
-def plan_evaluator(scored: Task):
-    """``evaluate(plan, model) -> metric`` on ``scored``'s data (the incremental engine when present)."""
-    return lambda plan, model: scored.evaluate(model)
+_ENGINES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def selection_engine(task: Task, split: str = "validation"):
+    """The incremental `workbench.engine.Engine` scoring plans on ``selection_task(task, split)``.
+
+    One per model and split in this process (kept while the model lives), so the layers of one
+    analysis share its cached activations: a layer's grid re-runs the network only from that
+    layer's stage on. In a worker process of an executor each work item builds its own.
+    """
+    from workbench.engine import Engine
+
+    engines = _ENGINES.setdefault(task.model, {})
+    scored = selection_task(task, split)
+    key = (split, _tensor_digest(scored.eval_inputs), _tensor_digest(scored.eval_targets))
+    if key not in engines:
+        engines.clear()  # one split at a time per model: bounded memory
+        engines[key] = Engine(scored, preview=False, freeze_gc=False)
+    return engines[key]
 
 
 def layer_curve(task: Task, method: str, option: str, layer: str, grid: Sequence[float],
                 split: str = "validation") -> dict:
     """One layer's row of a sensitivity analysis (a unit of work for an executor; picklable inputs).
 
-    Returns ``{"metric": [...], "choices": [...], "costs": {c: [...]}}`` along ``grid``.
+    Returns ``{"metric": [...], "choices": [...], "costs": {c: [...]}}`` along ``grid``. Each plan
+    is scored by the incremental engine (`selection_engine`), which gives the same metric and
+    costs as applying it and measuring the new model, without rebuilding or re-running the layers
+    before ``layer``.
     """
     recipe = get_recipe(method)
-    scored = selection_task(task, split)
-    model, example = task.model, task.example_input
-    base_costs = model_costs(model, example)
-    calibration = task.calibration_inputs()
-    evaluate = plan_evaluator(scored)
+    engine = selection_engine(task, split)
     row: dict[str, Any] = {"metric": [], "choices": [], "costs": {c: [] for c in COSTS}}
-    seen: dict[LayerPlan | None, tuple[float, dict]] = {}
+    seen: dict[Any, dict] = {}
     for value in grid:
         try:
-            plan = recipe(model, task=task, layers=[layer], **{option: value})
+            plan = recipe(task.model, task=task, layers=[layer], **{option: value})
         except WorkbenchError:
             row["metric"].append(float("nan"))
             row["choices"].append(None)
@@ -192,16 +208,12 @@ def layer_curve(task: Task, method: str, option: str, layer: str, grid: Sequence
         choice = plan.layers.get(layer) if not plan.steps else LayerPlan(method, {option: value})
         key = choice if not plan.steps else (method, option, value)
         if key not in seen:
-            if not plan.layers and not plan.steps:
-                seen[key] = (scored.evaluate(model), base_costs)
-            else:
-                new = apply(model, plan, calibration_inputs=calibration)
-                seen[key] = (evaluate(plan, new), model_costs(new, example))
-        metric, costs = seen[key]
-        row["metric"].append(float(metric))
+            seen[key] = engine.evaluate(plan)
+        result = seen[key]
+        row["metric"].append(float(result["metric"]))
         row["choices"].append(choice)
         for c in COSTS:
-            row["costs"][c].append(int(costs[c]))
+            row["costs"][c].append(int(result[c]))
     return row
 
 
@@ -241,7 +253,15 @@ def sensitivity(task: Task, method: str = "svd", grid: Sequence[float] | None = 
     option = option or GRID_OPTION.get(method, "ratio")
     grid = _check_grid(DEFAULT_GRIDS.get(option, (0.5,)) if grid is None else grid, option)
     get_recipe(method)  # unknown method -> WorkbenchError listing the recipes
-    names = list(layers) if layers is not None else [info.name for info in matrix_layers(task.model)]
+    from workbench.layers.recurrent import recurrent_layers
+
+    offered = [info.name for info in matrix_layers(task.model)]
+    names = list(layers) if layers is not None else offered
+    allowed = offered + [name for name, _ in recurrent_layers(task.model)]
+    unknown = [name for name in names if name not in allowed]
+    if unknown:
+        raise WorkbenchError(f"layers {unknown} are not compressible layers of {task.name!r}; "
+                             f"choose from: {', '.join(allowed) or '(none)'}")
     if not names:
         raise WorkbenchError(f"model {task.name!r} has no compressible layers (Linear / Conv2d)")
     scored = selection_task(task, split)

@@ -184,7 +184,10 @@ def skipped_layers(model: nn.Module) -> list[dict]:
         elif isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
             reason = "normalisation layer: few weights, needed for stability"
         elif isinstance(module, (nn.GRU, nn.LSTM)):
-            reason = "recurrent layer: use the svd_rnn method"
+            from workbench.layers.recurrent import unsupported_reason
+            why = unsupported_reason(module)
+            reason = (f"{type(module).__name__} with {why}: left dense" if why else
+                      "recurrent layer: compressed by the svd / svd_rnn methods only")
         else:
             reason = f"{type(module).__name__}: the workbench does not know how it uses its weights"
         rows.append({"name": name or "(model)", "type": type(module).__name__, "reason": reason})
