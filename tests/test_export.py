@@ -11,7 +11,8 @@ from torch import nn
 
 import workbench as wb
 from workbench.errors import WorkbenchError
-from workbench.export import EXPORT_FORMAT_VERSION, HEADER_KEY, load_compressed, read_header, save_compressed
+from workbench.export import (EXPORT_FORMAT_VERSION, HEADER_KEY, load_compressed, plan_sidecar, read_header,
+                             save_compressed)
 from workbench.plan import LayerPlan, Plan
 from workbench.registry import get_recipe, methods, recipes
 
@@ -89,6 +90,10 @@ def test_header_records_plan_and_versions(mlp_task, tmp_path):
     assert header["format_version"] == EXPORT_FORMAT_VERSION
     assert header["plan"]["layers"] == {"fc1": {"method": "svd", "rank": 4}}
     assert header["versions"]["torch"] == torch.__version__
+    # beside it, the same plan and versions as readable JSON (loading never needs it)
+    sidecar = json.loads(plan_sidecar(path).read_text())
+    assert plan_sidecar(path).name == "m.plan.json"
+    assert sidecar["plan"] == header["plan"] and sidecar["versions"] == header["versions"]
 
 
 def test_user_model_needs_its_original_and_refuses_another(tmp_path):
@@ -153,6 +158,16 @@ def test_truncated_file_is_a_clear_error(saved):
         load_compressed(saved)
 
 
+def test_damaged_weight_bytes_are_caught_by_their_checksums(saved):
+    """A flipped byte inside the payload leaves a readable file; the per-tensor SHA-256 in the
+    header catches it, naming the tensor, instead of loading NaNs."""
+    data = bytearray(saved.read_bytes())
+    data[-40] ^= 0xFF
+    saved.write_bytes(bytes(data))
+    with pytest.raises(WorkbenchError, match=r"is corrupted: the bytes of 1 tensor\(s\) do not match"):
+        load_compressed(saved)
+
+
 def test_corrupted_header_is_a_clear_error(saved):
     data = bytearray(saved.read_bytes())
     data[0:8] = struct.pack("<Q", 10 ** 12)  # header length beyond the file
@@ -213,7 +228,7 @@ def test_failed_write_leaves_the_old_file_and_no_temporary(saved, monkeypatch):
     with pytest.raises(WorkbenchError, match="No space left"):
         save_compressed(saved, model, Plan(), "digits-mlp")
     assert saved.read_bytes() == before
-    assert sorted(p.name for p in saved.parent.iterdir()) == [saved.name]
+    assert sorted(p.name for p in saved.parent.iterdir()) == sorted([saved.name, plan_sidecar(saved).name])
 
 
 def test_torch_ao_dynamic_int8_state_round_trips(mlp_task, tmp_path):

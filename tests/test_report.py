@@ -74,6 +74,8 @@ def test_unwritable_output_folder_fails_before_any_work(tmp_path, capsys, monkey
     def must_not_load(name):
         raise AssertionError("the model was loaded before the output folder was checked")
 
+    from workbench.cli import build_parser
+    build_parser()  # import every subcommand first: none may bind the stand-in `load` for later tests
     monkeypatch.setattr("workbench.zoo.load", must_not_load)
     assert main(["report", "digits-mlp", "--out", str(blocker / "sub")]) == 2
     assert "cannot create output folder" in capsys.readouterr().err

@@ -253,6 +253,21 @@ def _shape_of(value: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- save
+def tensor_digests(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """``{name: SHA-256 hex}`` of each tensor's raw bytes (written in the header, checked on load)."""
+    import hashlib
+
+    return {name: hashlib.sha256(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+            for name, t in sorted(tensors.items())}
+
+
+def plan_sidecar(path: str | os.PathLike) -> Path:
+    """Where `save_compressed` writes the human-readable plan of ``path`` (``x.safetensors`` ->
+    ``x.plan.json``); the file itself carries the same header, so loading never needs it."""
+    path = Path(path)
+    return path.with_name(path.name.removesuffix(".safetensors") + ".plan.json")
+
+
 def _versions() -> dict:
     import safetensors
 
@@ -296,8 +311,12 @@ def save_compressed(path: str | os.PathLike, model: nn.Module, plan: Plan, model
                   "fingerprint": fingerprint(original), "shapes": plan_layer_shapes(original, plan)},
               "input": None if example_input is None else {
                   "shape": list(example_input.shape), "dtype": str(example_input.dtype).removeprefix("torch.")},
-              "plan": plan.to_dict(), "encoded": encoded, "versions": _versions()}
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={HEADER_KEY: json.dumps(header)}))
+              "plan": plan.to_dict(), "encoded": encoded, "versions": _versions(),
+              "sha256": tensor_digests(tensors)}
+    written = atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={HEADER_KEY: json.dumps(header)}))
+    readable = {k: v for k, v in header.items() if k not in ("encoded", "sha256")}
+    atomic_write(plan_sidecar(path), lambda tmp: Path(tmp).write_text(json.dumps(readable, indent=1) + "\n"))
+    return written
 
 
 # --------------------------------------------------------------------------- load
@@ -398,6 +417,13 @@ def load_compressed(path: str | os.PathLike, original: nn.Module | None = None,
         tensors = load_file(str(path))
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
         raise WorkbenchError(f"{str(path)!r}: cannot read the weights (truncated or corrupted?): {exc}") from None
+    recorded = header.get("sha256")  # files written before checksums were recorded have none
+    if recorded is not None:
+        damaged = [name for name, digest in tensor_digests(tensors).items() if recorded.get(name) != digest]
+        damaged += sorted(set(recorded) - set(tensors))
+        if damaged:
+            raise WorkbenchError(f"{str(path)!r} is corrupted: the bytes of {len(damaged)} tensor(s) do not match "
+                                 f"the checksums written with them ({', '.join(damaged[:5])})")
     state = _decode_state(tensors, header.get("encoded", {}))
     model = rebuild_structure(header, original, calibration_inputs)
     expected = model.state_dict()
