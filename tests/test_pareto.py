@@ -53,3 +53,16 @@ def test_collect_points_measures_for_real(mlp_task):
     greedy = next(p for p in points if p.method == "svd greedy")
     assert greedy.metric > svd.metric  # the allocation beats the uniform ratio at the same budget
     assert skipped == []
+
+
+def test_family_summary_picks_the_best_and_the_smallest_close_point():
+    from workbench.select.pareto import Point, family_summary
+    pts = [Point("original", "original", 0.97, 100, 1000),
+           Point("svd", "svd a", 0.96, 50, 500), Point("svd greedy", "svd b", 0.90, 20, 200),
+           Point("prune", "prune s", 0.965, 40, 400, settings={"structured": True}),
+           Point("quant", "q8", 0.97, 100, 300), Point("svd+int8", "combo", 0.5, 10, 100)]
+    rows = {r["family"]: r for r in family_summary(pts, within=0.01)}
+    assert set(rows) == {"low rank", "structured pruning", "quantization", "combination"}
+    assert rows["low rank"]["points"] == 2 and rows["low rank"]["best"] == "svd a"
+    assert rows["low rank"]["smallest within"] == "svd a" and rows["low rank"]["of original"] == 0.5
+    assert rows["combination"]["smallest within"] is None

@@ -28,12 +28,17 @@ RECIPE_SETTINGS: dict[str, list[dict]] = {
     "int8": [{}],
     "tucker": [{"ratio": 0.3}, {"ratio": 0.6}],
     "cp": [{"ratio": 0.3}, {"ratio": 0.6}],
+    "spatial-svd": [{"ratio": 0.3}, {"ratio": 0.6}],
+    "svd_rnn": [{"ratio": 0.5}],
+    "fold_bn": [{}],
+    "fuse_embedding": [{}],
+    "qat": [],  # a QAT plan alone is its PTQ start (the quant points); the training is in `recovery`
 }
 #: (first recipe, its settings, second recipe, its settings), applied one after the other.
 COMBINATIONS: list[tuple[str, dict, str, dict]] = [
     ("svd", {"ratio": 0.3}, "int8", {}),
     ("svd", {"ratio": 0.3}, "quant", {"bits": 4}),
-    ("prune", {"ratio": 0.5}, "int8", {}),
+    ("prune", {"ratio": 0.5, "structured": True}, "int8", {}),  # int8 needs dense Linear layers
 ]
 
 
@@ -168,6 +173,42 @@ def pareto_front(points: Sequence[Point], x: str = "bytes") -> list[Point]:
             front.append(p)
             best = p.metric
     return front
+
+
+def family_of(point: Point) -> str:
+    """The method family of a point: low rank, pruning, structured pruning, quantization,
+    combination, distillation, search, or original."""
+    method = point.method
+    if "+" in method and method != "svd+distill":
+        return "combination"
+    if method in ("svd", "svd greedy", "tucker", "cp", "spatial-svd", "svd_rnn"):
+        return "low rank"
+    if method == "prune":
+        return "structured pruning" if point.settings.get("structured") else "pruning"
+    if method in ("quant", "int8"):
+        return "quantization"
+    if method in ("svd+distill", "student"):
+        return "distillation"
+    return method
+
+
+def family_summary(points: Sequence[Point], within: float = 0.01) -> list[dict]:
+    """Per family (`family_of`): how many points, the most accurate one, and the smallest file
+    whose metric is within ``within`` of the original's (None if none is). ``points[0]`` must be
+    the original, as `collect_points` returns them."""
+    original = points[0]
+    rows = []
+    for family in dict.fromkeys(family_of(p) for p in points[1:]):
+        members = [p for p in points[1:] if family_of(p) == family]
+        best = max(members, key=lambda p: (p.metric, -p.bytes))
+        close = [p for p in members if p.metric >= original.metric - within]
+        smallest = min(close, key=lambda p: p.bytes) if close else None
+        rows.append({"family": family, "points": len(members), "best": best.label,
+                     "best metric": round(best.metric, 4),
+                     "smallest within": smallest.label if smallest else None,
+                     "its bytes": smallest.bytes if smallest else None,
+                     "of original": round(smallest.bytes / original.bytes, 3) if smallest else None})
+    return rows
 
 
 @dataclass
