@@ -38,3 +38,17 @@ def test_dask_local_cluster_equals_serial(mlp_task):
         assert len(client.scheduler_info()["workers"]) == 2
     sens.clear_cache()
     assert remote.to_dict() == serial.to_dict()
+
+
+@pytest.mark.timeout(240)
+def test_search_on_local_processes_equals_serial_after_torch_has_run_threads():
+    """Workers are spawned: forking after torch's OpenMP pool has started can hang the children."""
+    import torch
+
+    from workbench.select.search import search
+
+    torch.randn(512, 512) @ torch.randn(512, 512)  # start the intra-op thread pool in this process
+    options = dict(population=2, generations=1, epochs=2, progress=False)
+    serial = search("mlp", 25_000, **options)
+    parallel = search("mlp", 25_000, executor="processes", **options)
+    assert [(r["label"], r["test"]) for r in parallel] == [(r["label"], r["test"]) for r in serial]

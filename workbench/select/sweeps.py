@@ -4,7 +4,8 @@
 
 - ``None`` or ``"serial"``: in this process, one item after another (best for tiny models);
 - ``"processes"``: a local ``ProcessPoolExecutor`` (one worker per CPU, at most one per item),
-  created and shut down here;
+  created and shut down here. Workers are *spawned*, not forked: a fork of a process whose
+  OpenMP thread pool torch has already started can hang in the child;
 - any ``concurrent.futures.Executor`` (kept open: the caller owns it);
 - a ``dask.distributed.Client``: its ``get_executor()`` sends items to the cluster's workers.
   Point a client at a real cluster with ``Client("tcp://scheduler:8786")``; the workers need
@@ -14,6 +15,7 @@
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 from concurrent.futures import Executor, ProcessPoolExecutor
 from typing import Any, Callable, Iterable
@@ -48,7 +50,8 @@ def map_items(fn: Callable[[Any], Any], items: Iterable[Any], executor: Any = No
             return results
         if executor == "processes":
             workers = max(1, min(len(items), os.cpu_count() or 1))
-            with ProcessPoolExecutor(max_workers=workers) as pool:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                     initializer=_one_thread_per_worker) as pool:
                 return _run_on(pool, fn, items, bar)
         if _is_dask_client(executor):
             return _run_on(executor.get_executor(pure=False), fn, items, bar)
@@ -59,6 +62,13 @@ def map_items(fn: Callable[[Any], Any], items: Iterable[Any], executor: Any = No
             "or a dask.distributed.Client")
     finally:
         bar.close()
+
+
+def _one_thread_per_worker() -> None:
+    """Each worker computes on one core: the pool already has one worker per core."""
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def _run_on(executor: Executor, fn: Callable, items: list, bar) -> list:
