@@ -89,3 +89,14 @@ def test_logistic_study_iris_equal_storage():
         if row["low_rank"] is not None:
             assert row["low_rank"]["stored"] <= row["budget"]
     assert study["rows"][0]["low_rank"] is None  # rank 1 needs 7 numbers > 6
+
+
+def test_logistic_study_on_make_classification_keeps_the_budget_and_the_refit_helps():
+    from workbench.select.logistic_study import logistic_study
+
+    study = logistic_study("classification", kept=(0.25, 0.5))
+    assert study["shape"] == [4, 20] and study["before"]["test"] > 0.8
+    for row in study["rows"]:
+        assert row["magnitude"]["stored"] <= row["budget"] and row["convex"]["stored"] <= row["budget"]
+        # the refit fits the training logits on the kept support: never worse there than the cut alone
+        assert row["convex"]["train"] >= row["magnitude"]["train"]
