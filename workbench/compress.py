@@ -6,6 +6,7 @@ the copy, so a bad entry raises before anything is returned (nothing is half-app
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 import torch
 from torch import nn
@@ -17,23 +18,12 @@ from workbench.registry import LayerContext, get_method
 
 
 @torch.no_grad()
-def collect_layer_inputs(model: nn.Module, names: list[str], inputs: torch.Tensor,
-                         batch_size: int = 256) -> dict[str, torch.Tensor]:
-    """Inputs entering each named layer when ``model`` runs on ``inputs``.
-
-    Returns ``{name: (tokens, in_features)}`` for Linear (leading dims flattened) and the raw
-    ``(n, c, h, w)`` input for convolutions. Hooks are removed before returning.
-    """
-    seen: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-    handles = []
-    for name in names:
-        module = model.get_submodule(name)
-
-        def hook(mod, args, _name=name):
-            x = args[0].detach()
-            seen[_name].append(x.reshape(-1, x.shape[-1]) if isinstance(mod, nn.Linear) else x)
-
-        handles.append(module.register_forward_pre_hook(hook))
+def feed_layers(model: nn.Module, names: list[str], inputs: torch.Tensor,
+                on_input: Callable[[str, nn.Module, torch.Tensor], None], batch_size: int = 256) -> None:
+    """Run ``model`` (in eval mode) on ``inputs`` in batches, calling ``on_input(name, module, x)``
+    with the input ``x`` entering each named layer. Hooks are removed and the mode restored after."""
+    handles = [model.get_submodule(name).register_forward_pre_hook(
+        lambda mod, args, _name=name: on_input(_name, mod, args[0].detach())) for name in names]
     was_training = model.training
     model.eval()
     try:
@@ -43,6 +33,21 @@ def collect_layer_inputs(model: nn.Module, names: list[str], inputs: torch.Tenso
         for handle in handles:
             handle.remove()
         model.train(was_training)
+
+
+def collect_layer_inputs(model: nn.Module, names: list[str], inputs: torch.Tensor,
+                         batch_size: int = 256) -> dict[str, torch.Tensor]:
+    """Inputs entering each named layer when ``model`` runs on ``inputs``.
+
+    Returns ``{name: (tokens, in_features)}`` for Linear (leading dims flattened) and the raw
+    ``(n, c, h, w)`` input for convolutions.
+    """
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+
+    def keep(name: str, module: nn.Module, x: torch.Tensor) -> None:
+        seen[name].append(x.reshape(-1, x.shape[-1]) if isinstance(module, nn.Linear) else x)
+
+    feed_layers(model, names, inputs, keep, batch_size)
     return {name: torch.cat(chunks) for name, chunks in seen.items()}
 
 

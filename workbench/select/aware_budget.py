@@ -38,33 +38,24 @@ from workbench.kernels import svd as svd_kernels
 from workbench.plan import LayerPlan, Plan
 
 
-@torch.no_grad()
 def layer_grams(model: nn.Module, names: Sequence[str], inputs: torch.Tensor,
                 batch_size: int = 64) -> dict[str, tuple[torch.Tensor, int]]:
     """``{name: (X^T X (in, in) float64, tokens)}`` of each Linear's inputs, without storing X."""
-    grams: dict[str, list] = {}
-    handles = []
+    from workbench.compress import feed_layers
+
     for name in names:
         module = model.get_submodule(name)
         if not isinstance(module, nn.Linear):
             raise WorkbenchError(f"layer {name!r} is {type(module).__name__}; aware rank allocation handles Linear")
+    grams: dict[str, list] = {}
 
-        def hook(mod, args, _name=name):
-            x = args[0].detach().reshape(-1, args[0].shape[-1])
-            entry = grams.setdefault(_name, [torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64), 0])
-            entry[0] += (x.float().T @ x.float()).double()
-            entry[1] += len(x)
+    def accumulate(name: str, module: nn.Module, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1])
+        entry = grams.setdefault(name, [torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64), 0])
+        entry[0] += aware_kernels.gram(x)
+        entry[1] += len(x)
 
-        handles.append(module.register_forward_pre_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(inputs), batch_size):
-            model(inputs[start:start + batch_size])
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    feed_layers(model, list(names), inputs, accumulate, batch_size)
     return {name: (g, n) for name, (g, n) in grams.items()}
 
 

@@ -21,6 +21,7 @@ from workbench.kernels import aware as aware_kernels, svd as svd_kernels
 from workbench.layers.lowrank import LowRankLinear
 from workbench.plan import LayerPlan, Plan
 from workbench.plotting.heatmaps import draw_rank_heatmap
+from workbench.select.aware_budget import layer_grams
 from workbench.spectra import layer_svd, model_spectra
 from workbench.widgets.persistence import SaveLoadBar, check_plan_shape
 from workbench.zoo import minilm
@@ -74,24 +75,6 @@ class RealModelExplorer(widgets.VBox):
             text.observe(lambda _: self.render_similarity(), names="value")
         self.update()
 
-    @torch.no_grad()
-    def _layer_grams(self, inputs: torch.Tensor) -> dict[str, tuple[torch.Tensor, int]]:
-        """``{layer: (X^T X (in, in) float64, tokens)}`` of every encoder Linear, in one forward pass."""
-        grams = {name: [0, 0] for name in self.names}
-        handles = []
-        for name in self.names:
-            def hook(module, args, _name=name):
-                x = args[0].reshape(-1, args[0].shape[-1])
-                grams[_name][0] = grams[_name][0] + aware_kernels.gram(x)
-                grams[_name][1] += len(x)
-            handles.append(self.task.model.get_submodule(name).register_forward_pre_hook(hook))
-        try:
-            self.task.model(inputs)
-        finally:
-            for handle in handles:
-                handle.remove()
-        return {name: (g, n) for name, (g, n) in grams.items()}
-
     def compute(self, ratio: float, mode: str):
         """A compressed copy of the model (every encoder Linear at ``ratio``) and its scores."""
         model = copy.deepcopy(self.task.model)
@@ -103,7 +86,7 @@ class RealModelExplorer(widgets.VBox):
             else:
                 if (name, mode) not in self._decompositions:  # once per layer and mode; moves slice it
                     if self._grams is None:
-                        self._grams = self._layer_grams(self._calibration)
+                        self._grams = layer_grams(self.task.model, self.names, self._calibration)
                     gram, tokens = self._grams[name]
                     self._decompositions[(name, mode)] = aware_kernels.aware_decomposition(
                         linear.weight, gram, tokens, mode)
