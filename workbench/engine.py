@@ -232,16 +232,19 @@ class _SlicedLowRank(nn.Module):
     """Evaluation view of an ``svd`` choice: ``second(first(x))`` exactly as `LowRankLinear` /
     `LowRankConv2d` compute it, on the cached factors, without building their modules.
 
-    ``first: (r, n)`` (conv: ``(r, in, kh, kw)``), ``second: (m, r)`` (conv: ``(out, r, 1, 1)``),
-    both contiguous like the real layers' weights, so outputs are bit-identical. Only the engine's
-    working copy holds these; what is built for export comes from `workbench.apply`.
+    ``first: (r, n)`` (conv: ``(r, in, kh, kw)``), ``second: (m, r)`` (conv: ``(out, r, 1, 1)``).
+    For a Linear both are views of the cached factors, no copy: ``first`` a block of rows, and
+    ``second`` the first ``r`` columns, a row-major matrix with a longer row stride, which BLAS
+    multiplies by the same kernel as the real layer's contiguous weight (outputs bit-identical;
+    `tests/test_engine.py` checks). Only the engine's working copy holds these; what is built for
+    export comes from `workbench.apply`.
     """
 
     def __init__(self, original: nn.Module, a: torch.Tensor, b: torch.Tensor):
         super().__init__()
         self.conv = original if isinstance(original, nn.Conv2d) else None
         if self.conv is None:
-            self.first, self.second = b.contiguous(), a.contiguous()
+            self.first, self.second = b, a
         else:
             w = original.weight
             nhwc = torch.channels_last
