@@ -248,3 +248,27 @@ def test_recurrent_sizes_from_rank_basis_equal_the_built_layer(gru_task):
         assert (result["params"], result["bytes"], result["flops"]) == (
             count_params(model), payload_bytes(model), count_flops(model, gru_task.example_input))
         assert result["metric"] == gru_task.evaluate(model)
+
+
+def test_a_model_that_needs_contiguous_activations_keeps_them():
+    """A forward that flattens conv outputs with ``view`` cannot run on NHWC activations: the
+    engine then keeps NCHW for its copy, and its numbers still equal apply + evaluate."""
+    class ViewNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 8, 3, padding=1)
+            self.fc = nn.Linear(8 * 8 * 8, 10)
+
+        def forward(self, x):
+            h = torch.relu(self.conv(x.reshape(-1, 1, 8, 8)))
+            return self.fc(h.view(h.shape[0], -1))
+
+    torch.manual_seed(0)
+    model = ViewNet().eval()
+    x = torch.randn(40, 64)
+    task = wb.Task("view", model, x, torch.randint(0, 10, (40,)),
+                   lambda out, y: float((out.argmax(-1) == y).float().mean()))
+    engine = Engine(task, preview=False)
+    assert not engine.channels_last
+    plan = Plan({"conv": LayerPlan("svd", {"rank": 3}), "fc": LayerPlan("svd", {"rank": 5})})
+    assert engine.evaluate(plan)["metric"] == task.evaluate(wb.apply(model, plan))

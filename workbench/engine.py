@@ -240,16 +240,16 @@ class _SlicedLowRank(nn.Module):
     export comes from `workbench.apply`.
     """
 
-    def __init__(self, original: nn.Module, a: torch.Tensor, b: torch.Tensor):
+    def __init__(self, original: nn.Module, a: torch.Tensor, b: torch.Tensor, channels_last: bool = False):
         super().__init__()
         self.conv = original if isinstance(original, nn.Conv2d) else None
         if self.conv is None:
             self.first, self.second = b, a
         else:
             w = original.weight
-            nhwc = torch.channels_last
-            self.first = b.reshape(len(b), *w.shape[1:]).contiguous(memory_format=nhwc)
-            self.second = a.reshape(w.shape[0], a.shape[1], 1, 1).contiguous(memory_format=nhwc)
+            layout = torch.channels_last if channels_last else torch.contiguous_format
+            self.first = b.reshape(len(b), *w.shape[1:]).contiguous(memory_format=layout)
+            self.second = a.reshape(w.shape[0], a.shape[1], 1, 1).contiguous(memory_format=layout)
         self.bias = None if original.bias is None else original.bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -335,7 +335,7 @@ class Engine:
         self.working = copy.deepcopy(self.original).eval()
         self.channels_last = any(isinstance(m, nn.Conv2d) for m in self.working.modules())
         if self.channels_last:  # oneDNN's CPU convolutions and pooling run faster in NHWC
-            self.working = self.working.to(memory_format=torch.channels_last)
+            self.channels_last = _runs_channels_last(self.working, task.example_input)
         self.stages = model_stages(self.working)
         self._stage_index: dict[str, int] = {}
         self._svd_checked: dict[str, nn.Module] = {}
@@ -478,7 +478,7 @@ class Engine:
         a, b = self.factors.factors(name, rank)
         if isinstance(original, nn.Conv2d) and original.padding_mode != "zeros":
             return LowRankConv2d.from_conv(original, rank, factors=(a, b), name=name).eval()
-        return _SlicedLowRank(original, a, b)
+        return _SlicedLowRank(original, a, b, self.channels_last)
 
     def _svd_layer(self, name: str, rank: int) -> nn.Module:
         """The real layer `workbench.apply` builds for rank ``rank`` (for exact sizes)."""
@@ -618,6 +618,19 @@ class Engine:
             tail = weighted.flip(0).cumsum(0).flip(0)                          # tail[r] = sum_{j>=r}
             total = total.clamp_min(1e-300)
             self._preview[name] = (tail, total)
+
+
+@torch.no_grad()
+def _runs_channels_last(model: nn.Module, example: Any) -> bool:
+    """Convert ``model`` (the engine's own copy) to NHWC weights if it still runs that way; a
+    forward that needs contiguous NCHW activations (``x.view(n, -1)`` after a conv) keeps NCHW."""
+    model.to(memory_format=torch.channels_last)
+    try:
+        model(example)
+        return True
+    except RuntimeError:
+        model.to(memory_format=torch.contiguous_format)
+        return False
 
 
 def _is_plain_svd(choice: LayerPlan) -> bool:
