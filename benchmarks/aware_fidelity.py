@@ -11,7 +11,10 @@ Variants: ``plain``, ``whiten``, ``scale`` (one-shot, the same kept ratio in eve
 ``whiten+seq`` (sequential calibration, each layer refitted to the original outputs from the
 partly compressed model's inputs, `workbench.sequential`); ``alloc`` and ``alloc+seq`` (whiten,
 one option per layer, dense or a rank, chosen under the same TOTAL budget from losses measured on
-calibration samples, `workbench.select.aware_budget`); ``prune`` (magnitude pruning). ``compress_s`` is the end-to-end
+calibration samples, `workbench.select.aware_budget`); ``alloc+seq+block`` (``alloc+seq``, then
+block-wise reconstruction: each encoder block's factors tuned so the block reproduces the
+original's outputs on the calibration sentences, `workbench.recovery.blockwise`; its
+``compress_s`` includes the ``alloc+seq`` step); ``prune`` (magnitude pruning). ``compress_s`` is the end-to-end
 time of that row (plan, calibration, factorization); the machine's load average is printed.
 """
 from __future__ import annotations
@@ -25,16 +28,23 @@ import torch
 
 import workbench as wb
 from workbench.inventory import matrix_layers
+from workbench.recovery.blockwise import reconstruct_blocks
 from workbench.registry import get_recipe
 from workbench.select.aware_budget import allocated_plan
 from workbench.zoo import minilm
 
 RATIOS = (0.8, 0.6, 0.5, 0.4)
-VARIANTS = ("plain", "whiten", "scale", "whiten+seq", "alloc", "alloc+seq", "prune")
+VARIANTS = ("plain", "whiten", "scale", "whiten+seq", "alloc", "alloc+seq", "alloc+seq+block", "prune")
 
 
-def compress(task, variant: str, ratio: float):
+def compress(task, variant: str, ratio: float, built: dict | None = None):
+    """The compressed model of ``variant`` at ``ratio``; ``built`` memoizes ``{(variant, ratio): model}``."""
     calibration = task.calibration_inputs()
+    if variant.endswith("+block"):
+        base = variant.removesuffix("+block")
+        model = (built or {}).get((base, ratio))
+        model = compress(task, base, ratio) if model is None else model
+        return reconstruct_blocks(model, task.model, task.train_inputs, progress=False).model
     if variant == "prune":
         plan = get_recipe("prune")(task.model, task=task, ratio=ratio)
     elif variant.startswith("alloc"):
@@ -68,6 +78,7 @@ def main() -> None:
                       "load_average_1_5_15min": [round(v, 2) for v in os.getloadavg()]}), flush=True)
     table = []
     for name in args.models:
+        built, seconds_of = {}, {}
         start = time.perf_counter()
         task = wb.load(name)
         if name == "minilm":
@@ -80,8 +91,12 @@ def main() -> None:
                     table.append({"model": name, "ratio": ratio, "variant": variant, "skipped": True})
                     continue  # the allocator handles Linear layers only
                 start = time.perf_counter()
-                model = compress(task, variant, ratio)
-                seconds = time.perf_counter() - start
+                model = compress(task, variant, ratio, built)
+                if f"{variant}+block" in args.variants:
+                    built[variant, ratio] = model  # reused by the +block row
+                seconds = seconds_of[variant, ratio] = time.perf_counter() - start
+                if variant.endswith("+block"):
+                    seconds += seconds_of.get((variant.removesuffix("+block"), ratio), 0.0)
                 row = {"model": name, "ratio": ratio, "variant": variant,
                        "compress_s": round(seconds, 1), **scores(task, model)}
                 print(json.dumps(row), flush=True)

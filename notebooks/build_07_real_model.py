@@ -31,6 +31,24 @@ cells = [
     nbf.v4.new_markdown_cell("Same ratio, activation-aware (whitened) truncation: the embeddings stay much closer."),
     nbf.v4.new_code_cell("explorer.mode.value = 'whiten'\nexplorer.state"),
     nbf.v4.new_markdown_cell(
+        "## Block-wise reconstruction\nEach layer above was fitted alone. Inside a block their errors "
+        "interact: q and k meet in the attention scores, a GELU sits between the FFN's two layers. "
+        "Block-wise reconstruction tunes the factors of one encoder block at a time so that the block, "
+        "fed the compressed model's own activations, reproduces the original block's outputs; no "
+        "labels, one small regression per block, and the held-out calibration rows keep the best "
+        "epoch. The factors keep their ranks: the model is as small as before. Here 2 passes over the "
+        "727 calibration rows (the explorer's factors came from only 64 of them); the benchmark's 8 "
+        "passes lift the mean cosine of allocated, sequential SVD at half the weights from 0.83 to 0.87."),
+    nbf.v4.new_code_cell(
+        "import matplotlib.pyplot as plt\nimport torch\nfrom workbench.recovery import reconstruct_blocks\n"
+        "from workbench.plotting.recovery import draw_blockwise_losses\nfrom workbench.zoo import minilm\n"
+        "start = explorer.compressed  # the explorer's current model: whitened SVD at 60%\n"
+        "tuned = reconstruct_blocks(start, task.model, task.train_inputs, epochs=2)  # ~25 s\n"
+        "fig, ax = plt.subplots(figsize=(6, 2.8))\ndraw_blockwise_losses(ax, tuned.stages)\n"
+        "with torch.no_grad():\n"
+        "    after = minilm.mean_cosine(tuned.model(explorer.eval_inputs), explorer.reference)\n"
+        "print(f\"mean cosine {explorer.state['mean_cosine']:.4f} -> {after:.4f}\")"),
+    nbf.v4.new_markdown_cell(
         "## Every layer, one slider each\nThe same dashboard as for the digits models: one rank slider "
         "per encoder Linear, folded by block and labelled by type. A move is judged on 64 evaluation "
         "sentences and re-runs only the blocks after the moved layer (about a tenth of a second for a "

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from workbench.cli.output import emit
-from workbench.cli.recovery_options import add_recovery_arguments, recover
+from workbench.cli.recovery_options import add_recovery_arguments, reconstruct, recover
 from workbench.compress import apply
 from workbench.errors import WorkbenchError
 from workbench.inventory import matrix_layers
@@ -110,6 +110,7 @@ def run(args) -> int:
     check_options_apply(args.method, recipe, options)
     plan = recipe(task.model, task=task, **options)
     compressed = apply(task.model, plan, calibration_inputs=task.calibration_inputs())
+    compressed, blockwise = reconstruct(args, task, compressed)  # --blockwise; else unchanged
     compressed, history = recover(args, task, compressed)  # --finetune / --distill / qat; else unchanged
     result = {"model": args.model, "method": args.method, "plan": plan.to_dict(),
               "before": measure(task.model, task), "after": measure(compressed, task),
@@ -119,6 +120,8 @@ def run(args) -> int:
         result.update(report(task.model, compressed, task))
     if history is not None:
         result["history"] = history
+    if blockwise is not None:
+        result["blockwise"] = blockwise
     if args.out:
         from workbench.export import save_compressed
         result["out"] = str(save_compressed(args.out, compressed, plan, args.model))
@@ -126,6 +129,10 @@ def run(args) -> int:
     text = (f"{args.model} {args.method}: {task.metric_name} {before['metric']:.4f} -> {after['metric']:.4f}, "
             f"params {before['params']} -> {after['params']} ({after['params'] / before['params']:.1%}), "
             f"bytes {before['bytes']} -> {after['bytes']}, flops {before['flops']} -> {after['flops']}")
+    if blockwise is not None:
+        tuned = [s for s in blockwise if "best_loss" in s]
+        text += (f"; after block-wise reconstruction ({len(tuned)} stages tuned, held-out MSE "
+                 f"{sum(s['start_loss'] for s in tuned):.4g} -> {sum(s['best_loss'] for s in tuned):.4g} summed)")
     if history is not None:
         text += f"; after {history['kind']} ({len(history['loss'])} epochs, best {history['best_epoch']})"
     for row in result["left_dense"]:

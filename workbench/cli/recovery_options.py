@@ -1,5 +1,5 @@
-"""Recovery flags of ``compress``: ``--finetune EPOCHS [--distill --temperature T --alpha A]`` and
-``--method qat --bits B --epochs N``. Not a command itself (no ``register``): `workbench.cli.compress`
+"""Recovery flags of ``compress``: ``--blockwise EPOCHS``, ``--finetune EPOCHS [--distill
+--temperature T --alpha A]`` and ``--method qat --bits B --epochs N``. Not a command itself (no ``register``): `workbench.cli.compress`
 adds these flags and calls `recover` on the compressed model before measuring it."""
 from __future__ import annotations
 
@@ -12,12 +12,28 @@ QAT_DEFAULT_EPOCHS = 10
 
 def add_recovery_arguments(parser) -> None:
     group = parser.add_argument_group("recovering accuracy")
+    group.add_argument("--blockwise", type=int, metavar="EPOCHS",
+                       help="block-wise reconstruction: tune each block's compressed layers for EPOCHS passes so "
+                            "the block reproduces the original's outputs on the calibration inputs (no labels)")
     group.add_argument("--finetune", type=int, metavar="EPOCHS",
                        help="fine-tune what the compression left trainable for up to EPOCHS epochs")
     group.add_argument("--epochs", type=int, metavar="N", help="epochs of recovery (qat, or same as --finetune)")
     group.add_argument("--distill", action="store_true", help="fine-tune with the original model as teacher")
     group.add_argument("--temperature", type=float, help="distillation temperature T > 0 (default 4)")
     group.add_argument("--alpha", type=float, help="weight of the soft teacher loss in [0, 1] (default 0.9)")
+
+
+def reconstruct(args, task, compressed: nn.Module) -> tuple[nn.Module, list | None]:
+    """``(model, stages)`` after ``--blockwise EPOCHS`` (`workbench.recovery.blockwise`), or
+    ``(compressed, None)`` without the flag. Calibration: the task's whole training split."""
+    if args.blockwise is None:
+        return compressed, None
+    if args.blockwise < 1:
+        raise WorkbenchError(f"--blockwise {args.blockwise}: give the number of passes per block, an integer >= 1")
+    from workbench.recovery.blockwise import reconstruct_blocks
+    calibration = task.train_inputs if task.train_inputs is not None else task.calibration_inputs()
+    result = reconstruct_blocks(compressed, task.model, calibration, epochs=args.blockwise)
+    return result.model, result.stages
 
 
 def recover(args, task, compressed: nn.Module) -> tuple[nn.Module, dict | None]:

@@ -83,3 +83,20 @@ def add_result(artists: SizeChartArtists, size: float, before: float, after: flo
     artists.arrows.append(arrow)
     artists.ax.relim()
     artists.ax.autoscale_view()
+
+
+def draw_blockwise_losses(ax: Axes, stages: Sequence[dict]) -> None:
+    """Held-out MSE of each tuned stage before and after block-wise reconstruction (log scale).
+
+    ``stages``: `workbench.recovery.blockwise.BlockwiseResult.stages` (rows without ``best_loss``,
+    stages with nothing to tune, are left out).
+    """
+    rows = [s for s in stages if "best_loss" in s]
+    x = list(range(len(rows)))
+    ax.bar([i - 0.2 for i in x], [s["start_loss"] for s in rows], width=0.4, label="compressed")
+    ax.bar([i + 0.2 for i in x], [s["best_loss"] for s in rows], width=0.4, label="after block-wise tuning")
+    ax.set_xticks(x, [s["stage"].rsplit(".", 1)[-1] for s in rows])
+    ax.set_yscale("log")
+    ax.set_xlabel("stage (encoder block)")
+    ax.set_ylabel("held-out MSE to the original")
+    ax.legend(fontsize="small")

@@ -1,0 +1,200 @@
+"""Block-wise reconstruction: tune a compressed model stage by stage to reproduce the original's outputs.
+
+One-shot and sequential calibration fit each compressed LAYER to its own outputs. The errors of a
+block's layers still interact (attention scores mix q and k; the FFN's GELU sits between its two
+layers), and no layer-wise fit sees that. Block-wise reconstruction (BRECQ, Li et al. 2021;
+the block-wise distillation step of compressed-LLM practice) instead trains, for each stage of the
+model in forward order, what the compression left trainable in that stage, so that
+
+    stage_student(x') ~ stage_original(x)        (mean squared error over the stage's outputs)
+
+where ``x'`` is the stage's input in the student whose EARLIER stages are already tuned and ``x``
+the original model's. Each stage is one small regression on cached activations: no labels, no
+end-to-end backpropagation, memory of one stage. A share of the calibration inputs is held out;
+each stage keeps the epoch with the lowest held-out loss (the starting point counts as epoch 0),
+so tuning never leaves a stage worse on data it did not train on.
+
+Only what the compression changed trains by default (low-rank factors; kept weights of pruned
+layers under their masks; quantized weights through their straight-through view), via the same
+training views as fine-tuning (`workbench.recovery.views`); the result is re-packed into compact
+storage, as small as before. Stages come from `workbench.engine.model_stages` (MiniLM: its six
+encoder blocks; a Sequential: one stage per layer with its activation; any other model: one stage,
+i.e. whole-model output matching).
+
+What it optimizes is output FIDELITY (mean squared error to the original's activations), the
+metric of an encoder such as MiniLM. A classifier's accuracy is better served by end-to-end
+distillation with labels and softened logits (`workbench.recovery.distill_finetune`): on the
+digits MLP block-wise tuning lowers the output error but not the misclassifications.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from workbench.errors import WorkbenchError
+from workbench.recovery import views
+
+TRAIN_CHOICES = ("compressed", "all")
+
+
+@dataclass
+class BlockwiseResult:
+    """``model``: the tuned, re-packed copy. ``stages``: one dict per stage with ``stage`` (label),
+    ``parameters`` (trained), ``start_loss``/``best_loss`` (held-out MSE before/after), ``best_epoch``
+    (0: the untuned stage was kept) and ``seconds``."""
+
+    model: nn.Module
+    stages: list[dict] = field(default_factory=list)
+
+
+def _float_tensors(state: Any) -> list[torch.Tensor]:
+    if isinstance(state, torch.Tensor):
+        return [state] if state.is_floating_point() else []
+    if isinstance(state, (tuple, list)):
+        return [t for item in state for t in _float_tensors(item)]
+    return []
+
+
+def stage_outputs(output: Any, stage_input: Any) -> list[torch.Tensor]:
+    """The floating tensors a stage computed: those of ``output`` that are not passed through
+    unchanged from ``stage_input`` (MiniLM's blocks hand on their attention mask as it came)."""
+    passed = {id(t) for t in _float_tensors(stage_input)}
+    return [t for t in _float_tensors(output) if id(t) not in passed]
+
+
+def state_mse(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over the stage's computed tensors of their mean squared error (`stage_outputs` lists)."""
+    if not student or len(student) != len(teacher):
+        raise WorkbenchError(f"a stage computed {len(student)} floating-point tensor(s) against the original's "
+                             f"{len(teacher)}; block-wise tuning needs at least one, matching in number")
+    return sum(torch.nn.functional.mse_loss(s, t.detach()) for s, t in zip(student, teacher)) / len(student)
+
+
+def _trainable_parameters(stage, work: nn.Module, original: nn.Module, train: str) -> list[nn.Parameter]:
+    before = {name: p.shape for name, p in original.named_parameters()}
+    chosen = []
+    for name, p in work.named_parameters():
+        if not stage.owns(name):
+            continue
+        if train == "all" or before.get(name) != p.shape:
+            chosen.append(p)
+    return chosen
+
+
+def _check(epochs: int, lr: float, batch_size: int, holdout: float, train: str, n: int) -> None:
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise WorkbenchError(f"epochs={epochs!r} must be an integer >= 1")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise WorkbenchError(f"lr={lr!r} must be a number > 0")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise WorkbenchError(f"batch_size={batch_size!r} must be an integer >= 1")
+    if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0 < holdout < 1:
+        raise WorkbenchError(f"holdout={holdout!r} must be a fraction in (0, 1) of the calibration inputs")
+    if train not in TRAIN_CHOICES:
+        raise WorkbenchError(f"train={train!r}; choose one of {TRAIN_CHOICES} (compressed layers only, or every "
+                             f"parameter of the stage)")
+    if n < 4:
+        raise WorkbenchError(f"block-wise tuning needs at least 4 calibration inputs, got {n}")
+
+
+def reconstruct_blocks(model: nn.Module, original: nn.Module, calibration_inputs: torch.Tensor, *,
+                       epochs: int = 8, lr: float = 3e-4, batch_size: int = 32, holdout: float = 0.15,
+                       train: str = "compressed", seed: int = 0, progress: bool = True) -> BlockwiseResult:
+    """Tune ``model`` (compressed) stage by stage towards ``original``; neither is modified.
+
+    ``calibration_inputs``: ``(n, ...)`` model inputs (MiniLM: token-id rows), split into a fit
+    part and a held-out ``holdout`` share (by a seeded permutation) and run in chunks of
+    ``batch_size``. Per stage: Adam at ``lr`` with a cosine schedule over ``epochs`` passes.
+    ``train``: ``"compressed"`` (what the compression changed) or ``"all"`` (every parameter of
+    the stage, norms included). Returns a `BlockwiseResult`; deterministic for a fixed ``seed``.
+    """
+    from workbench.engine import model_stages
+
+    _check(epochs, lr, batch_size, holdout, train, len(calibration_inputs))
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(calibration_inputs), generator=generator)
+    n_val = max(1, round(holdout * len(order)))
+    fit_idx, val_idx = order[n_val:].sort().values, order[:n_val].sort().values
+    was_training = original.training
+    work = views.trainable(copy.deepcopy(model)).eval()
+    original.eval()
+    result = BlockwiseResult(model=work)
+    stages = model_stages(work)
+    reference_stages = {s.name: s for s in model_stages(original)}
+    try:
+        with torch.no_grad():
+            fit = {"student": list(calibration_inputs[fit_idx].split(batch_size))}
+            val = {"student": list(calibration_inputs[val_idx].split(batch_size))}
+            fit["teacher"], val["teacher"] = list(fit["student"]), list(val["student"])
+        bar = tqdm(stages, desc="block-wise tuning", leave=False, disable=not progress)
+        for stage in bar:
+            started = time.perf_counter()
+            reference = reference_stages.get(stage.name)
+            if reference is None:
+                raise WorkbenchError(f"stage {stage.name!r} of the compressed model has no counterpart in the "
+                                     f"original; block-wise tuning needs models with the same stages")
+            with torch.no_grad():
+                fit_next = [reference.run(original, s) for s in fit["teacher"]]
+                val_next = [reference.run(original, s) for s in val["teacher"]]
+            fit_target = [stage_outputs(o, s) for o, s in zip(fit_next, fit["teacher"])]
+            val_target = [stage_outputs(o, s) for o, s in zip(val_next, val["teacher"])]
+            params = _trainable_parameters(stage, work, original, train)
+            entry = {"stage": stage.label, "parameters": sum(p.numel() for p in params)}
+            if params:
+                entry.update(_tune_stage(stage, work, params, fit["student"], fit_target, val["student"],
+                                         val_target, epochs, lr, generator))
+            with torch.no_grad():
+                fit["student"] = [stage.run(work, s) for s in fit["student"]]
+                val["student"] = [stage.run(work, s) for s in val["student"]]
+            fit["teacher"], val["teacher"] = fit_next, val_next
+            entry["seconds"] = round(time.perf_counter() - started, 2)
+            result.stages.append(entry)
+            if "best_loss" in entry:
+                bar.set_postfix(stage=stage.label, loss=f"{entry['best_loss']:.3g}")
+    finally:
+        original.train(was_training)
+    for p in work.parameters():
+        p.requires_grad_(True)
+    result.model = views.repack(work).eval()
+    return result
+
+
+def _loss(stage, work, state, target) -> torch.Tensor:
+    return state_mse(stage_outputs(stage.run(work, state), state), target)
+
+
+def _held_out_loss(stage, work, inputs, targets) -> float:
+    """Held-out MSE, weighted by each chunk's rows (the last chunk may be short)."""
+    with torch.no_grad():
+        total = sum(float(_loss(stage, work, s, t)) * len(t[0]) for s, t in zip(inputs, targets))
+        return total / sum(len(t[0]) for t in targets)
+
+
+def _tune_stage(stage, work, params, inputs, targets, val_inputs, val_targets, epochs, lr, generator) -> dict:
+    chosen = {id(p) for p in params}
+    for p in work.parameters():
+        p.requires_grad_(id(p) in chosen)
+    optimizer = torch.optim.Adam(params, lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * len(inputs))
+    start = best = _held_out_loss(stage, work, val_inputs, val_targets)
+    best_epoch, best_values = 0, [p.detach().clone() for p in params]
+    for epoch in range(1, epochs + 1):
+        for i in torch.randperm(len(inputs), generator=generator).tolist():
+            loss = _loss(stage, work, inputs[i], targets[i])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+        current = _held_out_loss(stage, work, val_inputs, val_targets)
+        if current < best:
+            best, best_epoch, best_values = current, epoch, [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, value in zip(params, best_values):
+            p.copy_(value)
+    return {"start_loss": start, "best_loss": best, "best_epoch": best_epoch}
