@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from workbench.errors import WorkbenchError
 from workbench.recovery import views
+from workbench.recovery.finetune import check_epochs, check_lr_and_batch
 
 TRAIN_CHOICES = ("compressed", "all")
 
@@ -88,12 +89,8 @@ def _trainable_parameters(stage, work: nn.Module, original: nn.Module, train: st
 
 
 def _check(epochs: int, lr: float, batch_size: int, holdout: float, train: str, n: int) -> None:
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise WorkbenchError(f"epochs={epochs!r} must be an integer >= 1")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-        raise WorkbenchError(f"lr={lr!r} must be a number > 0")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise WorkbenchError(f"batch_size={batch_size!r} must be an integer >= 1")
+    check_epochs(epochs)
+    check_lr_and_batch(lr, batch_size)
     if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0 < holdout < 1:
         raise WorkbenchError(f"holdout={holdout!r} must be a fraction in (0, 1) of the calibration inputs")
     if train not in TRAIN_CHOICES:
@@ -121,18 +118,17 @@ def reconstruct_blocks(model: nn.Module, original: nn.Module, calibration_inputs
     order = torch.randperm(len(calibration_inputs), generator=generator)
     n_val = max(1, round(holdout * len(order)))
     fit_idx, val_idx = order[n_val:].sort().values, order[:n_val].sort().values
+    # One list of chunks: the first ``n_fit`` train, the rest are held out.
+    fit_chunks = list(calibration_inputs[fit_idx].split(batch_size))
+    student = fit_chunks + list(calibration_inputs[val_idx].split(batch_size))
+    teacher, n_fit = list(student), len(fit_chunks)
     was_training = original.training
     work = views.trainable(copy.deepcopy(model)).eval()
     original.eval()
-    result = BlockwiseResult(model=work)
-    stages = model_stages(work)
     reference_stages = {s.name: s for s in model_stages(original)}
+    log = []
     try:
-        with torch.no_grad():
-            fit = {"student": list(calibration_inputs[fit_idx].split(batch_size))}
-            val = {"student": list(calibration_inputs[val_idx].split(batch_size))}
-            fit["teacher"], val["teacher"] = list(fit["student"]), list(val["student"])
-        bar = tqdm(stages, desc="block-wise tuning", leave=False, disable=not progress)
+        bar = tqdm(model_stages(work), desc="block-wise tuning", leave=False, disable=not progress)
         for stage in bar:
             started = time.perf_counter()
             reference = reference_stages.get(stage.name)
@@ -140,29 +136,25 @@ def reconstruct_blocks(model: nn.Module, original: nn.Module, calibration_inputs
                 raise WorkbenchError(f"stage {stage.name!r} of the compressed model has no counterpart in the "
                                      f"original; block-wise tuning needs models with the same stages")
             with torch.no_grad():
-                fit_next = [reference.run(original, s) for s in fit["teacher"]]
-                val_next = [reference.run(original, s) for s in val["teacher"]]
-            fit_target = [stage_outputs(o, s) for o, s in zip(fit_next, fit["teacher"])]
-            val_target = [stage_outputs(o, s) for o, s in zip(val_next, val["teacher"])]
+                teacher_next = [reference.run(original, s) for s in teacher]
+            targets = [stage_outputs(o, s) for o, s in zip(teacher_next, teacher)]
             params = _trainable_parameters(stage, work, original, train)
             entry = {"stage": stage.label, "parameters": sum(p.numel() for p in params)}
             if params:
-                entry.update(_tune_stage(stage, work, params, fit["student"], fit_target, val["student"],
-                                         val_target, epochs, lr, generator))
+                entry.update(_tune_stage(stage, work, params, student[:n_fit], targets[:n_fit], student[n_fit:],
+                                         targets[n_fit:], epochs, lr, generator))
             with torch.no_grad():
-                fit["student"] = [stage.run(work, s) for s in fit["student"]]
-                val["student"] = [stage.run(work, s) for s in val["student"]]
-            fit["teacher"], val["teacher"] = fit_next, val_next
+                student = [stage.run(work, s) for s in student]
+            teacher = teacher_next
             entry["seconds"] = round(time.perf_counter() - started, 2)
-            result.stages.append(entry)
+            log.append(entry)
             if "best_loss" in entry:
                 bar.set_postfix(stage=stage.label, loss=f"{entry['best_loss']:.3g}")
     finally:
         original.train(was_training)
     for p in work.parameters():
         p.requires_grad_(True)
-    result.model = views.repack(work).eval()
-    return result
+    return BlockwiseResult(model=views.repack(work).eval(), stages=log)
 
 
 def _loss(stage, work, state, target) -> torch.Tensor:

@@ -75,11 +75,15 @@ def check_epochs(epochs: int) -> int:
 SCALE_LR = 0.1  # learning rate of LSQ steps relative to the weights' (see `finetune`)
 
 
-def _check_options(lr: float, batch_size: int, val_fraction: float, patience: int | None) -> None:
+def check_lr_and_batch(lr: float, batch_size: int) -> None:
     if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
         raise WorkbenchError(f"lr={lr!r} must be a finite number > 0")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise WorkbenchError(f"batch_size={batch_size!r} must be a positive integer")
+
+
+def _check_options(lr: float, batch_size: int, val_fraction: float, patience: int | None) -> None:
+    check_lr_and_batch(lr, batch_size)
     if not (isinstance(val_fraction, (int, float)) and 0 < val_fraction <= 0.5):
         raise WorkbenchError(f"val_fraction={val_fraction!r} must be in (0, 0.5] of the training split")
     if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
