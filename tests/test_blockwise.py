@@ -118,3 +118,17 @@ def test_cli_blockwise_reports_each_stage_and_the_saved_model_loads_back(capsys,
     assert mlp_task.evaluate(model) == pytest.approx(result["after"]["metric"])
     assert main(["compress", "digits-mlp", "--method", "svd", "--ratio", "0.5", "--blockwise", "0"]) != 0
     assert "--blockwise 0" in capsys.readouterr().err
+
+
+def test_quantized_layers_tune_their_codes_on_fixed_ptq_steps_and_stay_packed(mlp_task):
+    from workbench.layers.quantized import QuantLinear
+    quantized = wb.apply(mlp_task.model, get_recipe("qat")(mlp_task.model, bits=3))
+    result = reconstruct_blocks(quantized, mlp_task.model, mlp_task.train_inputs, epochs=3, lr=1e-3, progress=False)
+    changed = 0
+    for name in ("fc1", "fc2", "fc3"):
+        before, tuned = quantized.get_submodule(name), result.model.get_submodule(name)
+        assert isinstance(tuned, QuantLinear) and tuned.bits == 3
+        assert torch.equal(tuned.scale, before.scale)            # steps fixed, as in plain STE tuning
+        changed += int(not torch.equal(tuned.codes(), before.codes()))
+    assert changed > 0 and count_params(result.model) == count_params(quantized)
+    assert all(p.requires_grad for p in result.model.parameters())

@@ -15,7 +15,8 @@ each stage keeps the epoch with the lowest held-out loss (the starting point cou
 so tuning never leaves a stage worse on data it did not train on.
 
 Only what the compression changed trains by default (low-rank factors; kept weights of pruned
-layers under their masks; quantized weights through their straight-through view), via the same
+layers under their masks; quantized weights through their straight-through view on their PTQ
+steps, which stay fixed, as in plain fine-tuning), via the same
 training views as fine-tuning (`workbench.recovery.views`); the result is re-packed into compact
 storage, as small as before. Stages come from `workbench.engine.model_stages` (MiniLM: its six
 encoder blocks; a Sequential: one stage per layer with its activation; any other model: one stage,
@@ -40,6 +41,7 @@ from tqdm.auto import tqdm
 from workbench.errors import WorkbenchError
 from workbench.recovery import views
 from workbench.recovery.finetune import check_epochs, check_lr_and_batch
+from workbench.recovery.qat import set_learn_scales
 
 TRAIN_CHOICES = ("compressed", "all")
 
@@ -77,11 +79,14 @@ def state_mse(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch
     return sum(torch.nn.functional.mse_loss(s, t.detach()) for s, t in zip(student, teacher)) / len(student)
 
 
-def _trainable_parameters(stage, work: nn.Module, original: nn.Module, train: str) -> list[nn.Parameter]:
+def _trainable_parameters(stage, work: nn.Module, original: nn.Module, train: str,
+                          frozen: set[int]) -> list[nn.Parameter]:
+    """Parameters of ``stage`` to tune: those the compression changed (or all), never one the
+    training views froze (``frozen``: ids, e.g. the quantization steps)."""
     before = {name: p.shape for name, p in original.named_parameters()}
     chosen = []
     for name, p in work.named_parameters():
-        if not stage.owns(name):
+        if not stage.owns(name) or id(p) in frozen:
             continue
         if train == "all" or before.get(name) != p.shape:
             chosen.append(p)
@@ -124,6 +129,8 @@ def reconstruct_blocks(model: nn.Module, original: nn.Module, calibration_inputs
     teacher, n_fit = list(student), len(fit_chunks)
     was_training = original.training
     work = views.trainable(copy.deepcopy(model)).eval()
+    set_learn_scales(work, False)  # quantized weights train through the STE on their PTQ steps
+    frozen = {id(p) for p in work.parameters() if not p.requires_grad}
     original.eval()
     reference_stages = {s.name: s for s in model_stages(original)}
     log = []
@@ -138,7 +145,7 @@ def reconstruct_blocks(model: nn.Module, original: nn.Module, calibration_inputs
             with torch.no_grad():
                 teacher_next = [reference.run(original, s) for s in teacher]
             targets = [stage_outputs(o, s) for o, s in zip(teacher_next, teacher)]
-            params = _trainable_parameters(stage, work, original, train)
+            params = _trainable_parameters(stage, work, original, train, frozen)
             entry = {"stage": stage.label, "parameters": sum(p.numel() for p in params)}
             if params:
                 entry.update(_tune_stage(stage, work, params, student[:n_fit], targets[:n_fit], student[n_fit:],
@@ -153,7 +160,7 @@ def reconstruct_blocks(model: nn.Module, original: nn.Module, calibration_inputs
     finally:
         original.train(was_training)
     for p in work.parameters():
-        p.requires_grad_(True)
+        p.requires_grad_(id(p) not in frozen)
     return BlockwiseResult(model=views.repack(work).eval(), stages=log)
 
 
