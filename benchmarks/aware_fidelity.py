@@ -25,6 +25,7 @@ import os
 import time
 
 import torch
+from doc_results import markdown_table, write_section
 
 import workbench as wb
 from workbench.inventory import matrix_layers
@@ -35,6 +36,11 @@ from workbench.zoo import minilm
 
 RATIOS = (0.8, 0.6, 0.5, 0.4)
 VARIANTS = ("plain", "whiten", "scale", "whiten+seq", "alloc", "alloc+seq", "alloc+seq+block", "prune")
+#: Column titles of the tables in docs/results/aware-fidelity.md.
+LABELS = {"plain": "plain SVD", "whiten": "whiten", "scale": "scale", "whiten+seq": "whiten + sequential",
+          "whiten+block": "whiten + block-wise",
+          "alloc": "whiten, allocated", "alloc+seq": "allocated + sequential",
+          "alloc+seq+block": "allocated + sequential + block-wise", "prune": "magnitude pruning"}
 
 
 def compress(task, variant: str, ratio: float, built: dict | None = None):
@@ -63,6 +69,25 @@ def scores(task, model) -> dict:
     return {"mean_cosine": round(minilm.mean_cosine(out, task.eval_targets), 4),
             "neighbour_agreement": round(minilm.neighbour_agreement(out, task.eval_targets), 4),
             "spearman": round(minilm.similarity_spearman(out, task.eval_targets), 4)}
+
+
+def doc_table(table: list[dict], name: str, ratios: list[float], variants: list[str], key: str) -> str:
+    """Markdown: one row per kept ratio, one column per variant, the best low-rank cell in bold, and
+    a last row with each variant's mean end-to-end seconds."""
+    rows = []
+    for ratio in ratios:
+        found = {v: next(r for r in table if r["model"] == name and r["ratio"] == ratio and r["variant"] == v)
+                 for v in variants}
+        values = {v: row[key] for v, row in found.items() if not row.get("skipped")}
+        best = max((value for v, value in values.items() if v != "prune"), default=None)
+        rows.append([f"{ratio:.0%}"] + [("n/a" if v not in values else
+                                          f"**{values[v]:.3f}**" if values[v] == best else f"{values[v]:.3f}")
+                                         for v in variants])
+    seconds = []
+    for v in variants:
+        times = [r["compress_s"] for r in table if r["model"] == name and r["variant"] == v and not r.get("skipped")]
+        seconds.append(f"~{sum(times) / len(times):.0f}" if times else "n/a")
+    return markdown_table(["kept weights"] + [LABELS.get(v, v) for v in variants], rows + [["seconds"] + seconds])
 
 
 def main() -> None:
@@ -111,6 +136,13 @@ def main() -> None:
                 row = next(r for r in table if r["model"] == name and r["ratio"] == ratio and r["variant"] == variant)
                 cells.append(f"{'n/a':>10}" if row.get("skipped") else f"{row[key.get(name, 'accuracy')]:10.4f}")
             print(f"{name:12} {ratio:5.2f}  " + "  ".join(cells))
+    for name in args.models:
+        settings = f"--models {name} --variants {' '.join(args.variants)} --ratios {' '.join(map(str, args.ratios))}"
+        metric = "mean cosine to the original" if name in key else "test accuracy"
+        write_section("aware-fidelity", f"aware_fidelity.py {settings}",
+                      f"{metric}; seconds: end to end on {args.threads} threads, calibration included\n\n"
+                      + doc_table(table, name, args.ratios, args.variants, key.get(name, "accuracy")),
+                      title=f"{name}: benchmarks/aware_fidelity.py {settings}")
     if args.chart:
         import matplotlib
         matplotlib.use("Agg")

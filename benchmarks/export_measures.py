@@ -13,7 +13,7 @@ import json
 import warnings
 
 import workbench as wb
-from workbench.benchmark_measures import compare, shipping_measures
+from workbench.export import compare, shipping_measures
 from workbench.errors import WorkbenchError
 from workbench.registry import get_recipe, recipes
 

@@ -12,6 +12,7 @@ import json
 import warnings
 
 import torch
+from doc_results import markdown_table, write_section
 from torch import nn
 
 import workbench as wb
@@ -98,6 +99,25 @@ def sparse_latency(repeats):
     return rows
 
 
+def doc_tables(result: dict, repeats: int) -> str:
+    """The printed tables in markdown, for ``docs/results/pruning-quant.md``."""
+    fp32 = result["fp32"]
+    sizes = markdown_table(["setting", "accuracy", "bytes", "of fp32"],
+                           [["fp32", f"{fp32['accuracy']:.4f}", fp32["bytes"], "1.000"]]
+                           + [[row["setting"], f"{row['accuracy']:.4f}", row["bytes"], f"{row['bytes_fraction']:.3f}"]
+                              for row in result["pruning"] + result["quantization"]])
+    int8 = markdown_table(["case", "fp32 ms", "int8 ms (fbgemm)", "speed-up", "torchao int8 ms"],
+                          [[label, row["fp32_ms"], row["int8_ms"], f"{row['int8_speedup']}x",
+                            row.get("torchao_int8_ms", "")] for label, row in result["int8_latency"].items()])
+    dense_ms = result["sparse_latency"][0]["ms"]
+    sparse = markdown_table(["sparsity", "format", "ms", "bytes", "against dense"],
+                            [[f"{row['sparsity']:.0%}", row["format"], row["ms"], row["bytes"],
+                              "" if row["format"] == "dense" else "slower" if row["ms"] > dense_ms else "faster"]
+                             for row in result["sparse_latency"]])
+    return (f"`digits-mlp`, median of {repeats} runs, {torch.get_num_threads()} torch threads.\n\n{sizes}\n\n"
+            f"int8 against fp32 latency:\n\n{int8}\n\nSparse Linear 384->1536 at batch 64:\n\n{sparse}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=50)
@@ -123,6 +143,8 @@ def main() -> None:
         verdict = "slower" if row["ms"] > dense_ms else "FASTER"
         print(f"  {row['sparsity']:.0%} {row['format']:<6} {row['ms']:.4f} ms  {row['bytes']:>8} bytes  {verdict} than dense")
     print(json.dumps(result))
+    write_section("pruning-quant", f"pruning_quant.py --repeats {args.repeats}", doc_tables(result, args.repeats),
+                  title=f"benchmarks/pruning_quant.py --repeats {args.repeats}")
 
 
 if __name__ == "__main__":

@@ -13,12 +13,13 @@ import json
 import time
 
 import torch
+from doc_results import markdown_table, write_section
 
 import workbench as wb
 from workbench.measure import count_params, saved_bytes
 from workbench.recovery import distill_finetune, finetune, qat, train_student
 from workbench.registry import get_recipe
-from workbench.select.allocate import allocate
+from workbench.select._allocate import allocate
 
 MODEL = "digits-mlp"
 WITHIN = 0.02  # "within 2 points of the uncompressed accuracy"
@@ -99,6 +100,27 @@ def print_tables(r: dict) -> None:
         print(f"{row['student']:52s} {row['params']:8d} {row['accuracy']:9.4f}")
 
 
+def doc_tables(r: dict) -> str:
+    """The three tables of `print_tables` in markdown, for ``docs/results/recovery.md``."""
+    base = r["uncompressed"]["accuracy"]
+    intro = (f"`{r['model']}`: uncompressed test accuracy {base:.4f}, {r['uncompressed']['params']:,} weights, "
+             f"{r['uncompressed']['bytes']:,} bytes; recovery up to {r['epochs']} epochs, Adam lr 2e-3, seed 0.")
+    recovery = markdown_table(
+        ["compression", "weights", "bytes", "compressed", "fine-tuned", "distilled", "best - uncompressed"],
+        [[row["compression"], row["params"], row["bytes"], f"{row['compressed']:.4f}", f"{row['finetuned']:.4f}",
+          f"{row['distilled']:.4f}", verdict(max(row["finetuned"], row["distilled"]), base)]
+         for row in r["recovery"]])
+    qat_rows = markdown_table(
+        ["bits", "bytes", "PTQ", "STE, PTQ steps", "QAT (LSQ steps)", "QAT - uncompressed"],
+        [[row["bits"], row["bytes"], f"{row['ptq']:.4f}", f"{row['ste_fixed_steps']:.4f}", f"{row['qat_lsq']:.4f}",
+          verdict(row["qat_lsq"], base)] for row in r["qat"]])
+    equal = [[f"{svd['compression']} + {how}", svd["params"], f"{svd[key]:.4f}"]
+             for svd in r["recovery"] if svd["compression"].startswith("SVD 10% total")
+             for how, key in (("fine-tuning", "finetuned"), ("distillation", "distilled"))]
+    equal += [[row["student"], row["params"], f"{row['accuracy']:.4f}"] for row in r["students"]]
+    return "\n\n".join([intro, recovery, qat_rows, markdown_table(["equal-size model", "weights", "accuracy"], equal)])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=30)
@@ -111,6 +133,8 @@ def main() -> None:
         print(json.dumps(result, indent=1))
     else:
         print_tables(result)
+    write_section("recovery", f"recovery.py epochs={args.epochs}", doc_tables(result),
+                  title=f"benchmarks/recovery.py --epochs {args.epochs}")
 
 
 if __name__ == "__main__":

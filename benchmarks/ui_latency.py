@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from doc_results import markdown_table, write_section
+
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOK = REPO / "notebooks" / "01_quickstart.ipynb"
 CHROMIUM = "/usr/bin/chromium"
@@ -182,6 +184,12 @@ def main() -> None:
         shot = args.screenshot_dir / f"{kind}.png" if args.screenshot_dir else None
         result[kind] = measure(kind, args.moves, shot)
     print(json.dumps(result, indent=2))
+    rows = [[server, f"{r['readout_p50_ms']:.0f} / {r['readout_p95_ms']:.0f} ms",
+             f"{r['figure_p50_ms']:.0f} / {r['figure_p95_ms']:.0f} ms"] for server, r in result.items()]
+    write_section("latency", f"ui_latency.py --moves {args.moves} --server {args.server}",
+                  f"{args.moves} key presses on a rank slider of `notebooks/01_quickstart.ipynb`, headless Chromium\n\n"
+                  + markdown_table(["server", "key press to readout p50 / p95", "key press to chart p50 / p95"], rows),
+                  title=f"In the browser: benchmarks/ui_latency.py --moves {args.moves} --server {args.server}")
 
 
 if __name__ == "__main__":

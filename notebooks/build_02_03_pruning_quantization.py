@@ -67,7 +67,7 @@ print(f"accuracy {task.evaluate(structured):.3f}, {saved_bytes(structured):,} by
 Pruning all at once hurts; pruning a little, fine-tuning the survivors (pruned weights stay at
 exactly zero), and repeating recovers most of it. The schedule is AGP's cubic ramp
 `s_t = s_f (1 - (1 - t/n)^3)`: large steps first, small steps near the target."""),
-    code("""from workbench.pruning_train import iterative_pruning
+    code("""from workbench.recovery import iterative_pruning
 
 one_shot = wb.apply(task.model, get_recipe("prune")(task.model, ratio=0.05))
 run = iterative_pruning(task, ratio=0.05, steps=4, epochs_per_step=2)

@@ -105,7 +105,7 @@ network falls, because the forward pass already uses the quantized weights.
 **LSQ** (Esser et al., 2019) also learns the step `s`: `d w_hat / d s = round(v) - v` inside the
 range (`v = w / s`), `-Q_N` or `Q_P` at the clips, scaled by `1 / sqrt(N_W Q_P)`. QAT starts from
 the post-training quantization (PTQ) codes and steps and keeps PTQ's grid."""),
-    code("""from workbench.recovery.qat import lsq_fake_quant
+    code("""from workbench.recovery import lsq_fake_quant
 
 w = torch.linspace(-1, 1, 401, requires_grad=True)
 w_hat = lsq_fake_quant(w, torch.tensor(0.2), qn=3, qp=3)

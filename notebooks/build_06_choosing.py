@@ -12,8 +12,8 @@ cells = [
        "split is only used to report."),
     code("%matplotlib inline\nimport matplotlib.pyplot as plt\nimport pandas as pd\nimport workbench as wb\n"
          "from workbench.registry import recipes\n"
-         "from workbench.select.sensitivity import sensitivity\n"
-         "from workbench.select.allocate import ALLOCATION_GRID, compare_allocators\n"
+         "from workbench.select import sensitivity\n"
+         "from workbench.select import ALLOCATION_GRID, compare_allocators\n"
          "from workbench.plotting import selection as draw\n\n"
          "task = wb.load('digits-mlp')\nprint('methods registered:', recipes())"),
     md("## 1. Sensitivity: one layer at a time\n\n"
@@ -51,7 +51,7 @@ cells = [
        "Refit a layer with cvxpy: min ||X W^T - Y||^2 subject to an L1 ball, threshold, least squares on the "
        "support — against plain magnitude pruning at the same sparsity."),
     code("from workbench.select.constrained import compare_on_layer\n"
-         "from workbench.select.logistic_study import logistic_study\n"
+         "from workbench.report.logistic_study import logistic_study\n"
          "print(compare_on_layer(task, 'fc3', 0.8, n_inputs=256))\n"
          "rows = []\n"
          "for dataset, kept in (('iris', (0.5, 0.75)), ('classification', (0.25, 0.5))):\n"
@@ -66,7 +66,7 @@ cells = [
        "problem rank 1 fits half the budget but keeps only one direction (0.51 test accuracy), while the "
        "constrained refit of 40 kept weights matches the uncompressed 0.84."),
     md("## 4. A small architecture search\n\nTrain small MLPs from scratch under the same parameter budget."),
-    code("from workbench.select.search import search\n"
+    code("from workbench.select import search\n"
          "found = search('mlp', 25_500, population=3, generations=0, epochs=6, progress=False)\n"
          "pd.DataFrame(found)[['label', 'params', 'validation', 'test']]"),
     md("## 5. One Pareto chart, and an advisor\n\nEvery registered method at a few settings, combinations "

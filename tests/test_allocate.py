@@ -8,8 +8,8 @@ import torch
 
 import workbench as wb
 from workbench.errors import WorkbenchError
-from workbench.select import allocate as alloc
-from workbench.select.allocate import OptionTable
+from workbench.select import _allocate as alloc
+from workbench.select._allocate import OptionTable
 from conftest import state_bytes
 
 
@@ -79,8 +79,8 @@ def test_other_budgets(cnn_task, by):
 
 
 def test_proxy_loss_is_relative_output_error(mlp_task):
-    from workbench.compress import collect_layer_inputs
-    from workbench.select.sensitivity import sensitivity
+    from workbench.hooks import collect_layer_inputs
+    from workbench.select._sensitivity import sensitivity
 
     result = sensitivity(mlp_task, "svd", (0.1,), layers=["fc2"], progress=False)
     proxy = alloc.proxy_losses(mlp_task, result)[0][0]

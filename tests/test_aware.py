@@ -1,7 +1,6 @@
 """Activation-aware SVD: output-error oracles, the svd_aware method, the recipe and the CLI flag."""
 import pytest
 import torch
-from torch import nn
 
 import workbench as wb
 from workbench.errors import WorkbenchError
@@ -86,7 +85,7 @@ def test_svd_aware_beats_plain_on_the_outputs_and_never_mutates(mlp_task):
 
 
 def test_svd_aware_factorizes_convolutions_with_lower_output_error(cnn_task):
-    from workbench.compress import collect_layer_inputs
+    from workbench.hooks import collect_layer_inputs
     model, calib = cnn_task.model, cnn_task.calibration_inputs(256)
     plan = get_recipe("svd")(model, ranks={"conv2": 8}, activation_aware="whiten")
     new = wb.apply(model, plan, calibration_inputs=calib)

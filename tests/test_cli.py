@@ -7,12 +7,22 @@ import pytest
 import torch
 
 from workbench.cli import main
+from workbench.cli.output import emit
 from workbench.export import load_compressed
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def strict_loads(text: str):
+    """``json.loads`` that refuses the non-standard constants NaN, Infinity and -Infinity."""
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant} in the output")
+    return json.loads(text, parse_constant=refuse)
 
 
 def run_json(capsys, *argv):
     assert main(list(argv)) == 0
-    return json.loads(capsys.readouterr().out)
+    return strict_loads(capsys.readouterr().out)
 
 
 def test_models_lists_the_embedded_models(capsys):
@@ -74,6 +84,12 @@ def test_compress_by_rank_and_energy(capsys):
     (["sensitivity", "digits-mlp", "--layers", "nope"], r"layers \['nope'\] are not compressible .* fc1, fc2, fc3"),
     (["report", "digits-mlp", "--budget", "0.0001", "--out", "{tmp}/report"], r"below the smallest model .* at least 0.02"),
     (["pareto", "digits-mlp", "--out", "{tmp}/file/sub"], "cannot create output folder"),
+    # a grid value the recipe refuses for every layer is an error, not a row of NaN
+    (["sensitivity", "digits-mlp", "--method", "quant", "--grid", "0", "4"],
+     r"--grid 0 is refused by --method quant: bits=0"),
+    (["sensitivity", "digits-mlp", "--method", "quant", "--grid", "2.5"], r"bits=2.5 must be an integer"),
+    (["sensitivity", "digits-cnn", "--method", "tucker", "--grid", "0.5", "--layers", "conv2", "fc1"],
+     r"layer 'fc1' is refused by --method tucker: tucker needs nn.Conv2d"),
 ])
 def test_bad_input_exits_2_with_a_clear_message(capsys, tmp_path, argv, message):
     (tmp_path / "file").write_text("not a folder")
@@ -103,3 +119,60 @@ def test_python_dash_m_entry_point():
                            "--rank", "fc1=999"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "rank=999 is above" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_json_is_strict_non_finite_values_become_null_with_a_reason(capsys):
+    emit({"metric": float("nan"), "metric_error": "the recipe refused", "latency_ms": float("inf"),
+          "grid": [0.5, float("-inf")], "rows": [{"loss": float("nan")}], "n": 3}, as_json=True)
+    data = strict_loads(capsys.readouterr().out)
+    assert data["metric"] is None and data["metric_error"] == "the recipe refused"  # the producer's reason kept
+    assert data["latency_ms"] is None and "not a finite number (inf)" in data["latency_ms_error"]
+    assert data["grid"] == [0.5, None] and data["n"] == 3
+    assert data["rows"] == [{"loss": None, "loss_error": data["rows"][0]["loss_error"]}]
+    assert "nan" in data["rows"][0]["loss_error"]
+    emit({"metric": float("nan")}, as_json=False)  # the indented default (no text) is strict too
+    assert strict_loads(capsys.readouterr().out)["metric"] is None
+
+
+def test_sensitivity_quant_grid_is_integer_bits(capsys, mlp_task):
+    """``--grid 2 4 8`` reaches the quant recipe as bits=2, 4, 8 (not 2.0, which it refuses)."""
+    data = run_json(capsys, "sensitivity", "digits-mlp", "--method", "quant", "--grid", "2", "4", "8", "--json")
+    assert data["option"] == "bits" and data["grid"] == [2, 4, 8]
+    assert all(type(g) is int for g in data["grid"])
+    assert data["layers"] == ["fc1", "fc2", "fc3"] and "metric_errors" not in data
+    for row, choices in zip(data["metric"], data["choices"]):
+        assert all(isinstance(v, float) and 0 <= v <= 1 for v in row)
+        assert [c["bits"] for c in choices] == [2, 4, 8]
+        assert row[0] <= row[2]  # 2 bits never beat 8 bits here
+    assert main(["sensitivity", "digits-mlp", "--method", "quant", "--grid", "2", "4", "8"]) == 0
+    text = capsys.readouterr().out
+    assert "nan" not in text.lower() and "bits:" in text
+
+
+def test_sensitivity_layers_a_method_does_not_take_are_null_with_the_reason(capsys, cnn_task):
+    """Tucker on the CNN: the convs are measured, the Linear layers are null beside the recipe's reason."""
+    data = run_json(capsys, "sensitivity", "digits-cnn", "--method", "tucker", "--grid", "0.1", "0.5", "--json")
+    assert data["layers"] == ["conv1", "conv2", "fc1", "fc2"]
+    for name, row, reasons in zip(data["layers"], data["metric"], data["metric_errors"]):
+        if name.startswith("conv"):
+            assert all(isinstance(v, float) for v in row) and reasons == [None, None]
+        else:
+            assert row == [None, None]
+            assert all(f"tucker needs nn.Conv2d, got Linear for layer {name!r}" in r for r in reasons)
+
+
+def test_pareto_writes_strict_json_and_both_charts(capsys, tmp_path, mlp_task):
+    out = tmp_path / "pareto"
+    data = run_json(capsys, "pareto", "digits-mlp", "--out", str(out), "--methods", "svd", "quant",
+                    "--no-combinations", "--no-allocations", "--no-recovery", "--max-bytes", "100000", "--json")
+    labels = [p["label"] for p in data["points"]]
+    assert labels[0] == "original"
+    assert {p["method"] for p in data["points"]} == {"original", "svd", "quant"}  # only what was asked for
+    assert data["files"] == [str(out / n) for n in ("pareto.json", "pareto_bytes.png", "pareto_latency.png")]
+    assert strict_loads((out / "pareto.json").read_text()) == {k: v for k, v in data.items() if k != "files"}
+    for name in ("pareto_bytes.png", "pareto_latency.png"):
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+    on_front = [p for p in data["points"] if p["on_front_bytes"]]
+    assert on_front and all(p["bytes"] > 0 for p in on_front)
+    choice = data["advice"]["choice"]
+    assert choice is not None and choice["bytes"] <= 100_000 and choice["label"] in labels

@@ -79,7 +79,7 @@ def test_layer_comparison_on_digits(mlp_task):
 
 
 def test_logistic_study_iris_equal_storage():
-    from workbench.select.logistic_study import logistic_study
+    from workbench.report.logistic_study import logistic_study
 
     study = logistic_study("iris", kept=(0.5, 0.75))
     assert study["shape"] == [3, 4] and study["before"]["test"] > 0.9
@@ -92,7 +92,7 @@ def test_logistic_study_iris_equal_storage():
 
 
 def test_logistic_study_on_make_classification_keeps_the_budget_and_the_refit_helps():
-    from workbench.select.logistic_study import logistic_study
+    from workbench.report.logistic_study import logistic_study
 
     study = logistic_study("classification", kept=(0.25, 0.5))
     assert study["shape"] == [4, 20] and study["before"]["test"] > 0.8

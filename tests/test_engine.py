@@ -9,8 +9,9 @@ from torch import nn
 
 import workbench as wb
 from conftest import state_bytes
-from workbench.compress import collect_layer_inputs
-from workbench.engine import Engine, Stage, model_stages
+from workbench.hooks import collect_layer_inputs
+from workbench.engine import Engine
+from workbench.stages import Stage, model_stages
 from workbench.errors import WorkbenchError
 from workbench.inventory import weight_matrix
 from workbench.measure import count_flops, count_params, saved_bytes

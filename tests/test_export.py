@@ -223,7 +223,7 @@ def test_failed_write_leaves_the_old_file_and_no_temporary(saved, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("workbench.export.save_file", boom)
+    monkeypatch.setattr("workbench.export.files.save_file", boom)
     model = wb.load("digits-mlp").model
     with pytest.raises(WorkbenchError, match="No space left"):
         save_compressed(saved, model, Plan(), "digits-mlp")
@@ -234,7 +234,7 @@ def test_failed_write_leaves_the_old_file_and_no_temporary(saved, monkeypatch):
 def test_torch_ao_dynamic_int8_state_round_trips(mlp_task, tmp_path):
     """Quantized tensors and packed-parameter tuples are stored as int8 codes + scales."""
     quantized = torch.ao.quantization.quantize_dynamic(mlp_task.model, {nn.Linear}, dtype=torch.qint8)
-    from workbench.export import _decode_state, _encode_state
+    from workbench.export.files import _decode_state, _encode_state
     tensors, encoded = _encode_state(quantized.state_dict())
     assert tensors["fc2._packed_params._packed_params::0::int_repr"].dtype == torch.int8
     fresh = torch.ao.quantization.quantize_dynamic(nn.Sequential(

@@ -130,7 +130,7 @@ def test_explorer_starts_plain_and_decomposes_each_layer_once(minilm_task, monke
 def test_packed_stages_encode_each_sentence_as_on_its_own(minilm_task):
     """The engine's stages pack several sentences into one row (block-diagonal attention, positions
     restarting per sentence): the embeddings equal the padded forward pass's."""
-    from workbench.engine import model_stages
+    from workbench.stages import model_stages
     inputs = minilm_task.eval_inputs[::3]
     ids, positions, segment = minilm.pack_rows(inputs)
     lengths = inputs[:, 1].sum(1)

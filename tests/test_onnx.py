@@ -10,7 +10,7 @@ from torch import nn
 
 import workbench as wb
 from workbench.errors import WorkbenchError
-from workbench.onnx_export import (Int8WeightLinear, export_onnx, onnx_max_error, onnx_outputs,
+from workbench.export.onnx_format import (Int8WeightLinear, export_onnx, onnx_max_error, onnx_outputs,
                                    prepare_for_onnx)
 from workbench.plan import LayerPlan, Plan
 

@@ -43,7 +43,7 @@ def test_unstructured_prune_reports_sparse_latency(capsys, tmp_path, mlp_task):
 def test_quant_error_figures_match_a_direct_computation(capsys, mlp_task):
     """``layer_errors``: weight MSE against the dequantized codes, and the output error of each
     layer on its own calibration inputs, recomputed here from the saved model."""
-    from workbench.compress import collect_layer_inputs
+    from workbench.hooks import collect_layer_inputs
     from workbench.registry import get_recipe
     import workbench as wb
 

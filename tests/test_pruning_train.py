@@ -4,7 +4,7 @@ import torch
 
 from workbench.errors import WorkbenchError
 from workbench.layers.sparse import SparseLinear
-from workbench.pruning_train import iterative_pruning, l1_regularised_pruning
+from workbench.recovery.pruning_train import iterative_pruning, l1_regularised_pruning
 
 from conftest import state_bytes
 

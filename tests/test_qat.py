@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workbench.errors import WorkbenchError
-from workbench.recovery.qat import (FakeQuantLayer, codes_of, grad_scale, lsq_fake_quant, mse_scale,
+from workbench.recovery.lsq import (FakeQuantLayer, codes_of, grad_scale, lsq_fake_quant, mse_scale,
                                     round_ste, signed_range)
 
 

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from workbench.benchmark_measures import batch_of, compare, disk_bytes, latency_profile, peak_memory_bytes
+from workbench.export.measures import batch_of, compare, disk_bytes, latency_profile, peak_memory_bytes
 from workbench.cli import main
 from workbench.errors import WorkbenchError
 from workbench.export import load_compressed
@@ -60,7 +60,7 @@ def test_exported_models_reload_and_match(report, mlp_task):
     x = mlp_task.eval_inputs[:64]
     with torch.no_grad():
         assert torch.equal(loaded.model(x), written["study"].model(x))
-    from workbench.onnx_export import onnx_max_error
+    from workbench.export.onnx_format import onnx_max_error
     assert onnx_max_error(out / "models" / "compressed.onnx", written["study"].model, x) < 1e-4
     assert (out / "models" / "original.onnx").stat().st_size > (out / "models" / "compressed.onnx").stat().st_size
     leftovers = [p.name for p in out.rglob("*.tmp")]

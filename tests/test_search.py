@@ -4,7 +4,7 @@ import random
 import pytest
 
 from workbench.errors import WorkbenchError
-from workbench.select.search import CNN_CHANNELS, Candidate, mutate, search
+from workbench.select._search import CNN_CHANNELS, Candidate, mutate, search
 
 
 def test_candidates_build_with_the_counted_params():

@@ -1,11 +1,10 @@
 """Per-layer sensitivity: oracles against applying each single-layer plan, costs, cache, bad input."""
 import pytest
-import torch
 
 import workbench as wb
 from workbench.errors import WorkbenchError
 
-from workbench.select import sensitivity as sens
+from workbench.select import _sensitivity as sens
 from conftest import state_bytes
 
 GRID = (0.05, 0.3, 0.9)

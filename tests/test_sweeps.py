@@ -4,7 +4,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from workbench.errors import WorkbenchError
-from workbench.select import sensitivity as sens
+from workbench.select import _sensitivity as sens
 from workbench.select.sweeps import map_items
 
 
@@ -45,7 +45,7 @@ def test_search_on_local_processes_equals_serial_after_torch_has_run_threads():
     """Workers are spawned: forking after torch's OpenMP pool has started can hang the children."""
     import torch
 
-    from workbench.select.search import search
+    from workbench.select._search import search
 
     torch.randn(512, 512) @ torch.randn(512, 512)  # start the intra-op thread pool in this process
     options = dict(population=2, generations=1, epochs=2, progress=False)

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import tensorly as tl
 import torch
-import torch.nn.functional as F
 from tensorly.decomposition import parafac, partial_tucker
 from torch import nn
 

@@ -6,49 +6,35 @@ the copy, so a bad entry raises before anything is returned (nothing is half-app
 from __future__ import annotations
 
 import copy
-from typing import Callable
 
 import torch
 from torch import nn
 
 from workbench.errors import UnsupportedLayerError, WorkbenchError
+from workbench.hooks import collect_layer_inputs
 from workbench.inventory import get_submodule, set_submodule
-from workbench.plan import Plan
-from workbench.registry import LayerContext, get_method
+from workbench.plan import LayerPlan, Plan
+from workbench.registry import LayerContext, Method, get_method
+from workbench.sequential import build_in_order
 
 
-@torch.no_grad()
-def feed_layers(model: nn.Module, names: list[str], inputs: torch.Tensor,
-                on_input: Callable[[str, nn.Module, torch.Tensor], None], batch_size: int = 256) -> None:
-    """Run ``model`` (in eval mode) on ``inputs`` in batches, calling ``on_input(name, module, x)``
-    with the input ``x`` entering each named layer. Hooks are removed and the mode restored after."""
-    handles = [model.get_submodule(name).register_forward_pre_hook(
-        lambda mod, args, _name=name: on_input(_name, mod, args[0].detach())) for name in names]
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(inputs), batch_size):
-            model(inputs[start:start + batch_size])
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+def check_layer_choice(module: nn.Module, name: str, choice: LayerPlan) -> Method:
+    """The method of ``choice`` after checking it can compress ``module`` (layer ``name``).
 
-
-def collect_layer_inputs(model: nn.Module, names: list[str], inputs: torch.Tensor,
-                         batch_size: int = 256) -> dict[str, torch.Tensor]:
-    """Inputs entering each named layer when ``model`` runs on ``inputs``.
-
-    Returns ``{name: (tokens, in_features)}`` for Linear (leading dims flattened) and the raw
-    ``(n, c, h, w)`` input for convolutions.
+    The one validator of a plan's layer entries, shared by `apply` and the engine: the method
+    exists and is per-layer, handles the module's type, and accepts this module and its settings
+    (the method's own ``check``). Raises `WorkbenchError` naming the value and what is allowed.
     """
-    seen: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-
-    def keep(name: str, module: nn.Module, x: torch.Tensor) -> None:
-        seen[name].append(x.reshape(-1, x.shape[-1]) if isinstance(module, nn.Linear) else x)
-
-    feed_layers(model, names, inputs, keep, batch_size)
-    return {name: torch.cat(chunks) for name, chunks in seen.items()}
+    method = get_method(choice.method)
+    if method.kind != "layer":
+        raise WorkbenchError(f"{choice.method!r} is a whole-model step; put it in plan.steps")
+    if not isinstance(module, method.layer_types):
+        allowed = ", ".join(t.__name__ for t in method.layer_types)
+        raise UnsupportedLayerError(f"method {choice.method!r} cannot compress layer {name!r} of type "
+                                    f"{type(module).__name__}; it handles: {allowed}")
+    if method.check is not None:
+        method.check(module, choice.params, name)
+    return method
 
 
 def apply(model: nn.Module, plan: Plan, calibration_inputs: torch.Tensor | None = None,
@@ -73,15 +59,7 @@ def apply(model: nn.Module, plan: Plan, calibration_inputs: torch.Tensor | None 
     entries = []
     for name, choice in plan.layers.items():
         module = get_submodule(new, name)
-        method = get_method(choice.method)
-        if method.kind != "layer":
-            raise WorkbenchError(f"{choice.method!r} is a whole-model step; put it in plan.steps")
-        if not isinstance(module, method.layer_types):
-            allowed = ", ".join(t.__name__ for t in method.layer_types)
-            raise UnsupportedLayerError(
-                f"method {choice.method!r} cannot compress layer {name!r} of type "
-                f"{type(module).__name__}; it handles: {allowed}")
-        entries.append((name, module, method, choice))
+        entries.append((name, module, check_layer_choice(module, name, choice), choice))
 
     def builder(method):
         return method.skeleton if structure_only and method.skeleton is not None else method.build
@@ -90,7 +68,6 @@ def apply(model: nn.Module, plan: Plan, calibration_inputs: torch.Tensor | None 
     if any(choice.params.get("sequential") for name, _, method, choice in entries if name in needing):
         if calibration_inputs is None:
             raise WorkbenchError(f"layers {needing} use sequential calibration; pass calibration_inputs to apply()")
-        from workbench.sequential import build_in_order  # builds every layer in forward order
         return build_in_order(new, entries, calibration_inputs).eval()
     layer_inputs: dict[str, torch.Tensor] = {}
     if needing:

@@ -10,7 +10,7 @@ layers in the order the forward pass reaches them, and gives each builder:
 * ``LayerContext.reference_inputs``: the same positions' inputs ``X`` in the original model, so a
   builder can fit the ORIGINAL outputs ``W X^T`` from ``X'`` (``svd_aware`` with ``refit``).
 
-Cost. The model is cut into stages (`workbench.engine.model_stages`: MiniLM's encoder blocks;
+Cost. The model is cut into stages (`workbench.stages.model_stages`: MiniLM's encoder blocks;
 one stage for models that declare none). Per stage, the original runs once (recording ``X`` for
 all its layers), and the compressed copy runs once per *group* of layers whose inputs do not
 depend on one another (q, k, v share one input tensor), each run stopped as soon as it reaches a
@@ -22,6 +22,7 @@ give the same weights), so a plan stays data: applying it again reproduces the m
 """
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -30,6 +31,7 @@ from torch import nn
 from workbench.errors import WorkbenchError
 from workbench.inventory import set_submodule
 from workbench.registry import LayerContext
+from workbench.stages import model_stages
 
 BATCH = 64  # calibration samples per forward chunk
 
@@ -110,10 +112,6 @@ def build_in_order(model: nn.Module, entries: list, calibration_inputs: torch.Te
     the original weights for the reference inputs. ``calibration_inputs``: ``(n, ...)`` model
     inputs, run in chunks of ``batch_size``.
     """
-    import copy
-
-    from workbench.engine import model_stages  # stages live with the engine (which imports apply)
-
     refit = any(choice.params.get("refit") for _, _, _, choice in entries)
     reference = copy.deepcopy(model).eval() if refit else None
     model.eval()

@@ -1,7 +1,6 @@
-"""Singular-value spectra of every compressible layer, computed once per weight and cached."""
+"""Singular-value spectra of every compressible layer (SVDs from the one cache, `workbench.svd_cache`)."""
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -9,10 +8,7 @@ from torch import nn
 
 from workbench.inventory import matrix_layers, weight_matrix
 from workbench.kernels import svd as svd_kernels
-
-# id(weight) -> (weakref to the weight, its _version, SVD). A changed or freed weight misses.
-_SVD_CACHE: dict[int, tuple[weakref.ref, int, svd_kernels.SVD]] = {}
-
+from workbench.svd_cache import cached_svd
 
 @dataclass(frozen=True)
 class Spectrum:
@@ -37,14 +33,8 @@ class Spectrum:
 
 
 def layer_svd(module: nn.Module) -> svd_kernels.SVD:
-    """The (cached) thin SVD of ``module``'s weight matrix."""
-    weight = module.weight
-    hit = _SVD_CACHE.get(id(weight))
-    if hit is not None and hit[0]() is weight and hit[1] == weight._version:
-        return hit[2]
-    result = svd_kernels.svd(weight_matrix(module))
-    _SVD_CACHE[id(weight)] = (weakref.ref(weight), weight._version, result)
-    return result
+    """The thin SVD of ``module``'s weight matrix ``(out, in)`` (conv: ``(out, in*kh*kw)``), cached by content."""
+    return cached_svd(weight_matrix(module))
 
 
 def model_spectra(model: nn.Module) -> list[Spectrum]:

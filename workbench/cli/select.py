@@ -1,32 +1,90 @@
 """``python -m workbench sensitivity | allocate | pareto MODEL``: choosing, headless, JSON out."""
 from __future__ import annotations
 
-import json
+import argparse
+import math
 from pathlib import Path
 
-from workbench.cli.output import emit
+from workbench.cli.output import dumps, emit
 from workbench.errors import WorkbenchError
 from workbench.zoo import load
 
 
-def run_sensitivity(args) -> int:
-    from workbench.select.sensitivity import sensitivity
+def grid_value(text: str) -> int | float:
+    """One ``--grid`` value: an integer literal stays an int (bits, ranks: ``2``, not ``2.0``),
+    anything else is a float (kept ratios)."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
 
-    task = load(args.model)
+
+def refusals(task, method: str, result) -> list[list[str | None]]:
+    """``reasons[i][j]``: why ``result.metric[i][j]`` is not a number (the recipe's own refusal,
+    re-asked for that layer and grid value), or None where it is."""
+    from workbench.registry import get_recipe
+
+    recipe = get_recipe(method)
+    reasons: list[list[str | None]] = []
+    for layer, row in zip(result.layers, result.metric):
+        reasons.append([])
+        for value, metric in zip(result.grid, row):
+            if math.isfinite(metric):
+                reasons[-1].append(None)
+                continue
+            try:
+                recipe(task.model, task=task, layers=[layer], **{result.option: value})
+            except WorkbenchError as exc:
+                reasons[-1].append(str(exc))
+            else:
+                reasons[-1].append("the metric of the compressed model is not a finite number")
+    return reasons
+
+
+def check_refusals(method: str, result, reasons: list[list[str | None]], named_layers: bool) -> None:
+    """Refusals that mean bad input raise a WorkbenchError with the recipe's reason: a layer the
+    user named (``--layers``) refused at every grid value, or a grid value refused for every layer.
+    Other refusals (a layer of a type the method does not take, a value one layer cannot take)
+    stay in the result as nulls with their reasons."""
+    if named_layers:
+        for layer, row in zip(result.layers, reasons):
+            if all(row):
+                raise WorkbenchError(f"layer {layer!r} is refused by --method {method}: {row[0]}")
+    for j, value in enumerate(result.grid):
+        column = [row[j] for row in reasons]
+        if all(column):
+            raise WorkbenchError(f"--grid {value!r} is refused by --method {method}: {column[0]}")
+
+
+def run_sensitivity(args) -> int:
+    from workbench.select import sensitivity
     from workbench.zoo.cache import cache_dir
 
+    task = load(args.model)
     result = sensitivity(task, args.method, args.grid, layers=args.layers, split=args.split,
                          progress=not args.json, cache_dir=cache_dir() / "sensitivity")
+    reasons = refusals(task, args.method, result)
+    check_refusals(args.method, result, reasons, named_layers=args.layers is not None)
     data = {"model": args.model, **result.to_dict()}
+    if any(any(row) for row in reasons):
+        data["metric_errors"] = reasons  # beside each null in ``metric``, the recipe's reason
+    width = max(5, *(len(f"{g:g}") for g in result.grid))
     lines = [f"{args.model} {args.method} sensitivity ({result.metric_name} on {result.split}, "
-             f"original {result.baseline:.4f}); {result.option}: " + " ".join(f"{g:g}" for g in result.grid)]
-    lines += [f"  {name:>12}: " + " ".join(f"{v:.3f}" for v in row) for name, row in zip(result.layers, result.metric)]
+             f"original {result.baseline:.4f}); {result.option}: " + " ".join(f"{g:>{width}g}" for g in result.grid)]
+    lines += [f"  {name:>12}: " + " ".join(f"{v:>{width}.3f}" if math.isfinite(v) else f"{'-':>{width}}" for v in row)
+              for name, row in zip(result.layers, result.metric)]
+    refused = sorted({reason for row in reasons for reason in row if reason})
+    lines += [f"  -: refused: {reason}" for reason in refused]
     emit(data, args.json, "\n".join(lines))
     return 0
 
 
 def run_allocate(args) -> int:
-    from workbench.select.allocate import allocate
+    from workbench.select import allocate
 
     task = load(args.model)
     result = allocate(task, args.budget, args.by, args.allocator, method=args.method, loss=args.loss,
@@ -42,13 +100,16 @@ def run_allocate(args) -> int:
 
 
 def run_pareto(args) -> int:
-    from workbench.select.pareto import advise, collect_points, pareto_front
-
     from workbench.export import atomic_write, check_writable_dir
+    from workbench.select import advise, collect_points, pareto_front
 
     out = check_writable_dir(args.out, create=True)  # before the work, not after it
     task = load(args.model)
-    points, skipped = collect_points(task, recovery=not args.no_recovery, progress=not args.json)
+    options = {"allocations": ()} if args.no_allocations else {}
+    points, skipped = collect_points(task, args.methods, combinations=not args.no_combinations,
+                                     recovery=not args.no_recovery, progress=not args.json, **options)
+    if not points:
+        raise WorkbenchError(f"pareto measured nothing on {args.model!r}")
     front = {p.label for p in pareto_front(points, "bytes")}
     front_latency = {p.label for p in pareto_front(points, "latency_ms")}
     data = {"model": args.model, "metric_name": task.metric_name,
@@ -59,7 +120,7 @@ def run_pareto(args) -> int:
                                      ("min_metric", args.min_metric)) if v is not None}
     if constraints:
         data["advice"] = advise(points, metric_name=task.metric_name, **constraints).to_dict()
-    atomic_write(out / "pareto.json", lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, default=str)))
+    atomic_write(out / "pareto.json", lambda tmp: Path(tmp).write_text(dumps(data, indent=2, default=str) + "\n"))
     _save_chart(points, front, front_latency, out, task.metric_name)
     data["files"] = [str(out / name) for name in ("pareto.json", "pareto_bytes.png", "pareto_latency.png")]
     text = "\n".join(f"{'*' if p.label in front else ' '} {p.label:<48} {p.metric:.4f} {p.bytes:>9,} B"
@@ -75,6 +136,7 @@ def _save_chart(points, front, front_latency, out: Path, metric_name: str) -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from workbench.export import atomic_write
     from workbench.plotting.selection import draw_pareto
 
     for x, on, name in (("bytes", front, "pareto_bytes.png"), ("latency_ms", front_latency, "pareto_latency.png")):
@@ -98,7 +160,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("sensitivity", help="per-layer metric along a grid, one layer at a time")
     p.add_argument("model")
     p.add_argument("--method", default="svd", help="recipe to vary: svd, prune, quant, ...")
-    p.add_argument("--grid", type=float, nargs="+", help="kept ratios (svd/prune) or bits (quant)")
+    p.add_argument("--grid", type=grid_value, nargs="+",
+                   help="kept ratios (svd/prune) or bits (quant; integers)")
     p.add_argument("--layers", nargs="+", help="restrict to these layers")
     p.add_argument("--split", default="validation", choices=["validation", "test"],
                    help="data scored (validation: carved from the training split)")
@@ -122,6 +185,10 @@ def register(subparsers) -> None:
     p.add_argument("--max-bytes", type=int, help="advisor: size limit")
     p.add_argument("--max-latency-ms", type=float, help="advisor: latency limit")
     p.add_argument("--min-metric", type=float, help="advisor: accuracy floor")
+    p.add_argument("--methods", nargs="+", metavar="METHOD",
+                   help="recipes to measure (default: every registered one)")
+    p.add_argument("--no-combinations", action="store_true", help="skip chained methods (e.g. svd + int8)")
+    p.add_argument("--no-allocations", action="store_true", help="skip the greedy SVD allocations (faster)")
     p.add_argument("--no-recovery", action="store_true", help="skip distillation points (faster)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run_pareto)

@@ -46,7 +46,7 @@ def constrained_refit(x: torch.Tensor, y: torch.Tensor, constraint: str = "l1", 
     ``lower < upper`` bound each entry for "box". Raises `WorkbenchError` on bad settings or when
     the solver fails.
     """
-    import cvxpy as cp
+    import cvxpy as cp  # noqa: PLC0415 (optional heavy dependency, loaded on first use)
 
     if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
         raise WorkbenchError(f"x: (t, n) and y: (t, m) must share t; got {tuple(x.shape)} and {tuple(y.shape)}")

@@ -115,7 +115,7 @@ def kmeans_codebook(w: torch.Tensor, bits: int, per_channel: bool = False,
     (MiniLM's FFN: 590k) is fitted on a seeded sample of that many, then refined by
     `KMEANS_REFINE` exact 1-D Lloyd steps on all its values.
     """
-    from sklearn.cluster import KMeans
+    from sklearn.cluster import KMeans  # noqa: PLC0415 (optional heavy dependency, loaded on first use)
 
     check_bits(bits)
     k = 2 ** bits

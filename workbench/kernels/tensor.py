@@ -143,8 +143,8 @@ def _numpy(w: torch.Tensor) -> np.ndarray:
 def tucker2(w: torch.Tensor, ranks: tuple[int, int], name: str = "") -> Tucker2:
     """Tucker-2 of ``w: (out, in, kh, kw)`` on the channel modes (HOOI via ``tensorly.partial_tucker``,
     SVD initialisation, so full ranks reproduce ``w`` to float precision)."""
-    import tensorly as tl
-    from tensorly.decomposition import partial_tucker
+    import tensorly as tl  # noqa: PLC0415 (optional heavy dependency, loaded on first use)
+    from tensorly.decomposition import partial_tucker  # noqa: PLC0415 (optional heavy dependency, loaded on first use)
 
     shape = check_kernel(w)
     r_out, r_in = check_tucker_ranks(shape, ranks, name)
@@ -157,8 +157,8 @@ def tucker2(w: torch.Tensor, ranks: tuple[int, int], name: str = "") -> Tucker2:
 
 def cp(w: torch.Tensor, rank: int, name: str = "", n_iter_max: int = 200, seed: int = 0) -> CP:
     """Rank-``rank`` CP of ``w: (out, in, kh, kw)`` by ALS (``tensorly.parafac``, SVD init, seeded)."""
-    import tensorly as tl
-    from tensorly.decomposition import parafac
+    import tensorly as tl  # noqa: PLC0415 (optional heavy dependency, loaded on first use)
+    from tensorly.decomposition import parafac  # noqa: PLC0415 (optional heavy dependency, loaded on first use)
 
     shape = check_kernel(w)
     rank = check_cp_rank(shape, rank, name)
@@ -206,7 +206,7 @@ def vbmf_rank(matrix: torch.Tensor) -> int:
     """Rank of ``matrix: (m, n)`` estimated by empirical variational Bayesian matrix factorization
     (EVBMF, Nakajima et al., JMLR 2013): the noise variance is fitted by minimising the free
     energy, and singular values above the resulting threshold are kept. At least 1."""
-    from scipy.optimize import minimize_scalar
+    from scipy.optimize import minimize_scalar  # noqa: PLC0415 (optional heavy dependency, loaded on first use)
 
     y = matrix.detach().double()
     if y.shape[0] > y.shape[1]:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from workbench.errors import UnsupportedLayerError
@@ -97,3 +98,34 @@ class LowRankConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.second(self.first(x))
+
+
+class SlicedLowRank(nn.Module):
+    """Evaluation-only view of a rank-r factorization: ``second(first(x))`` exactly as `LowRankLinear` /
+    `LowRankConv2d` compute it, on the cached factors, without building their modules.
+
+    ``first: (r, n)`` (conv: ``(r, in, kh, kw)``), ``second: (m, r)`` (conv: ``(out, r, 1, 1)``).
+    For a Linear both are views of the cached factors, no copy: ``first`` a block of rows, and
+    ``second`` the first ``r`` columns, a row-major matrix with a longer row stride, which BLAS
+    multiplies by the same kernel as the real layer's contiguous weight (outputs bit-identical;
+    `tests/test_engine.py` checks). Only the engine's working copy holds these (through the ``svd``
+    method's ``view``); what is built for export comes from `workbench.apply`.
+    """
+
+    def __init__(self, original: nn.Module, a: torch.Tensor, b: torch.Tensor, channels_last: bool = False):
+        super().__init__()
+        self.conv = original if isinstance(original, nn.Conv2d) else None
+        if self.conv is None:
+            self.first, self.second = b, a
+        else:
+            w = original.weight
+            layout = torch.channels_last if channels_last else torch.contiguous_format
+            self.first = b.reshape(len(b), *w.shape[1:]).contiguous(memory_format=layout)
+            self.second = a.reshape(w.shape[0], a.shape[1], 1, 1).contiguous(memory_format=layout)
+        self.bias = None if original.bias is None else original.bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv is None:
+            return F.linear(F.linear(x, self.first), self.second, self.bias)
+        c = self.conv
+        return F.conv2d(F.conv2d(x, self.first, None, c.stride, c.padding, c.dilation), self.second, self.bias)

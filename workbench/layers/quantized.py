@@ -17,7 +17,7 @@ Fine-tuning (issue 8): ``dequantized_weight()`` / ``to_float()`` give the float 
 codes stand for; ``scale`` / ``zero_point`` / ``codebook`` the grid; re-pack trained float weights
 with ``QuantLinear.from_float(linear, bits, ...)`` (new grid) or keep the grid with
 ``from_signed_codes(codes, scale, bias, layer, bits=b)`` (int8 codes in ``[-2^(b-1), 2^(b-1)-1]``,
-the packer signature of ``workbench.recovery.qat.FakeQuantLayer``).
+the packer signature of ``workbench.recovery.lsq.FakeQuantLayer``).
 """
 from __future__ import annotations
 

@@ -1,9 +1,11 @@
-"""Built-in method families; importing this package registers them in `workbench.registry`."""
-from workbench.methods import lowrank  # noqa: F401
-from workbench.methods import pruning  # noqa: F401
-from workbench.methods import quantization  # noqa: F401
-from workbench.methods import tensor  # noqa: F401,E402
-from workbench.methods import recurrent  # noqa: F401,E402
-from workbench.recovery import qat  # noqa: F401,E402  (the "qat" recipe: PTQ start, then LSQ training)
-from workbench.methods import fusion  # noqa: F401,E402
-from workbench.methods import aware  # noqa: F401,E402  (svd_aware: activation-aware SVD)
+"""Built-in method families; importing this package registers them in `workbench.registry`.
+
+The explicit table of built-ins (Torch-Pruning's ``PrunerBox`` pattern): each module below calls
+`register_method` / `register_recipe` for its family; `workbench/__init__` imports this package once.
+"""
+from workbench.methods import aware, fusion, lowrank, pruning, quantization, recurrent, tensor
+
+FAMILIES = {"lowrank": lowrank, "aware": aware, "recurrent": recurrent, "tensor": tensor, "pruning": pruning,
+            "quantization": quantization, "fusion": fusion}
+
+__all__ = ["FAMILIES"]

@@ -59,7 +59,7 @@ def embedding_rnn_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[s
     return pairs
 
 
-def fuse_plan(model: nn.Module, *, task=None, example: torch.Tensor | None = None, **_: Any) -> Plan:
+def fuse_plan(model: nn.Module, *, task=None, example: torch.Tensor | None = None) -> Plan:
     """Plan fusing every embedding that directly feeds a GRU/LSTM (found with ``task.example_input``)."""
     example = example if example is not None else (task.example_input if task is not None else None)
     if example is None:

@@ -5,39 +5,53 @@ from typing import Any, Mapping
 
 from torch import nn
 
-from workbench.errors import WorkbenchError
+from workbench.errors import UnsupportedLayerError, WorkbenchError
 from workbench.inventory import get_submodule, matrix_layers
 from workbench.kernels import svd as svd_kernels
+from workbench.layers.lowrank import LowRankConv2d, LowRankLinear, SlicedLowRank
 from workbench.methods.recurrent import recurrent_part
-from workbench.layers.lowrank import LowRankConv2d, LowRankLinear
 from workbench.plan import LayerPlan, Plan
 from workbench.registry import LayerContext, Method, register_method, register_recipe
 from workbench.spectra import layer_svd
 
 
-def build_svd(module: nn.Module, params: Mapping[str, Any], context: LayerContext) -> nn.Module:
-    """Replace ``module`` by its rank-``params['rank']`` factorization (cached SVD sliced)."""
-    rank = params.get("rank")
+def check_svd(module: nn.Module, params: Mapping[str, Any], name: str) -> None:
+    """Refuse a grouped conv or a rank outside ``1..min(out, in)`` before anything is built."""
     if isinstance(module, nn.Conv2d) and module.groups != 1:
-        from workbench.errors import UnsupportedLayerError
-        raise UnsupportedLayerError(
-            f"layer {context.name!r} is a grouped conv (groups={module.groups}); SVD needs groups=1")
-    shape = (module.weight.shape[0], module.weight[0].numel())
-    svd_kernels.check_rank(rank, shape, context.name)
-    factors = layer_svd(module).factors(rank)
+        raise UnsupportedLayerError(f"layer {name!r} is a grouped conv (groups={module.groups}); SVD needs groups=1")
+    svd_kernels.check_rank(params.get("rank"), (module.weight.shape[0], module.weight[0].numel()), name)
+
+
+def build_svd(module: nn.Module, params: Mapping[str, Any], context: LayerContext) -> nn.Module:
+    """Replace ``module`` by its rank-``params['rank']`` factorization (the cached SVD, sliced)."""
+    rank = params.get("rank")
+    check_svd(module, params, context.name)
+    factors = context.factors(rank) if context.factors is not None else layer_svd(module).factors(rank)
     if isinstance(module, nn.Linear):
         return LowRankLinear.from_linear(module, rank, factors=factors, name=context.name)
     return LowRankConv2d.from_conv(module, rank, factors=factors, name=context.name)
 
 
-register_method(Method("svd", build_svd, (nn.Linear, nn.Conv2d), rank_params=("rank",),
+def view_svd(module: nn.Module, params: Mapping[str, Any], context: LayerContext) -> nn.Module | None:
+    """What a rank slider evaluates: a `SlicedLowRank` over slices of the cached factors (no copy,
+    no module build), computing exactly what `build_svd`'s layer computes. None without factors."""
+    if context.factors is None or set(params) != {"rank"}:
+        return None
+    check_svd(module, params, context.name)
+    a, b = context.factors(params["rank"])
+    if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
+        return LowRankConv2d.from_conv(module, params["rank"], factors=(a, b), name=context.name).eval()
+    return SlicedLowRank(module, a, b, context.channels_last)
+
+
+register_method(Method("svd", build_svd, (nn.Linear, nn.Conv2d), rank_params=("rank",), check=check_svd,
+                       view=view_svd, factorized=True,
                        description="truncated SVD into two real factor layers"))
 
 
 def svd_plan(model: nn.Module, *, ratio: float | None = None, energy: float | None = None,
              ranks: Mapping[str, int] | None = None, layers: list[str] | None = None,
-             activation_aware: str | None = None, sequential: bool = False, refit: bool | None = None,
-             **_: Any) -> Plan:
+             activation_aware: str | None = None, sequential: bool = False, refit: bool | None = None) -> Plan:
     """A plan of per-layer SVD ranks, chosen by exactly one rule.
 
     ``ratio``: kept-parameter ratio per layer (rank r with r*(m+n) <= ratio*m*n);

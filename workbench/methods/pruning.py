@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 import torch
+import torch_pruning as tp
 from torch import nn
 
 from workbench.errors import UnsupportedLayerError, WorkbenchError
@@ -85,8 +86,6 @@ def build_structured(model: nn.Module, params: Mapping[str, Any], context: Layer
     ``params``: ``ratio`` (kept fraction of each layer's outputs), ``layers`` (names) and
     ``input_shape`` (an example input's shape, to trace the dependency graph).
     """
-    import torch_pruning as tp
-
     ratio = prune_kernels.check_ratio(params.get("ratio"))
     layers = list(params.get("layers") or structured_candidates(model))
     shape = params.get("input_shape")
@@ -130,7 +129,7 @@ def example_shape(model: nn.Module, task=None) -> tuple[int, ...]:
 
 def prune_plan(model: nn.Module, *, task=None, ratio: float | None = None, threshold: float | None = None,
                structured: bool = False, scope: str = "layer", layers: Sequence[str] | None = None,
-               input_shape: Sequence[int] | None = None, **_: Any) -> Plan:
+               input_shape: Sequence[int] | None = None) -> Plan:
     """A pruning plan.
 
     Parameters

@@ -11,7 +11,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from workbench.compress import collect_layer_inputs
+from workbench.hooks import collect_layer_inputs
 from workbench.errors import UnsupportedLayerError, WorkbenchError
 from workbench.inventory import get_submodule, matrix_layers
 from workbench.kernels import quant as quant_kernels
@@ -56,7 +56,7 @@ def _chosen(model: nn.Module, layers: Sequence[str] | None, types: tuple[type, .
 
 def quant_plan(model: nn.Module, *, bits: int | None = None, scheme: str | None = None,
                per_channel: bool | None = None, asymmetric: bool | None = None,
-               layers: Sequence[str] | None = None, seed: int = 0, **_: Any) -> Plan:
+               layers: Sequence[str] | None = None, seed: int = 0) -> Plan:
     """Quantize every Linear/Conv2d (or ``layers``) to ``bits`` bits.
 
     ``scheme``: "uniform" (default; symmetric unless ``asymmetric``) or "kmeans" (codebook of
@@ -82,7 +82,7 @@ def quant_plan(model: nn.Module, *, bits: int | None = None, scheme: str | None 
     return Plan({name: LayerPlan("quant", params) for name in names})
 
 
-def int8_plan(model: nn.Module, *, layers: Sequence[str] | None = None, **_: Any) -> Plan:
+def int8_plan(model: nn.Module, *, layers: Sequence[str] | None = None) -> Plan:
     """int8 (weights per channel, activations dynamic) for every Linear layer (or ``layers``)."""
     names = _chosen(model, layers, (nn.Linear,), "int8")
     if not names:
@@ -147,5 +147,25 @@ def int8_report(original: nn.Module, compressed: nn.Module, task=None) -> dict:
 
 quant_plan.report = quant_report
 int8_plan.report = int8_report
+def qat_plan(model: nn.Module, *, bits: int | None = None, scheme: str | None = None,
+             asymmetric: bool | None = None, per_channel: bool | None = None,
+             layers: Sequence[str] | None = None) -> Plan:
+    """The PTQ starting point of QAT: the ``quant`` plan (symmetric uniform ``bits``-bit codes, 2..8).
+
+    The plan gives the packed structure (so a saved QAT model loads back through its plan); the
+    training itself happens after `workbench.apply`, in `workbench.recovery.qat` (the CLI does it
+    for ``--method qat``).
+    """
+    if bits is None:
+        raise WorkbenchError("qat needs bits (2..8), e.g. --bits 4")
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise WorkbenchError(f"bits={bits!r} must be an integer from 2 to 8")
+    if (scheme not in (None, "uniform")) or asymmetric:
+        raise WorkbenchError(f"qat learns the steps of the symmetric uniform grid; scheme={scheme!r}, "
+                             f"asymmetric={bool(asymmetric)} are not supported")
+    return quant_plan(model, bits=bits, per_channel=per_channel, layers=layers)
+
+
 register_recipe("quant", quant_plan)
 register_recipe("int8", int8_plan)
+register_recipe("qat", qat_plan)

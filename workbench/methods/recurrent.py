@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-import torch
 from torch import nn
 
 from workbench.errors import UnsupportedLayerError, WorkbenchError
@@ -84,7 +83,7 @@ def rnn_choices(model: nn.Module, ratio: float, layers: list[str] | None = None,
 
 
 def svd_rnn_plan(model: nn.Module, *, ratio: float | None = None, ranks: Mapping[str, Any] | None = None,
-                 layers: list[str] | None = None, per_gate: bool = True, **_: Any) -> Plan:
+                 layers: list[str] | None = None, per_gate: bool = True) -> Plan:
     """Plan for the recurrent layers only: ``ratio`` (see module doc) or ``ranks``
     ``{layer: rank}`` (one int for both matrices, capped at each one's largest rank, or a pair
     ``(rank_ih, rank_hh)``). A matrix whose factors at that rank would hold at least as many

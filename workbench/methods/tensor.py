@@ -18,6 +18,7 @@ The ``fold_bn`` step folds every BatchNorm that directly follows a Conv2d/Linear
 """
 from __future__ import annotations
 
+import copy
 import functools
 import math
 from typing import Any, Mapping
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from workbench.errors import UnsupportedLayerError, WorkbenchError
-from workbench.inventory import get_submodule
+from workbench.inventory import get_submodule, set_submodule
 from workbench.kernels import svd as svd_kernels
 from workbench.kernels import tensor as tk
 from workbench.layers.tensor import CPConv2d, SpatialSVDConv2d, TuckerConv2d, check_conv
@@ -125,7 +126,7 @@ def _settings_for_rule(method: str, conv: nn.Conv2d, ratio, energy, estimate) ->
 
 def tensor_plan(method: str, model: nn.Module, *, ratio: float | None = None,
                 energy: float | None = None, ranks: Mapping[str, Any] | None = None,
-                estimate: str | None = None, layers: list[str] | None = None, **_: Any) -> Plan:
+                estimate: str | None = None, layers: list[str] | None = None) -> Plan:
     """A plan decomposing convs with ``method`` ("tucker", "cp" or "spatial-svd"); see module doc."""
     if method not in TENSOR_METHODS:
         raise WorkbenchError(f"method={method!r} must be one of {TENSOR_METHODS}")
@@ -172,8 +173,6 @@ def fold_bn_into(layer: nn.Module, bn: nn.Module) -> nn.Module:
     out = layer.weight.shape[0]
     if bn.num_features != out:
         raise WorkbenchError(f"BatchNorm has {bn.num_features} features but the layer before has {out} outputs")
-    import copy
-
     fused = copy.deepcopy(layer)
     with torch.no_grad():
         scale = bn.running_var.double().add(bn.eps).rsqrt()
@@ -212,8 +211,6 @@ def build_fold_bn(model: nn.Module, params: Mapping[str, Any], context: LayerCon
 
     ``model`` is the copy made by `workbench.apply`; it is changed and returned.
     """
-    from workbench.inventory import set_submodule
-
     for layer_name, bn_name in foldable_pairs(model):
         layer, bn = model.get_submodule(layer_name), model.get_submodule(bn_name)
         set_submodule(model, layer_name, fold_bn_into(layer, bn))
@@ -225,7 +222,7 @@ register_method(Method("fold_bn", build_fold_bn, (nn.Module,), kind="step",
                        description="fold BatchNorm into the preceding Conv2d/Linear (exact at inference)"))
 
 
-def fold_bn_plan(model: nn.Module, **_: Any) -> Plan:
+def fold_bn_plan(model: nn.Module) -> Plan:
     """The plan with the single step ``fold_bn``."""
     if not foldable_pairs(model):
         raise UnsupportedLayerError("no BatchNorm directly after a Conv2d/Linear inside an nn.Sequential "

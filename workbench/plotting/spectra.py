@@ -41,7 +41,7 @@ def spectra_figure(spectra: Mapping[str, np.ndarray], ranks: Mapping[str, int] |
     ``spectra``: ``{layer name: singular values (k,) descending}``; ``ranks``: optional
     ``{layer: rank}`` drawn as vertical markers (move them with `update_rank_markers`).
     """
-    import seaborn as sns
+    import seaborn as sns  # noqa: PLC0415 (optional heavy dependency, loaded on first use)
 
     names = list(spectra)
     ranks = dict(ranks or {})

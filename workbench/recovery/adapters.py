@@ -1,21 +1,20 @@
-"""Training views for the compressed layer types of other families (sparse, packed-quantized).
+"""Training views of the built-in compressed layer types: the explicit table `VIEWS`.
 
-Imported lazily by `workbench.recovery.views.trainable`; each block registers a view only when
-the layer type exists in this install.
+Sparse layers train as a `MaskedLayer` under their fixed mask; symmetric uniform packed layers
+and `Int8Linear` train as a `FakeQuantLayer` on their own grid. Low-rank layers need no view.
 """
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import torch
 from torch import nn
 
-from workbench.recovery.views import MaskedLayer, register_view
-
-try:
-    from workbench.layers.sparse import SparseConv2d, SparseLinear
-except ImportError:  # pragma: no cover - the pruning family is not installed
-    SparseLinear = SparseConv2d = None
+from workbench.layers.quantized import Int8Linear, QuantConv2d, QuantLinear
+from workbench.layers.sparse import SparseConv2d, SparseLinear
+from workbench.recovery.lsq import FakeQuantLayer
+from workbench.recovery.masked import MaskedLayer
 
 
 def _repack_sparse(dense: nn.Module, mask: torch.Tensor, layer_type: type, fmt: str) -> nn.Module:
@@ -30,15 +29,6 @@ def _sparse_view(module: nn.Module) -> MaskedLayer:
                                                            fmt=module.format))
 
 
-if SparseLinear is not None:
-    register_view(SparseLinear, _sparse_view)
-    register_view(SparseConv2d, _sparse_view)
-
-try:
-    from workbench.layers.quantized import QuantConv2d, QuantLinear
-except ImportError:  # pragma: no cover - the quantization family is not installed
-    QuantLinear = QuantConv2d = None
-
 
 def _quant_view(module: nn.Module) -> nn.Module | None:
     """Float weights on the layer's own symmetric uniform grid, trained through the STE.
@@ -46,8 +36,6 @@ def _quant_view(module: nn.Module) -> nn.Module | None:
     Only symmetric uniform layers of 2+ bits have a view (codes ``[-(2^(b-1)-1), 2^(b-1)-1]``, the PTQ grid
     kept as it is); asymmetric and k-means layers return None and stay frozen.
     """
-    from workbench.recovery.qat import FakeQuantLayer
-
     if module.scheme != "uniform" or module.asymmetric or module.bits < 2:
         return None
     bits = module.bits
@@ -58,15 +46,6 @@ def _quant_view(module: nn.Module) -> nn.Module | None:
     return FakeQuantLayer(module.to_float(), scale, bits, qn=q, qp=q,
                           pack=functools.partial(type(module).from_signed_codes, bits=bits))
 
-
-if QuantLinear is not None:
-    register_view(QuantLinear, _quant_view)
-    register_view(QuantConv2d, _quant_view)
-
-try:
-    from workbench.layers.quantized import Int8Linear
-except ImportError:  # pragma: no cover
-    Int8Linear = None
 
 
 def _repack_int8(codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
@@ -84,8 +63,6 @@ def _repack_int8(codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | 
 def _int8_view(module: nn.Module) -> nn.Module:
     """Float weights on the int8 per-row grid (codes in [-127, 127]); activations stay float while
     training (the dynamic int8 kernel has no gradient), as in weight-only QAT."""
-    from workbench.recovery.qat import FakeQuantLayer
-
     linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
     with torch.no_grad():
         linear.weight.copy_(module.dequantized_weight())
@@ -95,5 +72,8 @@ def _int8_view(module: nn.Module) -> nn.Module:
                           pack=_repack_int8)
 
 
-if Int8Linear is not None:
-    register_view(Int8Linear, _int8_view)
+VIEWS: dict[type, Callable[[nn.Module], nn.Module | None]] = {
+    SparseLinear: _sparse_view, SparseConv2d: _sparse_view,
+    QuantLinear: _quant_view, QuantConv2d: _quant_view,
+    Int8Linear: _int8_view,
+}

@@ -18,7 +18,7 @@ Only what the compression changed trains by default (low-rank factors; kept weig
 layers under their masks; quantized weights through their straight-through view on their PTQ
 steps, which stay fixed, as in plain fine-tuning), via the same
 training views as fine-tuning (`workbench.recovery.views`); the result is re-packed into compact
-storage, as small as before. Stages come from `workbench.engine.model_stages` (MiniLM: its six
+storage, as small as before. Stages come from `workbench.stages.model_stages` (MiniLM: its six
 encoder blocks; a Sequential: one stage per layer with its activation; any other model: one stage,
 i.e. whole-model output matching).
 
@@ -41,7 +41,8 @@ from tqdm.auto import tqdm
 from workbench.errors import WorkbenchError
 from workbench.recovery import views
 from workbench.recovery.finetune import check_epochs, check_lr_and_batch
-from workbench.recovery.qat import set_learn_scales
+from workbench.recovery.lsq import set_learn_scales
+from workbench.stages import model_stages
 
 TRAIN_CHOICES = ("compressed", "all")
 
@@ -116,8 +117,6 @@ def reconstruct_blocks(model: nn.Module, original: nn.Module, calibration_inputs
     ``train``: ``"compressed"`` (what the compression changed) or ``"all"`` (every parameter of
     the stage, norms included). Returns a `BlockwiseResult`; deterministic for a fixed ``seed``.
     """
-    from workbench.engine import model_stages
-
     _check(epochs, lr, batch_size, holdout, train, len(calibration_inputs))
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(calibration_inputs), generator=generator)

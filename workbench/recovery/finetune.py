@@ -15,7 +15,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -25,7 +25,7 @@ from workbench.errors import WorkbenchError
 from workbench.recovery import views
 from workbench.recovery.distill import (Distillation, FeatureMatcher, check_shapes, distillation_loss,
                                         hard_loss)
-from workbench.recovery.qat import FakeQuantLayer, set_learn_scales
+from workbench.recovery.lsq import FakeQuantLayer, set_learn_scales
 
 Cancel = threading.Event | Callable[[], bool] | None
 
@@ -291,3 +291,12 @@ def distill_finetune(model: nn.Module, task, *, epochs: int, teacher: nn.Module 
                         dict(features or {}), feature_weight)
     options.setdefault("desc", "distilling")
     return finetune(model, task, epochs=epochs, distill=spec, **options)
+
+
+def qat(model: nn.Module, task, *, epochs: int, **options: Any) -> Recovery:
+    """QAT of an already PTQ-quantized ``model``: fine-tune through the STE with learned steps (LSQ).
+
+    Same options and result as `finetune` (``learn_scales=True``).
+    """
+    options.setdefault("desc", "QAT")
+    return finetune(model, task, epochs=epochs, learn_scales=True, **options)

@@ -17,6 +17,7 @@ from torch import nn
 
 from workbench.errors import UnsupportedLayerError, WorkbenchError
 from workbench.measure import count_params
+from workbench.recovery.finetune import distill_finetune, finetune
 
 _SHAPE_FREE = (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.LeakyReLU, nn.Identity, nn.Dropout,
                nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Unflatten)
@@ -104,8 +105,6 @@ def train_student(task, params: int, *, epochs: int = 40, lr: float = 2e-3, dist
     ``distill``: learn from ``task.model`` as teacher (soft loss at ``temperature`` mixed by
     ``alpha``) or from the labels alone. Returns a `workbench.recovery.finetune.Recovery`.
     """
-    from workbench.recovery.finetune import distill_finetune, finetune
-
     student = build_student(task.model, params, seed=seed)
     options.setdefault("patience", None)
     if distill:

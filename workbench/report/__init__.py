@@ -17,6 +17,11 @@ import torch
 from workbench.errors import WorkbenchError
 from workbench.export import atomic_write, check_writable_dir
 from workbench.report.study import Study, StudyConfig, run_study
+from workbench.export import load_compressed, save_compressed
+from workbench.zoo import available_models
+from workbench.export import export_onnx, onnx_max_error
+from workbench.version import __version__
+from workbench.report.html import render
 
 ONNX_TOLERANCE = 1e-4
 
@@ -43,8 +48,6 @@ def export_models(study: Study, models_dir: Path, onnx: bool = True) -> dict:
     Returns ``{"files": [{"file", "bytes", "note"}], ...}`` and fills ``disk["onnx"]`` of the
     measures with the ONNX file sizes.
     """
-    from workbench.export import load_compressed, save_compressed
-    from workbench.zoo import available_models
 
     task = study.task
     files = []
@@ -60,7 +63,6 @@ def export_models(study: Study, models_dir: Path, onnx: bool = True) -> dict:
         files.append({"file": "models/compressed.safetensors", "bytes": os.path.getsize(path),
                       "note": "reloads bit-identically" if same else "RELOAD DIFFERS"})
     if onnx:
-        from workbench.onnx_export import export_onnx, onnx_max_error
 
         for label, model in (("original", task.model), ("chosen", study.model)):
             if model is None:
@@ -91,14 +93,12 @@ def write_report(task, out_dir: str | os.PathLike, budget: float = 0.3,
     Returns ``{"index", "results", "models", "study"}`` (paths and the `Study`). Raises
     `WorkbenchError` before any work when ``out_dir`` cannot be created or written.
     """
-    import workbench
-    from workbench.report.html import render
 
     config = config or StudyConfig()
     out = check_writable_dir(out_dir, create=True)
     study = run_study(task, budget, config)
     models_dir = check_writable_dir(out / "models", create=True)
-    study.results["versions"] = {"workbench": workbench.__version__, "torch": torch.__version__}
+    study.results["versions"] = {"workbench": __version__, "torch": torch.__version__}
     try:
         study.results["exports"] = export_models(study, models_dir, onnx=config.onnx)
     except WorkbenchError as exc:

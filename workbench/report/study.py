@@ -22,6 +22,12 @@ from workbench.errors import WorkbenchError
 from workbench.measure import saved_bytes
 from workbench.plan import Plan
 from workbench.report import figures
+from workbench.spectra import model_spectra
+from workbench.select._sensitivity import sensitivity
+from workbench.select._allocate import allocate
+from workbench.select.pareto import collect_points, pareto_front
+from workbench.recovery import distill_finetune
+from workbench.export import compare, shipping_measures
 
 
 @dataclass(frozen=True)
@@ -76,14 +82,12 @@ def _finite(value):
 
 
 def _spectra(study: Study, config: StudyConfig) -> None:
-    from workbench.spectra import model_spectra
 
     rows = [s.to_dict() for s in model_spectra(study.task.model)]
     study.results["spectra"] = rows
 
 
 def _sensitivity(study: Study, config: StudyConfig) -> None:
-    from workbench.select.sensitivity import sensitivity
 
     result = sensitivity(study.task, "svd", config.sensitivity_grid, progress=config.progress)
     study.results["sensitivity"] = {
@@ -92,7 +96,6 @@ def _sensitivity(study: Study, config: StudyConfig) -> None:
 
 
 def _allocation(study: Study, config: StudyConfig, budget: float) -> None:
-    from workbench.select.allocate import allocate
 
     chosen = allocate(study.task, budget, config.by, config.allocator, grid=config.allocation_grid,
                       progress=config.progress)
@@ -102,7 +105,6 @@ def _allocation(study: Study, config: StudyConfig, budget: float) -> None:
 
 
 def _methods(study: Study, config: StudyConfig) -> None:
-    from workbench.select.pareto import collect_points, pareto_front
 
     if config.methods == ():
         raise _Skip("methods=() in the configuration")
@@ -115,7 +117,6 @@ def _methods(study: Study, config: StudyConfig) -> None:
 
 
 def _recovery(study: Study, config: StudyConfig) -> None:
-    from workbench.recovery import distill_finetune
 
     if config.recovery_epochs <= 0:
         raise _Skip("recovery_epochs=0 in the configuration")
@@ -135,7 +136,6 @@ def _recovery(study: Study, config: StudyConfig) -> None:
 
 
 def _measures(study: Study, config: StudyConfig) -> None:
-    from workbench.benchmark_measures import compare, shipping_measures
 
     formats = ("pt", "safetensors")
     original = shipping_measures(study.task.model, study.task, config.large_batch, config.threads, formats,

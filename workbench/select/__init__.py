@@ -1,18 +1,27 @@
-"""Choosing: per-layer sensitivity, budgeted allocation, constrained refits, search, Pareto, advisor.
+"""Choosing: per-layer sensitivity, budgeted allocation, constrained refits, search, Pareto, advice.
 
-Submodules (their main functions share the module's name, so import them from the module)::
+The verbs are functions of this package (TensorLy's layout: private modules, public names here)::
 
-    from workbench.select.sensitivity import sensitivity   # each layer alone along a grid
-    from workbench.select.allocate import allocate         # per-layer settings under a budget, measured
-    from workbench.select.search import search             # small architectures trained from scratch
-    from workbench.select.pareto import collect_points, pareto_front, advise
-    from workbench.select.sweeps import map_items          # local processes or a Dask cluster
+    from workbench.select import sensitivity, allocate, search, collect_points, pareto_front, advise
+
+``sensitivity(task, method, grid)``: each layer alone along a grid of settings. ``allocate(task,
+budget, by, allocator)``: per-layer settings under a budget (the kept fraction of the model's
+``params``/``bytes``/``flops``), measured. ``search``: small architectures trained from scratch.
+``collect_points`` / ``pareto_front`` / ``advise``: every family on one size-vs-metric chart.
+``map_items``: sweeps on local processes or a Dask cluster.
 """
-from workbench.select.allocate import ALLOCATORS, Allocation, compare_allocators
-from workbench.select.pareto import Advice, Point, advise, collect_points, pareto_front
-from workbench.select.search import Candidate
-from workbench.select.sensitivity import SensitivityResult, selection_task
+from workbench.select._allocate import (ALLOCATION_GRID, ALLOCATORS, Allocation, OptionTable, allocate,
+                                        compare_allocators, convex_picks, greedy_picks, option_table)
+from workbench.select._search import Candidate, search
+from workbench.select._sensitivity import (COSTS, SensitivityResult, model_costs, selection_task, sensitivity,
+                                           single_layer_plan)
+from workbench.select.aware_budget import allocate_ranks, allocated_plan
+from workbench.select.constrained import compare_on_layer
+from workbench.select.pareto import Advice, Point, advise, collect_points, family_summary, pareto_front
 from workbench.select.sweeps import map_items
 
-__all__ = ["ALLOCATORS", "Advice", "Allocation", "Candidate", "Point", "SensitivityResult", "advise",
-           "collect_points", "compare_allocators", "map_items", "pareto_front", "selection_task"]
+__all__ = ["ALLOCATION_GRID", "ALLOCATORS", "Advice", "Allocation", "COSTS", "Candidate", "OptionTable", "Point",
+           "SensitivityResult", "advise", "allocate", "allocate_ranks", "allocated_plan", "collect_points",
+           "compare_allocators", "compare_on_layer", "convex_picks", "family_summary", "greedy_picks", "map_items",
+           "model_costs", "option_table", "pareto_front", "search", "selection_task", "sensitivity",
+           "single_layer_plan"]

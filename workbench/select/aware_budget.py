@@ -20,7 +20,7 @@ Layers whose errors the network damps (MiniLM's query/key) then give ranks to th
 ``"measured"`` (the default) drops the spectrum model: each layer gets a few candidate ranks
 (fractions of its breakeven rank) and the option to stay dense, each candidate's loss is measured
 alone on the calibration probe (`measured_options`), and one option per layer is chosen by the
-multiple-choice knapsack of `workbench.select.allocate.convex_picks` (exact MILP with HiGHS).
+multiple-choice knapsack of `workbench.select._allocate.convex_picks` (exact MILP with HiGHS).
 Keeping the most sensitive layers dense is what the other two rules cannot do: their ranks stop
 at the breakeven rank, half the rank of a square matrix.
 """
@@ -36,12 +36,18 @@ from workbench.inventory import matrix_layers
 from workbench.kernels import aware as aware_kernels
 from workbench.kernels import svd as svd_kernels
 from workbench.plan import LayerPlan, Plan
+from workbench.hooks import feed_layers
+import torch.nn.functional as F
+from workbench.stages import model_stages
+import numpy as np
+from workbench.select._allocate import OptionTable
+import copy
+from workbench.select._allocate import convex_picks
 
 
 def layer_grams(model: nn.Module, names: Sequence[str], inputs: torch.Tensor,
                 batch_size: int = 64) -> dict[str, tuple[torch.Tensor, int]]:
     """``{name: (X^T X (in, in) float64, tokens)}`` of each Linear's inputs, without storing X."""
-    from workbench.compress import feed_layers
 
     for name in names:
         module = model.get_submodule(name)
@@ -110,9 +116,7 @@ def probe_sensitivity(model: nn.Module, inputs: torch.Tensor, decompositions: di
     the model's outputs on ``inputs`` to the original's, divided by the relative output error
     ``tail(r) / total`` the whitened spectrum predicts. ``decompositions``: ``{name: (u, sig, bt)}``.
     """
-    import torch.nn.functional as F
 
-    from workbench.engine import model_stages  # re-run only from the probed layer's stage on
 
     stages = model_stages(model)
     entering = [inputs]                         # entering[i]: the input of stage i (original model)
@@ -149,16 +153,11 @@ MEASURED_FRACTIONS = (0.15, 0.3, 0.45, 0.6, 0.75, 0.9, 1.0)
 @torch.no_grad()
 def measured_options(model: nn.Module, inputs: torch.Tensor, decompositions: dict,
                      fractions: Sequence[float] = MEASURED_FRACTIONS):
-    """`workbench.select.allocate.OptionTable` of each layer: dense (index 0), then the ranks
+    """`workbench.select._allocate.OptionTable` of each layer: dense (index 0), then the ranks
     ``max(1, int(f * breakeven))`` for ``f`` in ``fractions``; costs in weights, losses
     ``1 - mean cosine`` of the model's outputs on ``inputs`` with that layer alone truncated
     (the dense product swapped in for the measurement; `probe_sensitivity` does the same)."""
-    import numpy as np
-    import torch.nn.functional as F
 
-    from workbench.engine import model_stages
-    from workbench.plan import LayerPlan
-    from workbench.select.allocate import OptionTable
 
     stages = model_stages(model)
     entering = [inputs]
@@ -219,9 +218,7 @@ def allocated_plan(model: nn.Module, calibration_inputs: torch.Tensor, ratio: fl
     if sequential:
         extra.update(sequential=True, refit=bool(refit))
     if weigh == "measured":
-        import copy
 
-        from workbench.select.allocate import convex_picks
         svd_kernels.check_fraction(ratio, "ratio")
         table = measured_options(copy.deepcopy(model).eval(), calibration_inputs[-probe_samples:], decompositions)
         smallest = table.smallest() / table.total
@@ -233,7 +230,6 @@ def allocated_plan(model: nn.Module, calibration_inputs: torch.Tensor, ratio: fl
                      for name, choice in chosen.items() if choice is not None})
     scales = None
     if weigh == "sensitivity":
-        import copy
         probe = {n: max(1, svd_kernels.rank_for_ratio(shapes[n], ratio)) for n in names}
         scales = probe_sensitivity(copy.deepcopy(model).eval(), calibration_inputs[-probe_samples:],
                                    decompositions, probe)

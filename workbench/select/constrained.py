@@ -13,7 +13,7 @@ import copy
 import torch
 from torch import nn
 
-from workbench.compress import collect_layer_inputs
+from workbench.hooks import collect_layer_inputs
 from workbench.errors import UnsupportedLayerError
 from workbench.inventory import get_submodule
 from workbench.kernels import convex

@@ -19,6 +19,11 @@ from workbench.errors import WorkbenchError
 from workbench.measure import measure
 from workbench.registry import get_recipe, recipes
 from workbench.zoo.task import Task
+from workbench.measure import latency_ms
+from workbench.select._allocate import allocate
+from workbench.recovery import distill_finetune
+from workbench.recovery import train_student
+from workbench.measure import count_params
 
 #: Settings tried per recipe; a recipe not listed is tried with no options, then ``ratio=0.5``.
 RECIPE_SETTINGS: dict[str, list[dict]] = {
@@ -67,7 +72,6 @@ def _label(method: str, settings: dict) -> str:
 
 def _point(method: str, label: str, model, task: Task, settings: dict, latency: bool,
            repeats: int = 20) -> Point:
-    from workbench.measure import latency_ms
 
     m = measure(model, task, latency=False)
     if latency:
@@ -93,7 +97,7 @@ def collect_points(task: Task, methods: Sequence[str] | None = None, *, combinat
     Returns ``(points, skipped)``; ``skipped`` rows say ``{"label", "reason"}``. The first point
     is the original model. ``recovery``: also an SVD model recovered by distillation and a
     distilled student, when `workbench.recovery` is present. ``search_results``: rows from
-    `workbench.select.search.search` (placed as method "search"). ``allocations``: parameter
+    `workbench.select._search.search` (placed as method "search"). ``allocations``: parameter
     budgets at which the greedy SVD allocation is measured too.
     """
     names = list(recipes()) if methods is None else list(methods)
@@ -131,21 +135,17 @@ def collect_points(task: Task, methods: Sequence[str] | None = None, *, combinat
                 model = _recipe_model(task, _recipe_model(task, task.model, first, s1), second, s2)
                 points.append(_point(method, label, model, task, {first: s1, second: s2}, latency, latency_repeats))
             elif job[0] == "allocate":
-                from workbench.select.allocate import allocate
 
                 chosen = allocate(task, job[1], "params", "greedy", progress=False)
                 model = apply(task.model, chosen.plan)
                 points.append(_point(method, label, model, task, {"budget": job[1], "ranks": chosen.ranks}, latency, latency_repeats))
             elif job[0] == "distill":
-                from workbench.recovery import distill_finetune
 
                 model = _recipe_model(task, task.model, "svd", {"ratio": 0.3})
                 recovered = distill_finetune(model, task, epochs=recovery_epochs).model
                 points.append(_point(method, label, recovered, task, {"svd": {"ratio": 0.3},
                                                                       "epochs": recovery_epochs}, latency, latency_repeats))
             elif job[0] == "student":
-                from workbench.recovery import train_student
-                from workbench.measure import count_params
 
                 budget = count_params(task.model) // 5
                 student = train_student(task, budget, epochs=recovery_epochs * 4).model
@@ -269,7 +269,7 @@ def advise(points: Sequence[Point], *, max_bytes: int | None = None, max_latency
         why = "the smallest option that keeps the accuracy floor"
     else:
         ranked = sorted(feasible, key=lambda p: (-p.metric, p.bytes))
-        why = f"the most accurate option within the limit"
+        why = "the most accurate option within the limit"
     best = ranked[0]
     parts = [f"{best.label} is {why} ({asked}): {metric_name} {best.metric:.3f}, {_kb(best.bytes)}"
              + (f", {best.latency_ms:.3f} ms per sample" if best.latency_ms is not None else "") + "."]

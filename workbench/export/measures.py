@@ -4,7 +4,7 @@ These complement `workbench.measure` (parameters, FLOPs, one latency) with what 
 cares about; every number is measured on real files and real runs, never estimated:
 
 * ``disk_bytes``: size of the file actually written as a ``torch.save`` state_dict (``.pt``),
-  safetensors (`workbench.export` layout, weights only) and ONNX (`workbench.onnx_export`).
+  safetensors (`workbench.export` layout, weights only) and ONNX (`workbench.export.onnx_format`).
 * ``latency_profile``: median wall time (ms) of ``repeats`` forward passes at batch 1 and at a
   large batch, with the number of intra-op threads stated (and set for the run).
 * ``peak_memory_bytes``: extra resident memory one forward pass needs. Method (Linux): free heap
@@ -29,7 +29,11 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from safetensors.torch import save_file
+
 from workbench.errors import WorkbenchError
+from workbench.export.files import _encode_state
+from workbench.export.onnx_format import export_onnx
 from workbench.measure import count_flops, count_params, latency_ms, saved_bytes
 
 FORMATS = ("pt", "safetensors", "onnx")
@@ -50,10 +54,6 @@ def threads(n: int | None):
 
 def safetensors_bytes(model: nn.Module) -> int:
     """Bytes of ``model``'s state written as safetensors (quantized tensors as int8 codes)."""
-    from safetensors.torch import save_file
-
-    from workbench.export import _encode_state
-
     tensors, _ = _encode_state(model.state_dict())
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "m.safetensors")
@@ -63,8 +63,6 @@ def safetensors_bytes(model: nn.Module) -> int:
 
 def onnx_bytes(model: nn.Module, example: torch.Tensor) -> tuple[int | None, str]:
     """``(bytes, exporter)`` of the ONNX file of ``model``; ``(None, reason)`` if it cannot export."""
-    from workbench.onnx_export import export_onnx
-
     with tempfile.TemporaryDirectory() as folder:
         try:
             written = export_onnx(model, example, os.path.join(folder, "m.onnx"))

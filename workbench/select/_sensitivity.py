@@ -4,7 +4,7 @@ Distiller-style analysis: for every compressible layer and every setting of a gr
 for SVD / pruning, bit width for quantization), the recipe named by ``method`` builds a plan for
 that layer alone; the plan is applied (the user's model is never touched) and scored. Costs of
 each option (stored weights, payload bytes, FLOPs of one sample) are measured on the same
-compressed model, so the allocators in `workbench.select.allocate` can budget with them.
+compressed model, so the allocators in `workbench.select._allocate` can budget with them.
 
 Scores are computed on a *selection* split: ``split="validation"`` (default) is carved from the
 training split so that choosing ranks never looks at the test data; ``split="test"`` uses the
@@ -23,15 +23,17 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from workbench.compress import apply, collect_layer_inputs
+from workbench.hooks import collect_layer_inputs
 from workbench.errors import WorkbenchError
 from workbench.inventory import matrix_layers
 from workbench.measure import count_flops, count_params
 from workbench.plan import LayerPlan, Plan
 from workbench.registry import get_recipe
 from workbench.zoo.task import Task
+from workbench.engine import Engine
+from workbench.select.sweeps import map_items
+from workbench.layers.recurrent import recurrent_layers
 
 #: Which recipe option a grid value sets, per method (others: ``option=`` explicitly).
 GRID_OPTION = {"svd": "ratio", "prune": "ratio", "tucker": "ratio", "cp": "ratio",
@@ -137,7 +139,7 @@ class SensitivityResult:
 
     def to_frame(self):
         """A tidy `pandas.DataFrame`: one row per (layer, grid value)."""
-        import pandas as pd
+        import pandas as pd  # noqa: PLC0415 (optional heavy dependency, loaded on first use)
 
         rows = []
         for i, layer in enumerate(self.layers):
@@ -172,7 +174,6 @@ def selection_engine(task: Task, split: str = "validation"):
     analysis share its cached activations: a layer's grid re-runs the network only from that
     layer's stage on. In a worker process of an executor each work item builds its own.
     """
-    from workbench.engine import Engine
 
     engines = _ENGINES.setdefault(task.model, {})
     scored = selection_task(task, split)
@@ -248,12 +249,10 @@ def sensitivity(task: Task, method: str = "svd", grid: Sequence[float] | None = 
 
     Returns a `SensitivityResult`; costs are measured on the compressed models themselves.
     """
-    from workbench.select.sweeps import map_items
 
     option = option or GRID_OPTION.get(method, "ratio")
     grid = _check_grid(DEFAULT_GRIDS.get(option, (0.5,)) if grid is None else grid, option)
     get_recipe(method)  # unknown method -> WorkbenchError listing the recipes
-    from workbench.layers.recurrent import recurrent_layers
 
     offered = [info.name for info in matrix_layers(task.model)]
     names = list(layers) if layers is not None else offered

@@ -24,7 +24,8 @@ byte per weight; onnxruntime dequantizes on load and multiplies in float (weight
 the outputs match PyTorch's dynamic int8 only up to its activation rounding; see tests).
 
 `workbench.layers.quantized.Int8Linear` (which calls the same kernel) is swapped the same way,
-recognised by its ``weight_int8`` / ``weight_scale`` buffers. Any other layer that does not trace may define ``onnx_module() -> nn.Module``: an equivalent
+recognised by its ``weight_int8`` / ``weight_scale`` buffers. Any other layer that does not trace may
+define ``onnx_module() -> nn.Module``: an equivalent
 module built from the same stored codes / factors; it is swapped in for export only.
 """
 from __future__ import annotations
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workbench.errors import WorkbenchError
-from workbench.export import atomic_write
+from workbench.export.files import atomic_write
 from workbench.inventory import set_submodule
 
 
@@ -87,7 +88,7 @@ class Int8WeightLinear(nn.Module):
 
 def _dynamic_linear_types() -> tuple[type, ...]:
     try:
-        from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+        from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear  # noqa: PLC0415 (optional heavy dependency, loaded on first use)
     except ImportError:  # pragma: no cover - torch.ao may leave torch one day
         return ()
     return (DynamicLinear,)
@@ -176,7 +177,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike
 
 def onnx_session(path: str | os.PathLike, threads: int | None = None):
     """An onnxruntime CPU ``InferenceSession`` for ``path`` (``threads``: intra-op threads)."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # noqa: PLC0415 (optional heavy dependency, loaded on first use)
 
     options = ort.SessionOptions()
     if threads:

@@ -53,12 +53,17 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from safetensors import SafetensorError
+import safetensors
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from workbench.compress import apply
 from workbench.errors import WorkbenchError
 from workbench.plan import Plan
+from workbench.registry import get_method
+from workbench.version import __version__
+from workbench.zoo import available_models, load
 
 EXPORT_FORMAT_VERSION = 2
 HEADER_KEY = "workbench"
@@ -255,7 +260,6 @@ def _shape_of(value: Any) -> Any:
 # --------------------------------------------------------------------------- save
 def tensor_digests(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
     """``{name: SHA-256 hex}`` of each tensor's raw bytes (written in the header, checked on load)."""
-    import hashlib
 
     return {name: hashlib.sha256(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
             for name, t in sorted(tensors.items())}
@@ -269,10 +273,7 @@ def plan_sidecar(path: str | os.PathLike) -> Path:
 
 
 def _versions() -> dict:
-    import safetensors
-
-    import workbench
-    return {"workbench": workbench.__version__, "torch": torch.__version__,
+    return {"workbench": __version__, "torch": torch.__version__,
             "safetensors": safetensors.__version__}
 
 
@@ -295,8 +296,6 @@ def save_compressed(path: str | os.PathLike, model: nn.Module, plan: Plan, model
     Returns the path written. Raises `WorkbenchError` (nothing written) if the folder is not
     writable or a state entry cannot be stored.
     """
-    from workbench.zoo import available_models
-
     if not isinstance(plan, Plan):
         raise WorkbenchError(f"save_compressed needs a workbench.Plan, got {type(plan).__name__}")
     source = "embedded" if model_name in available_models() else "user"
@@ -322,7 +321,6 @@ def save_compressed(path: str | os.PathLike, model: nn.Module, plan: Plan, model
 # --------------------------------------------------------------------------- load
 def read_header(path: str | os.PathLike) -> dict:
     """The workbench header of a saved file, validated (format version, required keys)."""
-    from safetensors import safe_open
 
     if not Path(path).is_file():
         raise WorkbenchError(f"no such file {str(path)!r}")
@@ -370,9 +368,6 @@ def _stand_in_inputs(header: dict, task) -> torch.Tensor | None:
 def rebuild_structure(header: dict, original: nn.Module | None = None,
                       calibration_inputs: torch.Tensor | None = None) -> nn.Module:
     """The compressed model's structure: ``apply(original, plan)``; weights still to be loaded."""
-    from workbench.compress import apply
-    from workbench.registry import get_method
-
     plan = Plan.from_dict(header["plan"])
     task = None
     if original is None:
@@ -380,7 +375,6 @@ def rebuild_structure(header: dict, original: nn.Module | None = None,
             raise WorkbenchError(
                 f"this file was saved from a model you brought ({header['model']!r}); pass the "
                 "uncompressed model: load_compressed(path, original=model)")
-        from workbench.zoo import load
         task = load(header["model"])
         original = task.model
     recorded = header.get("original") or {}

@@ -11,14 +11,15 @@ weights'. Training starts from post-training quantization (PTQ): the codes and s
 """
 from __future__ import annotations
 
+import copy
 import math
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import nn
 
 from workbench.errors import WorkbenchError
-from workbench.recovery.views import _dense_forward
+from workbench.recovery.masked import dense_forward
 
 
 # ---------------------------------------------------------------- functional core (pure tensors)
@@ -111,7 +112,7 @@ class FakeQuantLayer(nn.Module):
         return lsq_fake_quant(self.layer.weight, self.scale.abs().clamp_min(1e-12), self.qn, self.qp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _dense_forward(self.layer, x, self.quantized_weight())
+        return dense_forward(self.layer, x, self.quantized_weight())
 
     @torch.no_grad()
     def codes(self) -> torch.Tensor:
@@ -133,8 +134,6 @@ class FakeQuantLayer(nn.Module):
 
         ``layer`` is copied, never modified.
         """
-        import copy
-
         qn, qp = signed_range(bits)
         scale = mse_scale(layer.weight, qn, qp, per_channel)
         view = cls(copy.deepcopy(layer), scale, bits, qn, qp, learn_scale, pack)
@@ -151,44 +150,3 @@ def set_learn_scales(model: nn.Module, learn: bool) -> None:
     for module in model.modules():
         if isinstance(module, FakeQuantLayer):
             module.scale.requires_grad_(learn)
-
-
-def qat(model: nn.Module, task, *, epochs: int, **options: Any):
-    """QAT of an already PTQ-quantized ``model``: fine-tune through the STE with learned steps.
-
-    Same options and result as `workbench.recovery.finetune.finetune` (``learn_scales=True``).
-    """
-    from workbench.recovery.finetune import finetune
-
-    options.setdefault("desc", "QAT")
-    return finetune(model, task, epochs=epochs, learn_scales=True, **options)
-
-
-def qat_plan(model: nn.Module, *, bits: int | None = None, scheme: str | None = None,
-             asymmetric: bool | None = None, **options: Any):
-    """The PTQ starting point of QAT: the ``quant`` plan (symmetric uniform ``bits``-bit codes).
-
-    The plan gives the packed structure (so a saved QAT model loads back through its plan); the
-    training itself happens after `workbench.apply`, in `qat` (the CLI does it for ``--method qat``).
-    """
-    from workbench.registry import get_recipe
-
-    if bits is None:
-        raise WorkbenchError("qat needs bits (2..8), e.g. --bits 4")
-    check_bits(bits)
-    if (scheme not in (None, "uniform")) or asymmetric:
-        raise WorkbenchError(f"qat learns the steps of the symmetric uniform grid; scheme={scheme!r}, "
-                             f"asymmetric={bool(asymmetric)} are not supported")
-    return get_recipe("quant")(model, bits=bits, **options)
-
-
-qat_plan.options = ("bits", "scheme", "asymmetric", "per_channel", "layers")  # the CLI flags it takes
-
-
-def _register() -> None:
-    from workbench.registry import register_recipe
-
-    register_recipe("qat", qat_plan)
-
-
-_register()

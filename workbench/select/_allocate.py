@@ -12,7 +12,7 @@ Allocators
     when available, else the LP relaxation rounded and repaired.
 
 Predicted loss of an option is either measured (``loss="sensitivity"``: the metric drop with
-that layer alone compressed, from `workbench.select.sensitivity`) or a proxy
+that layer alone compressed, from `workbench.select._sensitivity`) or a proxy
 (``loss="proxy"``: discarded sigma^2 weighted by the input activation energy along each singular
 direction, relative to the layer's output energy). Every allocation is then applied and
 evaluated for real; ``metric`` is measured on the task's test data, while choices use the
@@ -32,15 +32,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workbench.compress import apply, collect_layer_inputs
+from workbench.compress import apply
+from workbench.hooks import collect_layer_inputs
 from workbench.errors import WorkbenchError
 from workbench.measure import saved_bytes
 from workbench.plan import LayerPlan, Plan
 from workbench.registry import get_method, get_recipe
-from workbench.select.sensitivity import (COSTS, SensitivityResult, model_costs, selection_task,
+from workbench.select._sensitivity import (COSTS, SensitivityResult, model_costs, selection_task,
                                           sensitivity)
 from workbench.spectra import layer_svd
 from workbench.zoo.task import Task
+from workbench.inventory import matrix_layers
 
 ALLOCATORS = ("uniform", "energy", "greedy", "convex")
 #: Kept-ratio grid the options of greedy / convex come from (0.005 reaches rank 1 in small layers).
@@ -240,7 +242,7 @@ def greedy_picks(table: OptionTable, limit: float) -> list[int]:
 def convex_picks(table: OptionTable, limit: float, solver: str = "auto") -> tuple[list[int], str]:
     """Multiple-choice knapsack with cvxpy. ``solver``: "auto" (MILP with HiGHS if installed,
     else LP), "milp" or "lp" (relaxation, then rounding to each layer's largest x and repair)."""
-    import cvxpy as cp
+    import cvxpy as cp  # noqa: PLC0415 (optional heavy dependency, loaded on first use)
 
     if solver not in ("auto", "milp", "lp"):
         raise WorkbenchError(f"solver={solver!r} must be 'auto', 'milp' or 'lp'")
@@ -384,7 +386,6 @@ def allocate(task: Task, budget: float = 0.3, by: str = "params", allocator: str
         except _infeasible_marker as exc:
             raise _infeasible(budget, by, limit, exc.smallest, total,
                               f"{allocator} {method} (smallest {option})") from None
-        from workbench.inventory import matrix_layers
         layers = [info.name for info in matrix_layers(task.model)]
         return measure_allocation(task, allocator, by, budget, limit, total, plan, layers, split)
 
