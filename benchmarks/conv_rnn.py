@@ -1,4 +1,4 @@
-"""Figures for convolutions and recurrent networks (issue 6). Prints one JSON document.
+"""Figures for convolutions and recurrent networks. Prints one JSON document.
 
 * ``digits-cnn`` with its convolutions at ~50% of their weights: Tucker-2, CP, spatial SVD and
   structured channel pruning, accuracy before and after a short fine-tune, conv weights kept,

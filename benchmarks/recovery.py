@@ -26,7 +26,7 @@ WITHIN = 0.02  # "within 2 points of the uncompressed accuracy"
 
 
 def compressions(task) -> dict:
-    """``{label: plan}`` of the compressions the issue asks for."""
+    """``{label: plan}`` of the compressions compared (one per family, heavy enough to lose accuracy)."""
     model = task.model
     return {
         "SVD 10%/layer (fc3 rank 1)": get_recipe("svd")(model, ratio=0.1),

@@ -99,11 +99,7 @@ def test_torch_ao_int8_exports_as_int8_initializers(mlp_task, tmp_path):
 
 
 def test_registered_int8_layers_export(mlp_task, tmp_path):
-    from workbench.registry import get_recipe, recipes
-    name = next((r for r in ("int8", "quant") if r in recipes()), None)
-    if name is None:
-        pytest.skip("no int8 / quant recipe registered yet")
-    plan = get_recipe(name)(mlp_task.model, task=mlp_task, bits=8)
+    plan = wb.recipe("int8")(mlp_task.model, task=mlp_task)
     model = wb.apply(mlp_task.model, plan, calibration_inputs=mlp_task.calibration_inputs())
     written = export_onnx(model, mlp_task.example_input, tmp_path / "q.onnx")
     x = mlp_task.eval_inputs[:256]

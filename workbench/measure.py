@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import workbench.flop_formulas  # noqa: F401  (LSTM and int8 kernels counted too)
+from workbench.results import Measurement
 
 
 def count_params(model: nn.Module) -> int:
@@ -75,17 +76,17 @@ def latency_ms(model: nn.Module, example: torch.Tensor, repeats: int = 50, warmu
     return statistics.median(times)
 
 
-def measure(model: nn.Module, task, latency: bool = True) -> dict:
-    """``{"metric", "params", "bytes", "flops", "latency_ms", "threads"}`` of ``model`` on ``task``.
+def measure(model: nn.Module, task, latency: bool = True) -> Measurement:
+    """`Measurement` ``{"metric", "params", "bytes", "flops", "latency_ms", "threads"}`` of ``model`` on ``task``.
 
     ``flops`` and ``latency_ms`` are for one sample (batch 1); ``bytes`` is the saved state_dict.
     """
-    result = {
+    result = Measurement({
         "metric": task.evaluate(model),
         "params": count_params(model),
         "bytes": saved_bytes(model),
         "flops": count_flops(model, task.example_input),
-    }
+    })
     if latency:
         result["latency_ms"] = latency_ms(model, task.example_input)
         result["threads"] = torch.get_num_threads()

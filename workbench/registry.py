@@ -106,9 +106,13 @@ class Recipe:
     options: tuple[str, ...]
     needs_task: bool = False
     description: str = ""
+    # Optional: ``report(original, compressed, task) -> dict`` of the family's extra figures and notes
+    # (sparse latency, per-layer quantization errors), which `compress --json` adds to its output.
+    report: Callable[..., dict] | None = None
 
     @classmethod
-    def from_function(cls, name: str, build: Callable[..., Plan], description: str = "") -> "Recipe":
+    def from_function(cls, name: str, build: Callable[..., Plan], description: str = "",
+                      report: Callable[..., dict] | None = None) -> "Recipe":
         """A recipe whose options are the keyword-only parameters of ``build(model, *, ...)``."""
         parameters = inspect.signature(build).parameters.values()
         if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
@@ -116,7 +120,7 @@ class Recipe:
         options = tuple(p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "task")
         needs_task = any(p.name == "task" for p in parameters)
         doc = description or (inspect.getdoc(build) or "").split("\n", 1)[0]
-        return cls(name, build, options, needs_task, doc)
+        return cls(name, build, options, needs_task, doc, report)
 
     def __call__(self, model: nn.Module, task: Any = None, **options: Any) -> Plan:
         check_options(f"recipe {self.name!r}", options, self.options)
@@ -134,9 +138,10 @@ def register_method(method: Method) -> Method:
     return method
 
 
-def register_recipe(name: str, recipe: Callable[..., Plan] | Recipe) -> Recipe:
+def register_recipe(name: str, recipe: Callable[..., Plan] | Recipe,
+                    report: Callable[..., dict] | None = None) -> Recipe:
     """Register ``recipe`` (a `Recipe`, or a function ``f(model, *, option=...) -> Plan``) as ``name``."""
-    entry = recipe if isinstance(recipe, Recipe) else Recipe.from_function(name, recipe)
+    entry = recipe if isinstance(recipe, Recipe) else Recipe.from_function(name, recipe, report=report)
     _RECIPES[name] = entry
     return entry
 

@@ -23,6 +23,7 @@ from workbench.kernels import svd as svd_kernels
 from workbench.measure import count_flops, count_params, saved_bytes
 from workbench.plan import LayerPlan, Plan
 from workbench.registry import LayerContext, Method, get_method
+from workbench.results import Evaluation, Preview
 from workbench.stages import model_stages
 
 DEFAULT_CACHE_BYTES = 256 * 2**20
@@ -85,7 +86,7 @@ class Engine:
             gc.freeze()
 
     # ------------------------------------------------------------------ public
-    def evaluate(self, plan: Plan, file_bytes: bool = False) -> dict:
+    def evaluate(self, plan: Plan, file_bytes: bool = False) -> Evaluation:
         """Metric and sizes of ``plan`` applied to the task's model.
 
         Returns ``{"metric", "params", "bytes", "bytes_method", "flops", "from_stage",
@@ -115,13 +116,13 @@ class Engine:
         if file_bytes:
             result["bytes_file"] = saved_bytes(self.build(plan))
         result["compute_ms"] = (time.perf_counter() - start) * 1e3
-        return result
+        return Evaluation(result)
 
     def build(self, plan: Plan) -> nn.Module:
         """The compressed model as `workbench.apply` builds it (a new, independent model)."""
         return apply(self.original, plan, calibration_inputs=self.task.calibration_inputs())
 
-    def preview(self, layer: str, rank: int) -> dict:
+    def preview(self, layer: str, rank: int) -> Preview:
         """Errors of layer ``layer`` truncated at ``rank``, without a forward pass.
 
         ``weight_error``: ``||W - W_r||_F / ||W||_F`` (Eckart–Young, from the singular values).
@@ -133,7 +134,7 @@ class Engine:
         f = self.factors.get(layer, upto=rank)
         kept_sq = float(f.s[:rank].double().pow(2).sum())
         weight_error = max(f.weight_sq - kept_sq, 0.0) ** 0.5 / max(f.weight_sq, 1e-300) ** 0.5
-        result = {"layer": layer, "rank": rank, "weight_error": weight_error, "output_error": None}
+        result = Preview({"layer": layer, "rank": rank, "weight_error": weight_error, "output_error": None})
         if layer in self._preview:
             tail, total = self._preview[layer]
             if rank < len(tail):

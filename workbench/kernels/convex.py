@@ -1,4 +1,4 @@
-"""Convex constrained refit of a linear map (the seeds' "COC"), with cvxpy.
+"""Convex constrained refit of a linear map ("convex constrained compression"), with cvxpy.
 
 Given a layer's inputs ``x: (t, n)`` and the outputs to reproduce ``y: (t, m)`` (bias already
 removed), find ``w: (m, n)`` minimizing ``||x w^T - y||_F^2`` subject to

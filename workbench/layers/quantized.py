@@ -13,7 +13,7 @@ quantization without integer kernels). `Int8Linear` is the one that is faster on
 weights (per output channel) and dynamically quantized activations through PyTorch's x86/fbgemm
 ``quantized::linear_dynamic`` kernel (the kernel ``torch.ao.quantization.quantize_dynamic`` uses).
 
-Fine-tuning (issue 8): ``dequantized_weight()`` / ``to_float()`` give the float weights the
+Fine-tuning: ``dequantized_weight()`` / ``to_float()`` give the float weights the
 codes stand for; ``scale`` / ``zero_point`` / ``codebook`` the grid; re-pack trained float weights
 with ``QuantLinear.from_float(linear, bits, ...)`` (new grid) or keep the grid with
 ``from_signed_codes(codes, scale, bias, layer, bits=b)`` (int8 codes in ``[-2^(b-1), 2^(b-1)-1]``,

@@ -13,7 +13,7 @@ dense); bitmap layers and convolutions scatter the values into a dense kernel fi
 the dense GEMM is so well tuned that the sparse product is usually SLOWER than the dense layer
 below ~90-95% sparsity (see ``benchmarks/pruning_quant.py``): pruning here buys bytes, not speed.
 
-Fine-tuning with a fixed mask (issue 8): ``layer.to_masked() -> (dense_layer, mask)`` gives a
+Fine-tuning with a fixed mask: ``layer.to_masked() -> (dense_layer, mask)`` gives a
 float ``nn.Linear``/``nn.Conv2d`` with zeros at pruned entries and the bool mask; after training,
 ``SparseLinear.from_masked(dense_layer, mask)`` (or ``SparseConv2d.from_masked``) re-packs it.
 """

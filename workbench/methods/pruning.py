@@ -231,5 +231,4 @@ def pruning_report(original: nn.Module, compressed: nn.Module, task=None) -> dic
     return {"notes": notes, "sparse_latency": rows}
 
 
-prune_plan.report = pruning_report
-register_recipe("prune", prune_plan)
+register_recipe("prune", prune_plan, report=pruning_report)

@@ -145,8 +145,6 @@ def int8_report(original: nn.Module, compressed: nn.Module, task=None) -> dict:
     return report
 
 
-quant_plan.report = quant_report
-int8_plan.report = int8_report
 def qat_plan(model: nn.Module, *, bits: int | None = None, scheme: str | None = None,
              asymmetric: bool | None = None, per_channel: bool | None = None,
              layers: Sequence[str] | None = None) -> Plan:
@@ -166,6 +164,6 @@ def qat_plan(model: nn.Module, *, bits: int | None = None, scheme: str | None = 
     return quant_plan(model, bits=bits, per_channel=per_channel, layers=layers)
 
 
-register_recipe("quant", quant_plan)
-register_recipe("int8", int8_plan)
+register_recipe("quant", quant_plan, report=quant_report)
+register_recipe("int8", int8_plan, report=int8_report)
 register_recipe("qat", qat_plan)

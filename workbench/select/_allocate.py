@@ -368,8 +368,11 @@ def allocate(task: Task, budget: float = 0.3, by: str = "params", allocator: str
     loss : "sensitivity" (measured drops) or "proxy" (activation-weighted discarded sigma^2).
     solver : for "convex": "auto", "milp" or "lp".
 
-    Raises `WorkbenchError` when the budget is below the smallest model the options can reach
-    (the message names that size), for an unknown allocator, or when the solver fails.
+    Raises
+    ------
+    WorkbenchError
+        When the budget is below the smallest model the options can reach (the message names
+        that size), for an unknown allocator, or when the solver fails.
     """
     _check_budget(budget, by)
     if allocator not in ALLOCATORS:

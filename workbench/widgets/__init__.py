@@ -1,17 +1,37 @@
-"""Live explorers (ipywidgets ``VBox`` subclasses): compute and render kept apart, testable headless.
+"""Live explorers (ipywidgets ``VBox`` subclasses), all on one contract (`workbench.widgets.explorer`):
+compute through a `Plan` and the `Engine` off the UI thread, render from the result, testable headless.
 
-Names are imported lazily so that ``import workbench.widgets.pruning`` does not pull in the others.
+Names are imported lazily so that ``import workbench.widgets.pruning`` does not pull in the others
+(and ``import workbench.widgets`` pulls in none: ipywidgets is an optional extra).
 """
 from __future__ import annotations
 
-__all__ = ["Coalescer", "Dashboard"]
+import importlib
+
+_HOMES = {
+    "Coalescer": "workbench.widgets.throttle",
+    "Dashboard": "workbench.widgets.dashboard",
+    "Explorer": "workbench.widgets.explorer",
+    "FigureImage": "workbench.widgets.figure_view",
+    "GateRankExplorer": "workbench.widgets.conv_rnn",
+    "PruningExplorer": "workbench.widgets.pruning",
+    "QuantizationExplorer": "workbench.widgets.quantization",
+    "RealModelExplorer": "workbench.widgets.real_model",
+    "RecoveryExplorer": "workbench.widgets.recovery",
+    "SaveLoadBar": "workbench.widgets.persistence",
+    "TuckerExplorer": "workbench.widgets.conv_rnn",
+}
+
+__all__ = sorted(_HOMES)
 
 
 def __getattr__(name: str):
-    if name == "Dashboard":
-        from workbench.widgets.dashboard import Dashboard
-        return Dashboard
-    if name == "Coalescer":
-        from workbench.widgets.throttle import Coalescer
-        return Coalescer
-    raise AttributeError(f"module 'workbench.widgets' has no attribute {name!r}")
+    if name not in _HOMES:
+        raise AttributeError(f"module 'workbench.widgets' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOMES[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_HOMES})

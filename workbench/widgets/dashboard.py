@@ -11,30 +11,26 @@ Which layers get a slider comes from `knobs_for`: every layer `workbench.invento
 lists gets an ``svd`` rank knob, and every recurrent layer gets an ``svd_rnn`` knob when that
 method is registered; `register_knob_provider` adds more kinds.
 
-The figure is shown as an ipympl canvas when the ``widget`` backend is active
-(``%matplotlib widget``), otherwise as an ``ipywidgets.Image`` whose PNG bytes (drawn on the Agg
-canvas) are replaced in place: the same code then runs in JupyterLab, Voilà, nbval and tests.
+The dashboard is the pattern every explorer follows (`workbench.widgets.explorer.Explorer`); its
+figure host (`workbench.widgets.figure_view.FigureImage`) blits the moving artists of the chart.
 """
 from __future__ import annotations
 
-import io
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 import ipywidgets as widgets
-import matplotlib
-import PIL.Image
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from workbench.engine import Engine
 from workbench.errors import WorkbenchError
 from workbench.inventory import matrix_layers
+from workbench.layers.recurrent import max_rank, recurrent_layers, rnn_kind, unsupported_reason
 from workbench.plan import LayerPlan, Plan
 from workbench.plotting.tradeoff import draw_tradeoff, update_tradeoff
 from workbench.registry import get_recipe, methods
-from workbench.widgets.throttle import Coalescer
+from workbench.widgets.explorer import Explorer
+from workbench.widgets.persistence import slider_values_for_plan
 
 REFERENCE_RATIOS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75)
 
@@ -65,8 +61,6 @@ def _matrix_knobs(model) -> list[Knob]:
 def _recurrent_knobs(model) -> list[Knob]:
     if "svd_rnn" not in methods():
         return []
-    from workbench.layers.recurrent import max_rank, recurrent_layers, rnn_kind, unsupported_reason
-
     knobs = []
     for name, rnn in recurrent_layers(model):
         if unsupported_reason(rnn):
@@ -111,56 +105,6 @@ def knobs_for(model) -> list[Knob]:
     return sorted(knobs, key=lambda k: order.get(k.layer, len(order)))
 
 
-# --------------------------------------------------------------------------- figure view
-class FigureImage:
-    """A figure shown in a widget: the ipympl canvas under ``%matplotlib widget``, else an
-    ``ipywidgets.Image`` whose PNG is replaced in place by ``draw()``.
-
-    In the Image view, ``draw(moving)`` draws the figure once without the ``moving`` artists on the
-    Agg canvas, keeps that background, and afterwards only restores it and draws the moving
-    artists over it (blitting) before encoding the PNG; ``invalidate()`` forces a full draw.
-    """
-
-    def __init__(self, figsize: tuple[float, float], dpi: int = 80):
-        backend = matplotlib.get_backend().lower()
-        self.interactive = "ipympl" in backend or backend.endswith("widget")
-        self._background = None
-        if self.interactive:
-            import matplotlib.pyplot as plt
-
-            with plt.ioff():
-                self.figure = plt.figure(figsize=figsize, dpi=dpi)
-            self.widget = self.figure.canvas
-        else:
-            self.figure = Figure(figsize=figsize, dpi=dpi)
-            FigureCanvasAgg(self.figure)
-            width, height = (int(v * dpi) for v in figsize)
-            self.widget = widgets.Image(format="png", layout={"width": f"{width}px", "height": f"{height}px"})
-
-    def invalidate(self) -> None:
-        self._background = None
-
-    def draw(self, moving: tuple = ()) -> None:
-        canvas = self.figure.canvas
-        if self.interactive:
-            canvas.draw_idle()
-            return
-        if self._background is None:
-            for artist in moving:
-                artist.set_animated(True)
-            canvas.draw()
-            self._background = canvas.copy_from_bbox(self.figure.bbox)
-        else:
-            canvas.restore_region(self._background)
-        for artist in moving:
-            self.figure.draw_artist(artist)
-        width, height = canvas.get_width_height()
-        image = PIL.Image.frombuffer("RGBA", (width, height), canvas.buffer_rgba(), "raw", "RGBA", 0, 1)
-        buffer = io.BytesIO()
-        image.save(buffer, format="png", compress_level=1)
-        self.widget.value = buffer.getvalue()
-
-
 # --------------------------------------------------------------------------- dashboard
 def _readout(css: str) -> widgets.HTML:
     label = widgets.HTML()
@@ -169,7 +113,7 @@ def _readout(css: str) -> widgets.HTML:
     return label
 
 
-class Dashboard(widgets.VBox):
+class Dashboard(Explorer):
     """Rank sliders for every compressible layer with live metric, params, bytes, FLOPs and plot.
 
     Parameters
@@ -181,24 +125,23 @@ class Dashboard(widgets.VBox):
     """
 
     def __init__(self, task, engine: Engine | None = None, synchronous: bool = False, reference: bool = True):
-        self.task = task
-        self.engine = engine or Engine(task, subset=task.live_subset)
+        super().__init__(task, engine or Engine(task, subset=task.live_subset), synchronous,
+                         figsize=(6.0, 3.6), dpi=80)
         self.knobs = knobs_for(task.model)
         if not self.knobs:
             raise WorkbenchError(f"model {task.name!r} has no layer with a rank to choose")
+        self._knobs = {knob.layer: knob for knob in self.knobs}
         self.base = {"metric": task.evaluate(), **self.engine.base}
-        self.state: dict = {}
         self.history: list[tuple[float, float]] = []
 
-        self.sliders = {}
         groups = knob_groups(task.model, self.knobs)
         for knob, label in (entry for members in groups.values() for entry in members):
             slider = widgets.IntSlider(value=knob.maximum, min=1, max=knob.maximum, step=1,
                                        description=label, continuous_update=True,
                                        style={"description_width": "160px"}, layout={"width": "520px"})
             slider.add_class("wb-rank-slider")
-            slider.observe(lambda change, k=knob: self._on_slider(k, change["new"]), names="value")
-            self.sliders[knob.layer] = slider
+            self.controls[knob.layer] = slider
+        self.sliders = self.controls  # {layer: slider}
         if len(groups) > 1:  # e.g. MiniLM: one fold per encoder block, sliders labelled by type
             slider_box = widgets.Accordion(
                 children=[widgets.VBox([self.sliders[k.layer] for k, _ in members]) for members in groups.values()],
@@ -207,10 +150,8 @@ class Dashboard(widgets.VBox):
             slider_box = widgets.VBox(list(self.sliders.values()))
         self.readouts = {key: _readout(f"wb-readout-{key}")
                          for key in ("accuracy", "size", "params", "bytes", "flops", "preview")}
-        self.error = widgets.HTML()
         self.error.add_class("wb-dashboard-error")
 
-        self.view = FigureImage((6.0, 3.6))
         self.view.widget.add_class("wb-dashboard-plot")
         ax = self.view.figure.subplots()
         ref_size, ref_metric = self._reference() if reference else ([], [])
@@ -218,36 +159,25 @@ class Dashboard(widgets.VBox):
                                       size_label="estimated size (KiB)", metric_label=task.metric_name)
         self.view.figure.tight_layout()
 
-        self.coalescer = Coalescer(self.compute, self.render, self.show_error, synchronous=synchronous)
         readouts = widgets.VBox(list(self.readouts.values()), layout={"min_width": "300px"})
-        from workbench.widgets.persistence import SaveLoadBar
-        self.persistence = SaveLoadBar(self)  # "Save this configuration" / "Load" (issue 9)
-        super().__init__(children=[widgets.HBox([slider_box, readouts]),
-                                   self.error, self.view.widget, self.persistence])
+        self.compose([widgets.HBox([slider_box, readouts])])
         self.add_class("wb-dashboard")
-        self.render(self.compute(self.ranks()))
+        self.watch()
+        self.refresh()
 
     # ------------------------------------------------------------------ state
     def ranks(self) -> dict[str, int]:
-        """The rank each slider shows now."""
-        return {layer: slider.value for layer, slider in self.sliders.items()}
+        """The rank each slider shows now (the dashboard's settings)."""
+        return self.settings()
 
     def plan_for(self, ranks: dict[str, int]) -> Plan:
         """The plan the sliders describe (a slider at its maximum leaves its layer dense)."""
-        knobs = {knob.layer: knob for knob in self.knobs}
         return Plan({layer: choice for layer, rank in ranks.items()
-                     if (choice := knobs[layer].choice(rank)) is not None})
+                     if (choice := self._knobs[layer].choice(rank)) is not None})
 
-    @property
-    def plan(self) -> Plan:
-        """The plan the sliders show now (the save/load protocol of `workbench.widgets.persistence`)."""
-        return self.plan_for(self.ranks())
-
-    def set_plan(self, plan: Plan) -> None:
-        """Move the sliders to ``plan`` (a saved configuration); `WorkbenchError` if they cannot show it."""
-        from workbench.widgets.persistence import slider_values_for_plan
-        for layer, value in slider_values_for_plan(self.knobs, plan).items():
-            self.sliders[layer].value = value
+    def settings_for(self, plan: Plan) -> dict[str, int]:
+        """The slider values showing ``plan``; `WorkbenchError` if the sliders cannot show it."""
+        return slider_values_for_plan(self.knobs, plan)
 
     # ------------------------------------------------------------------ compute
     def compute(self, ranks: dict[str, int]) -> dict:
@@ -257,7 +187,7 @@ class Dashboard(widgets.VBox):
 
     def preview(self, layer: str, rank: int) -> dict | None:
         """The engine's instant preview (no forward pass) of one layer's rank, if it has one."""
-        knob = next(k for k in self.knobs if k.layer == layer)
+        knob = self._knobs[layer]
         if not knob.preview or rank >= knob.maximum:
             return None
         return self.engine.preview(layer, rank)
@@ -283,15 +213,14 @@ class Dashboard(widgets.VBox):
         if update_tradeoff(self.tradeoff, point, trail=tuple(zip(*self.history)),
                            text=f"{result['metric']:.3f} at {point[0]:,.1f} KiB"):
             self.view.invalidate()
-        self.view.draw(self.tradeoff.moving)
-
-    def show_error(self, message: str) -> None:
-        self.error.value = f"<span style='color:#b00'>&#9888; {message}</span>"
+        self.draw(self.tradeoff.moving)
 
     # ------------------------------------------------------------------ events
-    def _on_slider(self, knob: Knob, rank: int) -> None:
+    def changed(self, layer: str, rank: int) -> None:
+        """A slider moved: the instant preview now, the full evaluation through the coalescer."""
+        knob = self._knobs[layer]
         try:
-            preview = self.preview(knob.layer, rank)
+            preview = self.preview(layer, rank)
         except WorkbenchError as exc:
             self.show_error(str(exc))
             return
@@ -299,16 +228,14 @@ class Dashboard(widgets.VBox):
             f"<i>{knob.layer} rank {rank}: weight error {preview['weight_error']:.1%}, "
             f"output error {preview['output_error']:.1%} (instant preview)</i>" if preview else
             f"<i>{knob.layer} rank {rank}</i>")
-        self.coalescer.submit(self.ranks())
+        self.request()
 
     def set_rank(self, layer: str, rank: int, wait: bool = True) -> dict:
         """Move one slider as a user would; with ``wait``, return once the display shows it."""
         if layer not in self.sliders:
             raise WorkbenchError(f"unknown layer {layer!r}; sliders: {', '.join(self.sliders)}")
         self.sliders[layer].value = rank
-        if wait:
-            self.coalescer.wait()
-        return self.state
+        return self.wait() if wait else self.state
 
     def _reference(self) -> tuple[list[float], list[float]]:
         """Size (KiB) and metric of the ``svd`` recipe at a few kept ratios, for context."""

@@ -1,42 +1,83 @@
-"""A matplotlib figure shown in a widget: the ipympl canvas when that backend is active, else an
-``Output`` that re-displays the figure (``%matplotlib inline``, nbval, headless tests)."""
+"""The one figure host of every explorer: a matplotlib figure shown in a widget.
+
+Under ``%matplotlib widget`` (ipympl) the widget is the figure's own canvas. Otherwise it is an
+``ipywidgets.Image`` whose PNG bytes (drawn on the Agg canvas) are replaced in place by
+``draw()``. The Image path is the one that works when the drawing happens on a compute thread (an
+explorer's `workbench.widgets.throttle.Coalescer` worker) in JupyterLab, Voilà and nbval alike: a
+widget value reaches the page from any thread, while an ``Output`` widget's ``display`` from a
+background thread does not. It is also what headless tests read (``view.widget.value``).
+"""
 from __future__ import annotations
+
+import io
+from typing import Sequence
 
 import ipywidgets as widgets
 import matplotlib
+import PIL.Image
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 
 def uses_widget_canvas() -> bool:
+    """True under the ipympl backend (``%matplotlib widget``)."""
     backend = matplotlib.get_backend().lower()
-    return "ipympl" in backend or backend == "widget"
+    return "ipympl" in backend or backend.endswith("widget")
 
 
-class FigureView:
-    """``figure`` (draw on it) and ``widget`` (put it in a layout); ``draw()`` shows the changes."""
+class FigureImage:
+    """``figure`` (draw on it) and ``widget`` (put it in a layout); ``draw()`` shows the changes.
 
-    def __init__(self, figsize: tuple[float, float]):
-        if uses_widget_canvas():
-            import matplotlib.pyplot as plt
+    ``draw()`` redraws the whole figure. ``draw(moving)`` blits: the first call draws the figure
+    without the ``moving`` artists and keeps that background; later calls only restore it and draw
+    the moving artists over it (``invalidate()`` forces a full draw again, e.g. after the axes
+    limits changed). Either way the PNG is encoded once per call (``compress_level=1``: fast).
+
+    Parameters
+    ----------
+    figsize : ``(width, height)`` in inches; the Image is ``figsize * dpi`` pixels.
+    dpi : dots per inch of the Agg canvas.
+    """
+
+    def __init__(self, figsize: tuple[float, float], dpi: int = 100):
+        self.interactive = uses_widget_canvas()
+        self._background = None
+        if self.interactive:
+            import matplotlib.pyplot as plt  # the ipympl canvas is made through pyplot
 
             with plt.ioff():
-                self.figure = plt.figure(figsize=figsize)
+                self.figure = plt.figure(figsize=figsize, dpi=dpi)
             self.widget = self.figure.canvas
-            self._output = None
         else:
-            self.figure = Figure(figsize=figsize)
-            self._output = widgets.Output()
-            self.widget = self._output
+            self.figure = Figure(figsize=figsize, dpi=dpi)
+            FigureCanvasAgg(self.figure)
+            width, height = (int(v * dpi) for v in figsize)
+            self.widget = widgets.Image(format="png", layout={"width": f"{width}px", "height": f"{height}px"})
 
-    def draw(self) -> None:
-        if self._output is None:
-            self.figure.canvas.draw_idle()
+    def invalidate(self) -> None:
+        """Forget the kept background: the next ``draw(moving)`` draws everything."""
+        self._background = None
+
+    def draw(self, moving: Sequence = ()) -> None:
+        canvas = self.figure.canvas
+        if self.interactive:
+            canvas.draw_idle()
             return
-        from IPython import get_ipython
-
-        if get_ipython() is not None:
-            from IPython.display import display
-
-            with self._output:
-                self._output.clear_output(wait=True)
-                display(self.figure)
+        if not moving:
+            self._background = None
+            canvas.draw()
+        else:
+            if self._background is None:
+                for artist in moving:
+                    artist.set_animated(True)
+                canvas.draw()
+                self._background = canvas.copy_from_bbox(self.figure.bbox)
+            else:
+                canvas.restore_region(self._background)
+            for artist in moving:
+                self.figure.draw_artist(artist)
+        width, height = canvas.get_width_height()
+        image = PIL.Image.frombuffer("RGBA", (width, height), canvas.buffer_rgba(), "raw", "RGBA", 0, 1)
+        buffer = io.BytesIO()
+        image.save(buffer, format="png", compress_level=1)
+        self.widget.value = buffer.getvalue()

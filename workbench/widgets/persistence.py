@@ -175,7 +175,9 @@ class SaveLoadBar(widgets.VBox):
     """
 
     def __init__(self, host: Any, path: str | os.PathLike = DEFAULT_PATH):
-        if not hasattr(host, "plan") or not callable(getattr(host, "set_plan", None)):
+        # a `plan` property is looked up on the class, not evaluated (it may raise for the current view)
+        has_plan = hasattr(type(host), "plan") or hasattr(host, "plan")
+        if not has_plan or not callable(getattr(host, "set_plan", None)):
             raise WorkbenchError(f"{type(host).__name__} cannot be saved: it needs a `plan` property "
                                  "and a `set_plan(plan)` method")
         self.host = host

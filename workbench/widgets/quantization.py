@@ -1,9 +1,11 @@
 """Quantization explorer: a bit-width slider, the quantization grid drawn over the weight
 histogram for uniform (symmetric, per tensor) and k-means side by side, accuracy and bytes live.
 
-Compute (`QuantizationExplorer.compute` through `workbench.engine.Engine`, cached per bit width:
-moving back is instant) is apart from render (`render`, which updates existing artists). Slider
-events go through a `workbench.widgets.throttle.Coalescer`; headless tests call ``update(bits)``.
+It follows the explorer contract (`workbench.widgets.explorer.Explorer`): settings ``{"bits",
+"layer", "scheme"}`` -> one ``quant`` plan per scheme -> `workbench.engine.Engine` (cached per
+bit width: moving back is instant) -> metric, bytes, grids (`compute`) -> existing artists updated
+(`render`), off the UI thread. ``scheme`` only picks which of the two plans is ``plan`` (what
+"Save this configuration" keeps). Headless: ``update(bits)`` shows a width now, returns ``state``.
 """
 from __future__ import annotations
 
@@ -15,30 +17,30 @@ from workbench.inventory import matrix_layers
 from workbench.kernels import quant as quant_kernels
 from workbench.plan import LayerPlan, Plan
 from workbench.plotting.histograms import draw_grid, draw_weight_histogram, update_grid, update_weight_histogram
-from workbench.widgets.figure_view import FigureView
-from workbench.widgets.persistence import SaveLoadBar, check_plan_shape, check_slider_value
-from workbench.widgets.throttle import Coalescer
+from workbench.widgets.explorer import Explorer
+from workbench.widgets.persistence import check_plan_shape, check_slider_value
 
 SCHEMES = ("uniform", "kmeans")
 #: parameters of a "quant" plan that this explorer applies implicitly (a plan may spell them out)
 IMPLICIT = {"per_channel": False, "asymmetric": False, "seed": 0}
 
 
-class QuantizationExplorer(widgets.VBox):
+class QuantizationExplorer(Explorer):
     """Bits slider (1..8) + two histograms with their grids + live metric and bytes per scheme.
 
     ``scheme`` (toggle) picks which of the two "Save this configuration" keeps as the plan.
+    ``engine``: the `Engine` to evaluate plans with (default: a new one on ``task``).
     """
 
-    def __init__(self, task, bits: int = 4, synchronous: bool = False):
+    config_path = "quantization-configuration.json"
+
+    def __init__(self, task, bits: int = 4, synchronous: bool = False, engine: Engine | None = None):
         quant_kernels.check_bits(bits)
-        self.task = task
-        self.engine = Engine(task, preview=False)
+        super().__init__(task, engine or Engine(task, preview=False), synchronous, figsize=(10, 3.2))
         self.names = [info.name for info in matrix_layers(task.model)]
         if not self.names:
             raise WorkbenchError(f"model {task.name!r} has no Linear/Conv2d layer to quantize")
         self.base = {"metric": task.evaluate(), "bytes": self.engine.base["bytes"]}
-        self.state: dict = {}
         self._cache: dict[int, dict] = {}
 
         self.bits = widgets.IntSlider(value=bits, min=1, max=8, description="bits", continuous_update=False)
@@ -47,32 +49,26 @@ class QuantizationExplorer(widgets.VBox):
                                             tooltips=["scheme saved by 'Save this configuration'"] * 2,
                                             style={"button_width": "80px"})
         self.summary = widgets.HTML()
-        self.coalescer = Coalescer(self._compute_state, self._render_state, self.show_error, synchronous)
-        self.bits.observe(lambda change: self.coalescer.submit(int(change["new"])), names="value")
-        self.layer.observe(lambda change: self.coalescer.submit(int(self.bits.value)), names="value")
+        self.controls.update(bits=self.bits, layer=self.layer, scheme=self.scheme)
 
-        self.view = FigureView((10, 3.2))
         axes = self.view.figure.subplots(1, 2, sharey=True)
         first = self._weights(self.names[0])
         self.histograms = {s: draw_weight_histogram(ax, first, title=s) for s, ax in zip(SCHEMES, axes)}
         self.grids = {s: draw_grid(self.histograms[s].ax, [], color="C3", label=f"{s} levels") for s in SCHEMES}
         self.view.figure.tight_layout()
-        self.persistence = SaveLoadBar(self, "quantization-configuration.json")  # save / load (issue 9)
-        super().__init__(children=[widgets.HBox([self.bits, self.layer]), self.summary, self.view.widget,
-                                   widgets.HBox([self.scheme]), self.persistence])
-        self.update(bits)
+        self.compose([widgets.HBox([self.bits, self.layer]), self.summary], [widgets.HBox([self.scheme])])
+        self.watch("bits", "layer")  # the kept scheme changes the plan, not what is shown
+        self.refresh()
 
-    # ------------------------------------------------------------------ save / load
-    @property
-    def plan(self) -> Plan:
-        """Every layer at the slider's bits in the kept ``scheme`` (the protocol of
-        `workbench.widgets.persistence`)."""
-        return Plan({n: LayerPlan("quant", {"bits": int(self.bits.value), "scheme": self.scheme.value})
+    # ------------------------------------------------------------------ settings and plans
+    def plan_for(self, settings: dict) -> Plan:
+        """Every layer at ``bits`` in the kept ``scheme``."""
+        return Plan({n: LayerPlan("quant", {"bits": int(settings["bits"]), "scheme": settings["scheme"]})
                      for n in self.names})
 
-    def set_plan(self, plan: Plan) -> None:
-        """Move the slider (and the kept scheme) to ``plan``: one "quant" setting on every layer.
-        `WorkbenchError` (controls untouched) for a plan they cannot show."""
+    def settings_for(self, plan: Plan) -> dict:
+        """The slider and kept scheme showing ``plan``: one "quant" setting on every layer.
+        `WorkbenchError` for a plan they cannot show."""
         settings = check_plan_shape(plan, "quantization explorer", self.names, "quant", ("bits", "scheme"),
                                     IMPLICIT)
         distinct = sorted({(repr(p.get("bits")), repr(p.get("scheme", "uniform"))) for p in settings.values()})
@@ -85,11 +81,7 @@ class QuantizationExplorer(widgets.VBox):
         scheme = setting.get("scheme", "uniform")
         if scheme not in SCHEMES:
             raise WorkbenchError(f"scheme={scheme!r} is not one the quantization explorer shows ({', '.join(SCHEMES)})")
-        self.scheme.value = scheme
-        if int(self.bits.value) == bits:
-            self.coalescer.submit(bits)  # no slider event: recompute what it shows
-        else:
-            self.bits.value = bits
+        return {"scheme": scheme, "bits": bits}
 
     def widget_state(self) -> dict:
         return {"layer": self.layer.value}
@@ -102,17 +94,16 @@ class QuantizationExplorer(widgets.VBox):
         return self.task.model.get_submodule(name).weight.detach().numpy().ravel()
 
     # ------------------------------------------------------------------ compute
-    def compute(self, bits: int) -> dict:
-        """``{scheme: {"metric", "bytes", "levels": {layer: grid values}, "mse": {layer: weight MSE}}}``.
-
-        ``bytes``: tensor payload of the compressed state dict (`Engine.evaluate`).
-        """
+    def measures(self, bits: int) -> dict:
+        """``{scheme: {"metric", "bytes", "levels": {layer: grid values}, "mse": {layer: weight MSE}}}``,
+        computed once per bit width. ``bytes``: tensor payload of the compressed state dict."""
+        quant_kernels.check_bits(bits)
         if bits in self._cache:
             return self._cache[bits]
         result = {}
         for scheme in SCHEMES:
             plan = Plan({n: LayerPlan("quant", {"bits": bits, "scheme": scheme}) for n in self.names})
-            evaluation = self.engine.evaluate(plan)
+            evaluation = self.evaluate(plan)
             model = self.engine.build(plan)
             levels, mse = {}, {}
             for name in self.names:
@@ -125,35 +116,29 @@ class QuantizationExplorer(widgets.VBox):
         self._cache[bits] = result
         return result
 
+    def compute(self, settings: dict) -> dict:
+        """``{"bits", "layer", "plan", "uniform": measures, "kmeans": measures}`` (see `measures`)."""
+        bits = settings["bits"]
+        return {"bits": bits, "layer": settings["layer"], "plan": self.plan_for(settings), **self.measures(bits)}
+
     # ------------------------------------------------------------------ render
-    def render(self, bits: int, layer: str, result: dict) -> None:
+    def render(self, state: dict) -> None:
+        bits, layer = state["bits"], state["layer"]
         values = self._weights(layer)
         rows = []
         for scheme in SCHEMES:
+            r = state[scheme]
             update_weight_histogram(self.histograms[scheme], values,
-                                    title=f"{scheme}, {bits} bits: {layer} (MSE {result[scheme]['mse'][layer]:.2e})")
-            update_grid(self.grids[scheme], result[scheme]["levels"][layer])
-            r = result[scheme]
+                                    title=f"{scheme}, {bits} bits: {layer} (MSE {r['mse'][layer]:.2e})")
+            update_grid(self.grids[scheme], r["levels"][layer])
             rows.append(f"<b>{scheme}</b>: {self.task.metric_name} {r['metric']:.4f}, payload bytes {r['bytes']:,} "
                         f"({r['bytes'] / self.base['bytes']:.1%})")
         self.summary.value = (" · ".join(rows) + f" · original {self.base['metric']:.4f}, "
                               f"{self.base['bytes']:,} bytes")
-        self.view.draw()
-
-    def _compute_state(self, bits: int) -> dict:
-        return {"bits": int(bits), "layer": self.layer.value, **self.compute(int(bits))}
-
-    def _render_state(self, state: dict) -> None:
-        self.state = state
-        self.render(state["bits"], state["layer"], state)
+        self.draw()
 
     def update(self, bits: int) -> dict:
-        """Compute (or recall) and render ``bits`` now (synchronously); returns the new state."""
-        try:
-            self._render_state(self._compute_state(bits))
-        except WorkbenchError as exc:
-            self.show_error(str(exc))
-        return self.state
-
-    def show_error(self, message: str) -> None:
-        self.summary.value = f"<span style='color:#b00'>{message}</span>"
+        """Compute (or recall) and show ``bits`` now (the slider stays); returns the new state
+        (unchanged, with the message on the error line, for a width that cannot be applied)."""
+        self.request(bits=bits)
+        return self.wait()

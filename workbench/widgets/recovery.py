@@ -1,14 +1,16 @@
 """Recovery explorer: pick a compression, press Fine-tune or Distill, watch the curves grow live,
 and see the recovered model land on the accuracy-vs-size chart beside the uncompressed one.
 
-Compute (`RecoveryExplorer.start`, run on a background thread so the kernel stays responsive)
-is kept apart from rendering (`render_curves`, `render_chart`, which update existing artists).
+It follows the explorer contract (`workbench.widgets.explorer.Explorer`), with a button instead of
+a slider starting the computation: ``start(kind)`` -> the coalescer's worker thread (so the kernel
+stays responsive) -> `compute` (the chosen `Plan` applied once by `workbench.apply`, then
+`finetune` / `distill_finetune`; each epoch updates the curves, at most 4 draws a second) ->
+`render` (the result on the size chart and the status line). ``plan`` is the chosen compression.
 Headless use and tests: ``RecoveryExplorer(task, background=False)`` runs synchronously, and
-``wait()`` joins a background run.
+``wait()`` returns once a background run has finished.
 """
 from __future__ import annotations
 
-import html
 import threading
 import time
 from typing import Mapping
@@ -21,11 +23,9 @@ from workbench.errors import WorkbenchError
 from workbench.measure import saved_bytes
 from workbench.plan import Plan
 from workbench.plotting.recovery import add_result, draw_curves, draw_size_chart, update_curves
-from workbench.recovery.finetune import Recovery, distill_finetune, finetune
+from workbench.recovery import Recovery, distill_finetune, finetune
 from workbench.registry import get_recipe, recipes
-from workbench.widgets.figure_view import FigureView
-from workbench.widgets.persistence import SaveLoadBar
-from workbench.widgets.throttle import error_message
+from workbench.widgets.explorer import Explorer
 
 #: (label, recipe, options) tried by `default_compressions`; those whose recipe exists are offered.
 DEFAULT_CHOICES = (
@@ -50,7 +50,7 @@ def default_compressions(task) -> dict[str, Plan]:
     return plans
 
 
-class RecoveryExplorer(widgets.VBox):
+class RecoveryExplorer(Explorer):
     """Fine-tune or distil a compressed ``task.model`` and watch it recover.
 
     Parameters
@@ -61,9 +61,11 @@ class RecoveryExplorer(widgets.VBox):
     background : train on a thread (notebooks); False runs synchronously (tests, scripts).
     """
 
+    config_path = "recovery-configuration.json"
+
     def __init__(self, task, compressions: Mapping[str, Plan | nn.Module] | None = None, *,
                  epochs: int = 15, background: bool = True):
-        self.task = task
+        super().__init__(task, synchronous=not background, figsize=(11, 3.4))
         self.compressions = dict(compressions) if compressions is not None else default_compressions(task)
         if not self.compressions:
             raise WorkbenchError("no compression to recover from; pass compressions={label: plan}")
@@ -73,7 +75,6 @@ class RecoveryExplorer(widgets.VBox):
         self.last: Recovery | None = None
         self._models: dict[str, nn.Module] = {}
         self._cancel = threading.Event()
-        self._thread: threading.Thread | None = None
         self._last_draw = 0.0
 
         self.choice = widgets.Dropdown(options=list(self.compressions), description="compression",
@@ -83,6 +84,8 @@ class RecoveryExplorer(widgets.VBox):
         self.temperature = widgets.FloatSlider(value=4.0, min=0.5, max=20.0, step=0.5, description="T")
         self.alpha = widgets.FloatSlider(value=0.9, min=0.0, max=1.0, step=0.05, description="alpha")
         self.learn_scales = widgets.Checkbox(value=True, description="learn quantization steps (QAT)")
+        self.controls.update(choice=self.choice, epochs=self.epochs, temperature=self.temperature,
+                             alpha=self.alpha, learn_scales=self.learn_scales)  # read when a run starts
         self.finetune_button = widgets.Button(description="Fine-tune", button_style="primary")
         self.distill_button = widgets.Button(description="Distill", button_style="info")
         self.cancel_button = widgets.Button(description="Cancel", button_style="warning", disabled=True)
@@ -93,27 +96,27 @@ class RecoveryExplorer(widgets.VBox):
         self.cancel_button.on_click(lambda _: self.cancel())
 
         self._build_figure()
-        controls = [widgets.HBox([self.choice, self.epochs]), widgets.HBox([self.temperature, self.alpha]),
-                    self.learn_scales,
-                    widgets.HBox([self.finetune_button, self.distill_button, self.cancel_button, self.progress]),
-                    self.status]
-        self.persistence = SaveLoadBar(self, "recovery-configuration.json")  # save / load (issue 9)
-        super().__init__(children=controls + [self.view, self.persistence])
+        self.compose([widgets.HBox([self.choice, self.epochs]), widgets.HBox([self.temperature, self.alpha]),
+                      self.learn_scales,
+                      widgets.HBox([self.finetune_button, self.distill_button, self.cancel_button, self.progress]),
+                      self.status])
         self.render_chart()
 
     # ------------------------------------------------------------------ save / load
-    def plan(self) -> Plan:
-        """The plan of the chosen compression (the protocol of `workbench.widgets.persistence`);
-        `WorkbenchError` for a compression given as a ready-made model."""
-        entry = self.compressions[self.choice.value]
+    def plan_for(self, settings: dict) -> Plan:
+        """The plan of the compression ``settings["choice"]``; `WorkbenchError` for a compression
+        given as a ready-made model."""
+        entry = self.compressions[settings["choice"]]
         if not isinstance(entry, Plan):
-            raise WorkbenchError(f"the compression {self.choice.value!r} was given as a ready-made "
+            raise WorkbenchError(f"the compression {settings['choice']!r} was given as a ready-made "
                                  f"{type(entry).__name__}, not a plan; only plans can be saved")
         return entry
 
     def set_plan(self, plan: Plan) -> None:
         """Choose the compression whose plan is ``plan``; a plan not offered yet is built (so a bad
         setting is refused with `WorkbenchError`, choice untouched) and added as "saved configuration"."""
+        if not isinstance(plan, Plan):
+            raise WorkbenchError(f"set_plan needs a workbench.Plan, got {type(plan).__name__}")
         for label, entry in self.compressions.items():
             if isinstance(entry, Plan) and entry == plan:
                 self.choice.value = label
@@ -147,8 +150,7 @@ class RecoveryExplorer(widgets.VBox):
 
     # ------------------------------------------------------------------ view
     def _build_figure(self) -> None:
-        self.figure_view = FigureView((11, 3.4))
-        self.figure, self.view = self.figure_view.figure, self.figure_view.widget
+        self.figure = self.view.figure
         ax_loss, ax_metric, ax_size = self.figure.subplots(1, 3)
         self.curves = draw_curves(ax_loss, ax_metric, self.task.metric_name)
         self.chart = draw_size_chart(ax_size, saved_bytes(self.task.model), self.task.evaluate(),
@@ -160,7 +162,7 @@ class RecoveryExplorer(widgets.VBox):
         if not force and now - self._last_draw < 0.25:  # coalesce: at most 4 redraws a second
             return
         self._last_draw = now
-        self.figure_view.draw()
+        self.draw()
 
     def render_curves(self, force: bool = False) -> None:
         """Update the loss/metric lines from ``self.history``."""
@@ -184,7 +186,7 @@ class RecoveryExplorer(widgets.VBox):
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self.coalescer.busy
 
     def start(self, kind: str) -> None:
         """Start fine-tuning (``kind="finetune"``) or distillation (``"distill"``) of the chosen compression."""
@@ -197,59 +199,60 @@ class RecoveryExplorer(widgets.VBox):
         self.render_curves(force=True)
         self._set_running(True)
         self.status.value = f"{'Distilling' if kind == 'distill' else 'Fine-tuning'} <b>{self.choice.value}</b> ..."
-        args = (kind, self.choice.value, int(self.epochs.value), float(self.temperature.value),
-                float(self.alpha.value), bool(self.learn_scales.value))
-        if self.background:
-            self._thread = threading.Thread(target=self._run, args=args, daemon=True)
-            self._thread.start()
-        else:
-            self._run(*args)
+        self.request(kind=kind)
 
     def cancel(self) -> None:
         """Stop the current run after the current batch; the compressed model stays as it was."""
         self._cancel.set()
 
-    def wait(self, timeout: float | None = None) -> None:
-        """Block until a background run has finished."""
-        if self._thread is not None:
-            self._thread.join(timeout)
+    def wait(self, timeout: float | None = None) -> dict:
+        """Block until a background run has finished; returns ``state`` (the last run's outcome)."""
+        return super().wait(timeout)
 
     def _on_epoch(self, entry: dict) -> None:
         self.history.append(entry)
         self.render_curves()
 
-    def _run(self, kind: str, label: str, epochs: int, temperature: float, alpha: float,
-             learn_scales: bool) -> None:
+    def compute(self, settings: dict) -> dict:
+        """Train the compression ``settings["choice"]`` (``settings["kind"]``: "finetune" or
+        "distill") and measure it: ``{"label", "kind", "cancelled", "epochs"}`` and, unless
+        cancelled, ``"bytes"`` (on disk), ``"before"`` / ``"after"`` (test metric), ``"best_epoch"``."""
+        label, kind = settings["choice"], settings.get("kind", "finetune")
         try:
             model = self.compressed_model(label)
-            options = {"epochs": epochs, "cancel": self._cancel, "on_epoch": self._on_epoch,
-                       "progress": False, "learn_scales": learn_scales}
+            options = {"epochs": settings["epochs"], "cancel": self._cancel, "on_epoch": self._on_epoch,
+                       "progress": False, "learn_scales": settings["learn_scales"]}
             if kind == "distill":
-                result = distill_finetune(model, self.task, temperature=temperature, alpha=alpha, **options)
+                result = distill_finetune(model, self.task, temperature=settings["temperature"],
+                                          alpha=settings["alpha"], **options)
             else:
                 result = finetune(model, self.task, **options)
-            self._finish(label, kind, model, result)
-        except Exception as exc:  # noqa: BLE001 - a widget shows a message, never a traceback
-            self.status.value = f"<span style='color:#b00'>{html.escape(error_message(exc))}</span>"
+            self.last = result
+            outcome = {"label": label, "kind": kind, "cancelled": result.cancelled, "epochs": len(result.history)}
+            if not result.cancelled:
+                outcome.update(bytes=saved_bytes(result.model), before=self.task.evaluate(model),
+                               after=self.task.evaluate(result.model), best_epoch=result.best_epoch)
+            return outcome
         finally:
             self._set_running(False)
             self.render_curves(force=True)
 
-    def _finish(self, label: str, kind: str, before_model: nn.Module, result: Recovery) -> None:
-        self.last = result
-        if result.cancelled:
-            self.status.value = (f"Cancelled after {len(result.history)} epoch(s); "
-                                 f"<b>{label}</b> is unchanged.")
+    def render(self, outcome: dict) -> None:
+        label, kind = outcome["label"], outcome["kind"]
+        if outcome["cancelled"]:
+            self.status.value = f"Cancelled after {outcome['epochs']} epoch(s); <b>{label}</b> is unchanged."
             return
-        before = self.task.evaluate(before_model)
-        after = self.task.evaluate(result.model)
-        size = saved_bytes(result.model)
-        self.results.append({"label": label, "kind": kind, "bytes": size, "before": before, "after": after,
-                             "best_epoch": result.best_epoch, "epochs": len(result.history)})
-        add_result(self.chart, size, before, after, f"{kind}")
-        self.status.value = (f"<b>{label}</b>, {kind}: test {self.task.metric_name} {before:.3f} -> "
-                             f"<b>{after:.3f}</b> (uncompressed {self.task.evaluate():.3f}); "
-                             f"best epoch {result.best_epoch} of {len(result.history)}, {size} bytes.")
+        self.results.append({key: outcome[key] for key in
+                             ("label", "kind", "bytes", "before", "after", "best_epoch", "epochs")})
+        add_result(self.chart, outcome["bytes"], outcome["before"], outcome["after"], f"{kind}")
+        self.status.value = (f"<b>{label}</b>, {kind}: test {self.task.metric_name} {outcome['before']:.3f} -> "
+                             f"<b>{outcome['after']:.3f}</b> (uncompressed {self.task.evaluate():.3f}); "
+                             f"best epoch {outcome['best_epoch']} of {outcome['epochs']}, {outcome['bytes']} bytes.")
+        self._draw(force=True)
+
+    def show_error(self, message: str) -> None:
+        super().show_error(message)
+        self.status.value = "The run stopped with an error (below)."
 
     def _set_running(self, running: bool) -> None:
         self.finetune_button.disabled = running

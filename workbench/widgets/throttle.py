@@ -8,7 +8,8 @@ value computed is therefore always the last value submitted: the display ends on
 shows. An exception in ``compute`` or ``render`` becomes ``on_error(message)`` (a line of text,
 never a traceback) and the worker goes on with the next value.
 
-``synchronous=True`` runs everything in the caller (tests, scripts, the CLI benchmark).
+``synchronous=True`` runs everything in the caller (tests, scripts, the CLI benchmark); ``run(value)``
+does one value in the caller whatever the mode (an explorer's first display, before any worker).
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ class Coalescer:
     def submit(self, value: Any) -> None:
         """Ask for ``value``; replaces any value still waiting (it will never be computed)."""
         if self.synchronous:
-            self._run_one(value)
+            self.run(value)
             return
         with self._lock:
             self._pending = value
@@ -78,9 +79,10 @@ class Coalescer:
                     self._worker = None
                     self._idle.set()
                     return
-            self._run_one(value)
+            self.run(value)
 
-    def _run_one(self, value: Any) -> None:
+    def run(self, value: Any) -> None:
+        """``render(compute(value))`` in the caller's thread, errors to ``on_error``; not while a worker runs."""
         self.computed.append(value)
         self.last_value = value
         try:
