@@ -54,7 +54,7 @@ for method in ("tucker", "spatial-svd"):
 
 Move the sliders: the table compares the compressed model with the original (accuracy on the
 test split, stored parameters, FLOPs counted by `torch.utils.flop_counter`, median CPU latency
-for one sample). On a model this small, latency is dominated by per-layer overhead: three small
+for one sample, timed when you press "measure latency"). On a model this small, latency is dominated by per-layer overhead: three small
 convs can be *slower* than one, even with fewer FLOPs."""),
     code("""tucker = TuckerExplorer(cnn, "conv2", rank_out=24, rank_in=12)
 tucker"""),
@@ -81,7 +81,8 @@ spectrum falls fast loses little at low rank. Rank 0 keeps that matrix dense."""
 gates"""),
     code("""# what a slider move does, without the widget:
 gates.rank_hh.value = 8
-print(gates.plan().to_json())
+gates.wait()  # the move is computed off the UI thread; wait until it is shown
+print(gates.plan.to_json())
 print({k: round(v, 3) if isinstance(v, float) else v for k, v in gates.after.items()})"""),
     md("""## Fusing the embedding into the GRU's input projection
 

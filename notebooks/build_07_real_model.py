@@ -21,15 +21,17 @@ cells = [
         "activation-aware SVD keeps those that matter for the inputs the layer really sees "
         "(whitening by the Cholesky factor of X^T X, or a diagonal rms scaling). Move the slider and "
         "switch the mode; type two sentences to compare their similarity under both models.\n\n"
-        "The explorer starts in plain mode (it slices the SVDs the heatmap already computed); the first "
-        "switch to an aware mode collects X^T X of every layer on the calibration sentences and "
-        "decomposes the 36 layers once, after which slider moves only slice. This lesson uses 64 "
+        "The explorer starts in plain mode (it slices the SVDs the heatmap already computed). In an aware "
+        "mode each new kept ratio fits the 36 layers to their inputs on the calibration sentences, on a "
+        "worker thread: the controls stay responsive and the display ends on the last setting; a setting "
+        "seen before is recalled at once. This lesson uses 64 "
         "calibration rows and 24 evaluation sentences; `python benchmarks/aware_fidelity.py` prints the "
         "full figures."),
     nbf.v4.new_code_cell("explorer = RealModelExplorer(task, calibration_sequences=64, eval_sentences=24)\nexplorer"),
-    nbf.v4.new_code_cell("explorer.ratio.value = 0.6  # what a slider move does, headless\nexplorer.state"),
+    nbf.v4.new_code_cell("explorer.ratio.value = 0.6  # what a slider move does, headless\n"
+                         "explorer.wait()  # computed off the UI thread: the state once it is shown"),
     nbf.v4.new_markdown_cell("Same ratio, activation-aware (whitened) truncation: the embeddings stay much closer."),
-    nbf.v4.new_code_cell("explorer.mode.value = 'whiten'\nexplorer.state"),
+    nbf.v4.new_code_cell("explorer.mode.value = 'whiten'\nexplorer.wait()"),
     nbf.v4.new_markdown_cell(
         "## Block-wise reconstruction\nEach layer above was fitted alone. Inside a block their errors "
         "interact: q and k meet in the attention scores, a GELU sits between the FFN's two layers. "

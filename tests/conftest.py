@@ -28,3 +28,14 @@ def gru_task():
 def state_bytes(model: torch.nn.Module) -> dict:
     """A byte-exact snapshot of ``model.state_dict()`` to check that nothing modified it."""
     return {k: v.detach().clone().numpy().tobytes() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture
+def clean_decomposition_cache():
+    """Empty the shared decomposition cache before and after a test that stubs a decomposition,
+    so stand-in results never serve another test."""
+    from workbench import svd_cache
+
+    svd_cache.clear()
+    yield
+    svd_cache.clear()

@@ -84,6 +84,7 @@ def test_compress_by_rank_and_energy(capsys):
     (["sensitivity", "digits-mlp", "--layers", "nope"], r"layers \['nope'\] are not compressible .* fc1, fc2, fc3"),
     (["report", "digits-mlp", "--budget", "0.0001", "--out", "{tmp}/report"], r"below the smallest model .* at least 0.02"),
     (["pareto", "digits-mlp", "--out", "{tmp}/file/sub"], "cannot create output folder"),
+    (["pareto", "digits-mlp", "--out", "{tmp}/pareto", "--methods", "svd", "magic"], "unknown method 'magic'"),
     # a grid value the recipe refuses for every layer is an error, not a row of NaN
     (["sensitivity", "digits-mlp", "--method", "quant", "--grid", "0", "4"],
      r"--grid 0 is refused by --method quant: bits=0"),

@@ -100,7 +100,7 @@ def test_quantization_explorer_round_trip(mlp_task, tmp_path):
 
 def test_tucker_explorer_round_trip(cnn_task, tmp_path):
     def make():
-        return TuckerExplorer(cnn_task, "conv2", rank_out=8, rank_in=8, latency_repeats=1)
+        return TuckerExplorer(cnn_task, "conv2", rank_out=8, rank_in=8, latency_repeats=1, synchronous=True)
 
     explorer = make()
     explorer.rank_in.value = 4
@@ -109,7 +109,7 @@ def test_tucker_explorer_round_trip(cnn_task, tmp_path):
     fresh = reload(make, tmp_path / "t.json")
     assert (fresh.rank_out.value, fresh.rank_in.value) == (8, 4)
     assert fresh.after["metric"] == explorer.after["metric"] and fresh.after["params"] == explorer.after["params"]
-    assert fresh.plan() == explorer.plan()
+    assert fresh.plan == explorer.plan
 
     controls = [fresh.rank_out, fresh.rank_in]
     refuse(fresh, tmp_path / "bad.json", Plan({"conv2": LayerPlan("tucker", {"rank_out": 999, "rank_in": 4})}),
@@ -120,7 +120,7 @@ def test_tucker_explorer_round_trip(cnn_task, tmp_path):
 
 def test_gate_rank_explorer_round_trip(gru_task, tmp_path):
     def make():
-        return GateRankExplorer(gru_task, "rnn", latency_repeats=1)
+        return GateRankExplorer(gru_task, "rnn", latency_repeats=1, synchronous=True)
 
     explorer = make()
     explorer.rank_ih.value, explorer.rank_hh.value, explorer.per_gate.value = 3, 16, False
@@ -156,11 +156,11 @@ def test_recovery_explorer_round_trip(mlp_task, tmp_path):
     assert explorer.persistence.save(), explorer.persistence.status.value
     fresh = reload(make, tmp_path / "r.json")
     assert (fresh.choice.value, fresh.epochs.value, fresh.alpha.value) == ("fc1 rank 8", 7, 0.5)
-    assert fresh.plan() == plans["fc1 rank 8"]
+    assert fresh.plan == plans["fc1 rank 8"]
 
     # a fresh explorer offering other compressions gets the saved one added, ready to fine-tune
     other = reload(lambda: make({"fc2 rank 4": plans["fc2 rank 4"]}), tmp_path / "r.json")
-    assert other.choice.value == "saved configuration" and other.plan() == plans["fc1 rank 8"]
+    assert other.choice.value == "saved configuration" and other.plan == plans["fc1 rank 8"]
     assert other.compressed_model("saved configuration").fc1.rank == 8
 
     refuse(other, tmp_path / "bad.json", Plan({"fc1": LayerPlan("svd", {"rank": 300})}), [other.choice, other.epochs],
@@ -178,21 +178,23 @@ def test_recovery_compression_given_as_a_model_is_not_saved(mlp_task, tmp_path):
 
 
 @pytest.mark.slow
-def test_minilm_explorer_round_trip(tmp_path, monkeypatch):
+def test_minilm_explorer_round_trip(tmp_path, monkeypatch, clean_decomposition_cache):
     real_model = pytest.importorskip("workbench.widgets.real_model")
     import torch
     import workbench as wb
     task = wb.load("minilm")
     # What is tested is the restore, not the activation-aware math (tests/test_aware.py): a cheap
-    # factorisation (rank r keeps the first r rows of W) stands in for the 36 float64 SVDs per explorer.
-    def quick_decomposition(weight, gram, tokens, mode="whiten", **_):
-        u = torch.eye(weight.shape[0], min(weight.shape), dtype=torch.float64)
-        return u, torch.ones(u.shape[1], dtype=torch.float64), u.T @ weight.detach().double()
+    # factorisation (rank r keeps the first r rows of W) stands in for the 36 float64 fits per setting.
+    def quick_basis(weight, gram_matrix, tokens=None, **_):
+        k = min(weight.shape)
+        return real_model.aware_kernels.AwareBasis(
+            "scale", torch.ones(weight.shape[1], dtype=torch.float64), torch.eye(weight.shape[0], k, dtype=torch.float64),
+            torch.ones(k, dtype=torch.float64), weight.detach().double()[:k].clone(), weight.dtype)
 
-    monkeypatch.setattr(real_model.aware_kernels, "aware_decomposition", quick_decomposition)
+    monkeypatch.setattr(real_model.aware_kernels, "aware_basis", quick_basis)
 
     def make():
-        return real_model.RealModelExplorer(task, calibration_sequences=8, eval_sentences=8)
+        return real_model.RealModelExplorer(task, calibration_sequences=8, eval_sentences=8, synchronous=True)
 
     explorer = make()
     explorer.ratio.value, explorer.mode.value = 0.5, "scale"

@@ -105,24 +105,29 @@ def test_engine_reruns_only_the_blocks_after_a_move(minilm_task):
     assert result["params"] == count_params(model)
 
 
-def test_explorer_starts_plain_and_decomposes_each_layer_once(minilm_task, monkeypatch):
+def test_explorer_starts_plain_and_fits_each_layer_once_for_every_rank(minilm_task, monkeypatch, clean_decomposition_cache):
     from workbench.widgets import real_model
     calls = []
 
-    def quick_decomposition(weight, gram, tokens, mode="whiten", **_):  # rank r keeps W's first r rows
+    def quick_basis(weight, gram_matrix, tokens=None, *, mode="whiten", **_):  # rank r keeps W's first r rows
         calls.append(mode)
-        u = torch.eye(weight.shape[0], min(weight.shape), dtype=torch.float64)
-        return u, torch.ones(u.shape[1], dtype=torch.float64), u.T @ weight.detach().double()
+        k = min(weight.shape)
+        return real_model.aware_kernels.AwareBasis(
+            "scale", torch.ones(weight.shape[1], dtype=torch.float64), torch.eye(weight.shape[0], k, dtype=torch.float64),
+            torch.ones(k, dtype=torch.float64), weight.detach().double()[:k].clone(), weight.dtype)
 
-    monkeypatch.setattr(real_model.aware_kernels, "aware_decomposition", quick_decomposition)
-    explorer = real_model.RealModelExplorer(minilm_task, calibration_sequences=4, eval_sentences=6)
+    monkeypatch.setattr(real_model.aware_kernels, "aware_basis", quick_basis)
+    explorer = real_model.RealModelExplorer(minilm_task, calibration_sequences=4, eval_sentences=6,
+                                            synchronous=True)
     assert explorer.mode.value == "plain" and calls == []
     plain = dict(explorer.state)
     explorer.ratio.value = 0.5
     assert calls == [] and explorer.state["mean_cosine"] < plain["mean_cosine"] <= 1.0
     explorer.mode.value = "whiten"
-    explorer.ratio.value = 0.9
-    assert calls == ["whiten"] * 36  # once per layer; the ratio move only sliced
+    assert calls == ["whiten"] * 36  # one activation-aware basis per layer (workbench.apply of the plan)
+    explorer.ratio.value = 0.9       # another rank of the same weights and data: slices, no new fit
+    explorer.ratio.value = 0.5       # a setting seen before is recalled
+    assert calls == ["whiten"] * 36
     with pytest.raises(wb.errors.WorkbenchError, match="mode='svd'"):
         real_model.RealModelExplorer(minilm_task, mode="svd")
 

@@ -34,10 +34,13 @@ def test_pruning_explorer_agrees_with_apply(mlp_task):
 
 def test_pruning_explorer_shows_errors_as_messages(mlp_task):
     explorer = PruningExplorer(mlp_task, synchronous=True)
-    state = explorer.update(100.0)
-    assert state["error"] and "prunes every weight" in explorer.summary.value
+    before, summary = explorer.state, explorer.summary.value
+    state = explorer.update(100.0)  # a cut that empties every layer: a message, nothing half-changed
+    assert "prunes every weight" in explorer.error.value and "Traceback" not in explorer.error.value
+    assert state is before and explorer.summary.value == summary
+    assert explorer.cut.high.get_xdata()[0] == pytest.approx(0.0)
     explorer.layer.value = "fc2"
-    assert explorer.histogram.ax.get_title() == "fc2"
+    assert explorer.histogram.ax.get_title() == "fc2" and explorer.error.value == ""
 
 
 def test_quantization_explorer_draws_both_grids(mlp_task):

@@ -5,7 +5,7 @@ Collected from README.md when this module is imported, in the README's order:
 * each ``python -m workbench ...`` line of a ```bash block (``\\`` continuations joined, ``# comments``
   dropped; ``workbench ...``, the console script, counts too) runs as ``sys.executable -m workbench
   ...`` in a fresh working folder: exit status 0, ``--json`` output is strict JSON (no NaN or
-  Infinity), and an ``--out PATH`` exists afterwards;
+  Infinity), an ``--out PATH`` exists afterwards, and every ``.json`` file it wrote is strict JSON;
 * each ```python block runs with ``exec`` in its own namespace, in a fresh working folder, with the
   headless Agg backend of matplotlib;
 * other shell lines (``make``, ``pip``, ``voila``, scripts) and commands that start a server are
@@ -32,18 +32,16 @@ import pytest
 README = Path(__file__).resolve().parents[1] / "README.md"
 SHELL_LANGUAGES = {"bash", "sh", "shell", "console", "zsh"}
 PYTHON_LANGUAGES = {"python", "py", "python3"}
-SHELL_OPERATORS = {"|", "||", "&", "&&", ";", ">", ">>", "<", "2>", "2>&1"}
+SHELL_OPERATOR_CHARS = set("();<>|&")  # a token made of these only is a pipe, redirect or chain
 COMMAND_TIMEOUT_S = 1200
 
-#: ``(regex searched in the command after "python -m workbench ", replacement, why)``: the only
-#: changes made to README commands. Keep it small; each entry says why the full command is not run.
-SUBSTITUTIONS: list[tuple[str, str, str]] = [
-    (r"--blockwise \d+", "--blockwise 1",
-     "block-wise reconstruction of MiniLM's 6 blocks takes minutes per pass count on 2 cores; "
-     "one pass per block exercises the same code"),
-    (r"(bench latency \S+.*)--moves \d+|(bench latency (?!.*--moves)\S+)",
-     r"\1\2--moves 5 ",
-     "latency statistics need many moves, the command's correctness does not: 5 moves"),
+#: The only changes made to README commands, each with why the full command is not run here:
+#: ``(argv starts with, applies if this flag is given (None: always), option set, its value, why)``.
+SUBSTITUTIONS: list[tuple[tuple[str, ...], str | None, str, str, str]] = [
+    ((), "--blockwise", "--blockwise", "1",
+     "block-wise reconstruction of MiniLM's blocks takes minutes on 2 cores; one pass per block runs the same code"),
+    (("bench", "latency"), None, "--moves", "5",
+     "latency statistics need many moves, the command's working does not: 5 moves"),
 ]
 
 #: Subcommands that start a server and never return: not run here.
@@ -81,12 +79,11 @@ def fenced_blocks(markdown: str) -> list[Block]:
         if fence is None:
             match = re.match(r"^(`{3,}|~{3,})\s*([\w+-]*)", stripped)
             if match:
-                fence, language, indent = match.group(1), match.group(2).lower(), len(line) - len(line.lstrip())
+                fence, language = match.group(1), match.group(2).lower()
                 body: list[str] = []
                 start = number + 1
         elif stripped.startswith(fence) and stripped.strip(fence[0]) == "":
-            blocks.append(Block(language, start, textwrap.dedent("\n".join(l[indent:] if l[:indent].isspace() else l
-                                                                            for l in body))))
+            blocks.append(Block(language, start, textwrap.dedent("\n".join(body))))
             fence = None
         else:
             body.append(line)
@@ -112,12 +109,24 @@ def shell_lines(block: Block) -> list[tuple[int, str]]:
     return lines
 
 
-def _substitute(rest: str) -> tuple[str, str | None]:
-    for pattern, replacement, why in SUBSTITUTIONS:
-        new = re.sub(pattern, lambda m: m.expand(replacement), rest, count=1)
-        if new != rest:
-            return re.sub(r"\s+", " ", new).strip(), why
-    return rest, None
+def set_option(argv: list[str], flag: str, value: str) -> list[str]:
+    """``argv`` with ``flag``'s value set to ``value`` (appended when ``flag`` is absent)."""
+    if flag in argv:
+        at = argv.index(flag)
+        return argv[:at + 1] + [value] + argv[at + 2:]
+    return [*argv, flag, value]
+
+
+def substitute(argv: list[str]) -> tuple[list[str], str | None]:
+    """``argv`` after the first `SUBSTITUTIONS` entry that applies, and that entry's reason."""
+    for prefix, given, flag, value, why in SUBSTITUTIONS:
+        if tuple(argv[:len(prefix)]) == prefix and (given is None or given in argv):
+            return set_option(argv, flag, value), why
+    return argv, None
+
+
+def is_operator(token: str) -> bool:
+    return bool(token) and set(token) <= SHELL_OPERATOR_CHARS
 
 
 def parse_command(line: int, text: str) -> Command:
@@ -145,15 +154,13 @@ def parse_command(line: int, text: str) -> Command:
         reason = next((why for start, why in servers.items() if shown.startswith(start) or program == start), None)
         command.skip = reason or f"not a `python -m workbench` command ({program} lines are not run by this test)"
         return command
-    if any(token in SHELL_OPERATORS for token in rest):
-        command.skip = None
-        command.argv = rest  # run_command fails on it, naming the operator: keep README commands single
+    if any(is_operator(token) for token in rest):
+        command.argv = rest  # test_readme_command_runs fails on it, naming the operator
         return command
     if rest and rest[0] in SERVER_SUBCOMMANDS:
         command.skip = f"`workbench {rest[0]}` starts a server"
         return command
-    joined, why = _substitute(shlex.join(rest))
-    command.argv, command.substituted = shlex.split(joined), why
+    command.argv, command.substituted = substitute(rest)
     return command
 
 
@@ -178,7 +185,7 @@ def _command_id(command: Command) -> str:
 
 def _python_id(block: Block) -> str:
     code = [l for l in block.text.splitlines() if l.strip() and not l.lstrip().startswith(("#", "import ", "from "))]
-    return f"L{block.line} {code[0].strip() if code else 'imports'}"[:80]
+    return f"L{block.line} {code[0].split('#')[0].strip() if code else 'imports'}"[:80]
 
 
 def _command_param(command: Command):
@@ -241,12 +248,14 @@ def test_the_collector_reads_fences_continuations_and_comments():
     assert commands[2].env == {"OMP_NUM_THREADS": "1"}
     assert [(b.line, b.text.strip()) for b in python] == [(11, "x = 1")]
     shrunk = parse_command(1, "python -m workbench bench latency minilm --json")
-    assert shrunk.argv == ["bench", "latency", "minilm", "--moves", "5", "--json"] and shrunk.substituted
+    assert shrunk.argv == ["bench", "latency", "minilm", "--json", "--moves", "5"] and shrunk.substituted
+    shrunk = parse_command(1, "python -m workbench compress minilm --blockwise 8 --json")
+    assert shrunk.argv == ["compress", "minilm", "--blockwise", "1", "--json"]
 
 
 @pytest.mark.parametrize("command", [_command_param(c) for c in COMMANDS])
 def test_readme_command_runs(command: Command, tmp_path, shared_cache):
-    bad = [token for token in command.argv if token in SHELL_OPERATORS]
+    bad = [token for token in command.argv if is_operator(token)]
     assert not bad, f"README line {command.line} chains shell operators {bad}: {command.text!r}; give one command per line"
     env = {**os.environ, "WORKBENCH_CACHE": str(shared_cache), "MPLBACKEND": "Agg", **command.env}
     done = subprocess.run([sys.executable, "-m", "workbench", *command.argv], cwd=tmp_path, env=env,
@@ -261,6 +270,11 @@ def test_readme_command_runs(command: Command, tmp_path, shared_cache):
     if "--out" in command.argv:
         out = tmp_path / command.argv[command.argv.index("--out") + 1]
         assert out.exists(), f"{where}: --out {out} was not written"
+    for written in tmp_path.rglob("*.json"):  # files the command wrote (pareto.json, results.json, ...)
+        try:
+            strict_loads(written.read_text())
+        except ValueError as exc:
+            pytest.fail(f"{where}: {written.relative_to(tmp_path)} is not strict JSON: {exc}")
 
 
 @pytest.mark.parametrize("block", [_python_param(b) for b in PYTHON_BLOCKS])

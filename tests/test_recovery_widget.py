@@ -54,8 +54,9 @@ def test_cancel_keeps_the_compressed_model_and_adds_nothing(mlp_task, plans):
 def test_errors_become_a_message(mlp_task):
     explorer = RecoveryExplorer(mlp_task, {"wrong outputs": nn.Linear(64, 7)}, epochs=2, background=False)
     explorer.distill_button.click()
-    assert "do not match" in explorer.status.value and "Traceback" not in explorer.status.value
-    assert explorer.results == []
+    assert "do not match" in explorer.error.value and "Traceback" not in explorer.error.value
+    assert "stopped with an error" in explorer.status.value and explorer.results == []
+    assert not explorer.distill_button.disabled
 
 
 def test_plotting_updates_artists_in_place():

@@ -65,3 +65,11 @@ def test_the_cache_is_bounded_and_evicts_least_recently_used(fresh_cache):
 def test_a_negative_bound_is_refused():
     with pytest.raises(ValueError, match="max_bytes=-1"):
         svd_cache.set_max_bytes(-1)
+
+
+def test_a_parameter_changed_through_data_misses(fresh_cache):
+    """``weight.data.copy_`` leaves ``_version`` as it was: parameters are hashed every time."""
+    layer = torch.nn.Linear(6, 5)
+    first = layer_svd(layer)
+    layer.weight.data.copy_(torch.randn(5, 6))
+    assert not torch.equal(layer_svd(layer).s, first.s)

@@ -201,11 +201,11 @@ def test_fold_bn_is_exact_and_removes_the_batchnorms():
 def test_tucker_explorer_headless_shows_errors_as_messages(cnn_task):
     from workbench.widgets.conv_rnn import TuckerExplorer
 
-    explorer = TuckerExplorer(cnn_task, "conv2", rank_out=8, rank_in=4, latency_repeats=1)
+    explorer = TuckerExplorer(cnn_task, "conv2", rank_out=8, rank_in=4, latency_repeats=1, synchronous=True)
     assert explorer.after["params"] < explorer.before["params"]
-    assert explorer.plan().layers["conv2"].params == {"rank_out": 8, "rank_in": 4}
-    explorer.compute(explorer.plan())
+    assert explorer.plan.layers["conv2"].params == {"rank_out": 8, "rank_in": 4}
+    explorer.compute(explorer.settings())
     with pytest.raises(WorkbenchError):
-        explorer.compute(wb.Plan({"conv2": wb.LayerPlan("tucker", {"rank_out": 65, "rank_in": 4})}))
+        explorer.compute({**explorer.settings(), "rank_out": 65})
     explorer.rank_in.value = 32
-    assert explorer.error is None and "<table>" in explorer.readout.value
+    assert explorer.error.value == "" and "<table>" in explorer.readout.value

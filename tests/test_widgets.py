@@ -130,3 +130,156 @@ def test_tradeoff_updates_with_set_data_and_reports_when_the_view_grows():
     assert list(artists.current.get_xdata()) == [15]
     assert update_tradeoff(artists, (80, 0.7)) is True
     assert ax.get_xlim()[1] >= 80
+
+
+# --------------------------------------------------------------------------- one explorer contract
+def _figure_bytes(explorer):
+    return explorer.view.widget.value if explorer.view is not None else None
+
+
+def check_explorer_contract(explorer, control, value, readout, bad: dict, match: str) -> None:
+    """What every explorer promises: a control move changes the plan, the readout and the figure
+    (computed through the coalescer, here synchronous); ``set_plan(explorer.plan)`` round-trips;
+    a bad value shows a message on the error line and changes nothing; a plan the controls cannot
+    show is refused with the controls untouched."""
+    plan, text, image = explorer.plan, readout(), _figure_bytes(explorer)
+    control.value = value
+    moved, text_moved, image_moved = explorer.plan, readout(), _figure_bytes(explorer)
+    assert moved != plan and text_moved != text and explorer.error.value == ""
+    if explorer.view is not None:
+        assert image_moved != image and image_moved[:4] == b"\x89PNG"
+
+    explorer.set_plan(moved)  # the save/load protocol: the same plan, the same display
+    assert explorer.plan == moved and readout() == text_moved and explorer.error.value == ""
+    state, settings, image = explorer.state, explorer.settings(), _figure_bytes(explorer)
+
+    explorer.request(**bad)  # as if a control could take the bad value
+    assert match in explorer.error.value and "Traceback" not in explorer.error.value, explorer.error.value
+    assert explorer.settings() == settings and explorer.plan == moved
+    assert explorer.state is state and readout() == text_moved and _figure_bytes(explorer) == image
+    explorer.request()  # the next good result clears the line
+    assert explorer.error.value == "" and readout() == text_moved
+
+    with pytest.raises(WorkbenchError):
+        explorer.set_plan(wb.Plan({"no-such-layer": wb.LayerPlan("svd", {"rank": 1})}))
+    assert explorer.plan == moved
+
+
+def test_dashboard_follows_the_explorer_contract(mlp_task):
+    d = Dashboard(mlp_task, synchronous=True, reference=False)
+    check_explorer_contract(d, d.sliders["fc2"], 6, lambda: d.readouts["params"].value + d.readouts["accuracy"].value,
+                            {"fc1": 0}, "rank=0")
+
+
+def test_pruning_explorer_follows_the_explorer_contract(mlp_task):
+    from workbench.widgets.pruning import PruningExplorer
+    e = PruningExplorer(mlp_task, synchronous=True)
+    check_explorer_contract(e, e.threshold, 0.04, lambda: e.summary.value, {"threshold": 100.0}, "prunes every weight")
+
+
+def test_quantization_explorer_follows_the_explorer_contract(mlp_task):
+    from workbench.widgets.quantization import QuantizationExplorer
+    e = QuantizationExplorer(mlp_task, bits=1, synchronous=True)
+    check_explorer_contract(e, e.bits, 2, lambda: e.summary.value, {"bits": 0}, "bits=0")
+
+
+def test_tucker_explorer_follows_the_explorer_contract(cnn_task):
+    from workbench.widgets.conv_rnn import TuckerExplorer
+    e = TuckerExplorer(cnn_task, "conv2", rank_out=8, rank_in=8, latency_repeats=1, synchronous=True)
+    assert e.view is None  # a table, no figure
+    check_explorer_contract(e, e.rank_in, 4, lambda: e.readout.value, {"rank_out": 999}, "rank")
+
+
+def test_gate_rank_explorer_follows_the_explorer_contract(gru_task):
+    from workbench.widgets.conv_rnn import GateRankExplorer
+    e = GateRankExplorer(gru_task, "rnn", rank_ih=3, rank_hh=16, latency_repeats=1, synchronous=True)
+    check_explorer_contract(e, e.rank_hh, 8, lambda: e.readout.value, {"rank_ih": 10_000}, "10000")
+    assert list(e.markers["hh"].get_xdata()) == [8, 8]
+
+
+@pytest.mark.slow
+def test_real_model_explorer_follows_the_explorer_contract():
+    real_model = pytest.importorskip("workbench.widgets.real_model")
+    e = real_model.RealModelExplorer(wb.load("minilm"), calibration_sequences=4, eval_sentences=6,
+                                     synchronous=True)
+    check_explorer_contract(e, e.ratio, 0.5, lambda: e.readout.value + e.similarity.value, {"mode": "svd"},
+                            "mode='svd'")
+    original, compressed = e.similarities()
+    assert f"compressed {compressed:.3f}" in e.similarity.value and -1.0 <= original <= 1.0 + 1e-6
+
+
+def test_recovery_explorer_follows_the_explorer_contract(mlp_task):
+    from workbench.widgets.recovery import RecoveryExplorer
+    plans = {"fc2 rank 4": wb.Plan({"fc2": wb.LayerPlan("svd", {"rank": 4})}),
+             "fc1 rank 8": wb.Plan({"fc1": wb.LayerPlan("svd", {"rank": 8})})}
+    e = RecoveryExplorer(mlp_task, plans, epochs=2, background=False)
+    image, status = _figure_bytes(e), e.status.value
+    e.choice.value = "fc1 rank 8"
+    assert e.plan == plans["fc1 rank 8"]
+    e.finetune_button.click()  # the computation a button starts, through the coalescer
+    assert e.status.value != status and "fc1 rank 8" in e.status.value and e.error.value == ""
+    assert _figure_bytes(e) != image and e.state["label"] == "fc1 rank 8" and len(e.results) == 1
+    e.set_plan(e.plan)
+    assert e.plan == plans["fc1 rank 8"] and e.choice.value == "fc1 rank 8"
+    state = e.state
+    e.request(kind="finetune", epochs=0)
+    assert "epochs=0" in e.error.value and e.state is state and len(e.results) == 1
+    assert e.plan == plans["fc1 rank 8"] and not e.finetune_button.disabled
+
+
+def test_latency_is_measured_only_when_asked(cnn_task, monkeypatch):
+    from workbench.widgets import conv_rnn
+    timed = []
+    monkeypatch.setattr(conv_rnn, "latency_ms", lambda model, x, repeats, warmup: timed.append(repeats) or 1.5)
+    e = conv_rnn.TuckerExplorer(cnn_task, "conv2", rank_out=8, rank_in=8, latency_repeats=3, synchronous=True)
+    e.rank_in.value = 4
+    assert timed == [] and e.after["latency_ms"] is None and "measure latency" in e.readout.value
+    e.latency_button.click()  # the original and the shown plan, once each
+    assert timed == [3, 3] and e.after["latency_ms"] == 1.5 and e.before["latency_ms"] == 1.5
+    assert "<td>1.500</td>" in e.readout.value and "100%" in e.readout.value
+    e.rank_in.value = 5
+    e.rank_in.value = 4  # moving back shows the figure measured for that plan, no new runs
+    assert timed == [3, 3] and e.after["latency_ms"] == 1.5
+
+
+def test_explorer_computes_off_the_ui_thread_and_ends_on_the_last_value(gru_task):
+    from workbench.widgets.conv_rnn import GateRankExplorer
+    e = GateRankExplorer(gru_task, "rnn", rank_ih=3, rank_hh=16, latency_repeats=1)  # a worker thread
+    threads = []
+    compute = e.compute
+    e.compute = lambda settings: threads.append(threading.current_thread()) or compute(settings)
+    e.coalescer.compute = e.compute
+    for rank in (4, 5, 6, 7, 8):
+        e.rank_hh.value = rank
+    assert e.wait()["settings"]["rank_hh"] == 8
+    assert threads and all(t is not threading.main_thread() for t in threads)
+    assert e.plan.layers["rnn"]["rank_hh"] == 8 and list(e.markers["hh"].get_xdata()) == [8, 8]
+
+
+def test_figure_image_redraws_or_blits():
+    from workbench.widgets.figure_view import FigureImage
+    view = FigureImage((2, 1), dpi=50)
+    ax = view.figure.subplots()
+    (line,) = ax.plot([0, 1], [0, 1])
+    view.draw()
+    full = view.widget.value
+    assert full[:4] == b"\x89PNG" and view.widget.layout.width == "100px"
+    line.set_ydata([1, 0])
+    view.draw((line,))  # background kept without the moving line, the line drawn over it
+    blitted = view.widget.value
+    line.set_ydata([0, 1])
+    view.draw((line,))
+    assert blitted != full and view.widget.value != blitted
+
+
+def test_widgets_package_exports_every_explorer_lazily():
+    import subprocess
+    import sys
+    code = ("import sys, workbench.widgets as w; assert 'ipywidgets' not in sys.modules, 'eager'; "
+            "names = ['Dashboard', 'PruningExplorer', 'QuantizationExplorer', 'TuckerExplorer', "
+            "'GateRankExplorer', 'RecoveryExplorer', 'RealModelExplorer', 'Coalescer']; "
+            "assert all(n in dir(w) for n in names); "
+            "from workbench.widgets.explorer import Explorer; "
+            "assert all(issubclass(getattr(w, n), Explorer) for n in names[:-1])")
+    subprocess.run([sys.executable, "-c", code], check=True)
+

@@ -2,8 +2,14 @@
 
 ``wb.measure(model, task).metric`` and ``wb.measure(model, task)["metric"]`` are the same value;
 ``json.dumps(result)`` writes it. Each result type declares its keys with their units.
+`dumps` writes strict JSON (RFC 8259): a non-finite number becomes ``null`` with a reason beside it.
 """
 from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable
 
 
 class Record(dict):
@@ -53,3 +59,46 @@ class Preview(Record):
     rank: int
     weight_error: float         # ||W - W_r||_F / ||W||_F
     output_error: float | None  # ||X (W - W_r)^T||_F / ||X W^T||_F on the cached inputs X
+
+
+ERROR_SUFFIX = "_error"
+
+
+def _reason(value: float) -> str:
+    return f"not a finite number ({value!r}): no value could be computed"
+
+
+def finite(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None (dicts, lists, tuples walked), and a
+    ``KEY_error`` reason added beside each dict key whose value was replaced (an existing one kept).
+    numpy / torch scalars become Python numbers; a `Path` becomes its string."""
+    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        out: dict = {}
+        for key, item in value.items():
+            clean = finite(item)
+            if clean is None and key in out:
+                continue  # a ``KEY_error`` of None after a reason was put there for KEY
+            out[key] = clean
+            if clean is None and isinstance(item, float) and isinstance(key, str):
+                error_key = f"{key}{ERROR_SUFFIX}"
+                if value.get(error_key) is None:  # the producer's own reason wins
+                    out[error_key] = _reason(item)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [finite(item) for item in value]
+    if isinstance(value, Path):
+        return str(value)
+    item = getattr(value, "item", None)  # numpy / torch scalars
+    if callable(item) and getattr(value, "ndim", 0) == 0:
+        return finite(item())
+    return value
+
+
+def dumps(result: Any, indent: int | None = None, default: Callable[[Any], Any] | None = None) -> str:
+    """Strict JSON text of ``result`` (see `finite`); raises ValueError if a NaN slipped through
+    (e.g. from ``default``), so a non-standard file is never written."""
+    return json.dumps(finite(result), indent=indent, allow_nan=False, default=default)

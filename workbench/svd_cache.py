@@ -1,13 +1,17 @@
-"""The one cache of thin SVDs of weight matrices: keyed by content, LRU, bounded in bytes.
+"""The one cache of decompositions of weight matrices: keyed by content, LRU, bounded in bytes.
 
-Keyed by the matrix's shape, dtype and a BLAKE2 digest of its bytes, so a deep copy of a model
-(what `workbench.apply` works on) finds the SVD computed for the original, and a changed weight
-misses. Spectra, the ``svd`` method and the engine's factor cache all go through `cached_svd`.
+Keyed by the tensors' shapes, dtypes and a BLAKE2 digest of their bytes (plus the settings), so a
+deep copy of a model (what `workbench.apply` works on) finds the SVD computed for the original,
+and a changed weight or other calibration data misses. Spectra, the ``svd`` method and the
+engine's factor cache go through `cached_svd`; activation-aware SVD caches its rank-independent
+basis through `cached` (every rank is then a slice).
 """
 from __future__ import annotations
 
 import hashlib
+import weakref
 from collections import OrderedDict
+from typing import Any, Callable
 
 import torch
 
@@ -19,25 +23,50 @@ _entries: OrderedDict[tuple, tuple[svd_kernels.SVD, int]] = OrderedDict()
 _state = {"max_bytes": DEFAULT_MAX_BYTES, "bytes": 0, "hits": 0, "misses": 0, "evictions": 0}
 
 
-def _key(matrix: torch.Tensor) -> tuple:
-    data = matrix.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
-    return tuple(matrix.shape), str(matrix.dtype), hashlib.blake2b(data, digest_size=16).hexdigest()
+# id(tensor) -> (weakref to it, its _version, digest): the same unchanged tensor is hashed once.
+# Parameters are always hashed: ``weight.data.copy_(...)`` changes one without bumping _version.
+_digests: dict[int, tuple[weakref.ref, int, tuple]] = {}
 
 
-def _nbytes(result: svd_kernels.SVD) -> int:
+def _forget(ref: weakref.ref, key: int) -> None:
+    if _digests.get(key, (None,))[0] is ref:
+        del _digests[key]
+
+
+def _digest(tensor: torch.Tensor) -> tuple:
+    key, remember = id(tensor), not isinstance(tensor, torch.nn.Parameter)
+    hit = _digests.get(key) if remember else None
+    if hit is not None and hit[0]() is tensor and hit[1] == tensor._version:
+        return hit[2]
+    data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+    digest = tuple(tensor.shape), str(tensor.dtype), hashlib.blake2b(data, digest_size=16).hexdigest()
+    if not remember:
+        return digest
+    ref = weakref.ref(tensor, lambda r, k=key: _forget(r, k))
+    _digests[key] = (ref, tensor._version, digest)
+    return digest
+
+
+def _nbytes(result: Any) -> int:
+    size = getattr(result, "nbytes", None)
+    if isinstance(size, int):
+        return size
     return sum(t.numel() * t.element_size() for t in (result.u, result.s, result.vh))
 
 
-def cached_svd(matrix: torch.Tensor) -> svd_kernels.SVD:
-    """`workbench.kernels.svd.svd` of ``matrix: (m, n)``, computed once per distinct content."""
-    key = _key(matrix)
+def cached(kind: str, tensors: tuple[torch.Tensor, ...], settings: tuple, compute: Callable[[], Any]) -> Any:
+    """``compute()``, once per distinct ``(kind, content of tensors, settings)``.
+
+    The result must have ``u, s, vh`` tensors or an ``nbytes`` int (its size in the bound).
+    """
+    key = (kind, tuple(_digest(t) for t in tensors), settings)
     hit = _entries.get(key)
     if hit is not None:
         _entries.move_to_end(key)
         _state["hits"] += 1
         return hit[0]
     _state["misses"] += 1
-    result = svd_kernels.svd(matrix.detach())
+    result = compute()
     size = _nbytes(result)
     if size <= _state["max_bytes"]:
         while _entries and _state["bytes"] + size > _state["max_bytes"]:
@@ -47,6 +76,11 @@ def cached_svd(matrix: torch.Tensor) -> svd_kernels.SVD:
         _entries[key] = (result, size)
         _state["bytes"] += size
     return result
+
+
+def cached_svd(matrix: torch.Tensor) -> svd_kernels.SVD:
+    """`workbench.kernels.svd.svd` of ``matrix: (m, n)``, computed once per distinct content."""
+    return cached("svd", (matrix,), (), lambda: svd_kernels.svd(matrix.detach()))
 
 
 def set_max_bytes(max_bytes: int) -> None:

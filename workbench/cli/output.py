@@ -7,53 +7,10 @@ number becomes ``null``; in a dict, a key ``k`` whose value became ``null`` gets
 """
 from __future__ import annotations
 
-import json
-import math
 import sys
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-ERROR_SUFFIX = "_error"
-
-
-def _reason(value: float) -> str:
-    return f"not a finite number ({value!r}): no value could be computed"
-
-
-def finite(value: Any) -> Any:
-    """``value`` with every non-finite float replaced by None (dicts, lists, tuples walked), and a
-    ``KEY_error`` reason added beside each dict key whose value was replaced (an existing one kept).
-    numpy / torch scalars become Python numbers; a `Path` becomes its string."""
-    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        out: dict = {}
-        for key, item in value.items():
-            clean = finite(item)
-            if clean is None and key in out:
-                continue  # a ``KEY_error`` of None after a reason was put there for KEY
-            out[key] = clean
-            if clean is None and isinstance(item, float) and isinstance(key, str):
-                error_key = f"{key}{ERROR_SUFFIX}"
-                if value.get(error_key) is None:  # the producer's own reason wins
-                    out[error_key] = _reason(item)
-        return out
-    if isinstance(value, (list, tuple)):
-        return [finite(item) for item in value]
-    if isinstance(value, Path):
-        return str(value)
-    item = getattr(value, "item", None)  # numpy / torch scalars
-    if callable(item) and getattr(value, "ndim", 0) == 0:
-        return finite(item())
-    return value
-
-
-def dumps(result: Any, indent: int | None = None, default: Callable[[Any], Any] | None = None) -> str:
-    """Strict JSON text of ``result`` (see `finite`); raises ValueError if a NaN slipped through
-    (e.g. from ``default``), so a non-standard file is never written."""
-    return json.dumps(finite(result), indent=indent, allow_nan=False, default=default)
+from workbench.results import ERROR_SUFFIX, dumps, finite  # noqa: F401  (the CLI's JSON goes through them)
 
 
 def emit(result: Any, as_json: bool, text: str | None = None) -> None:

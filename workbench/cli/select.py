@@ -101,8 +101,11 @@ def run_allocate(args) -> int:
 
 def run_pareto(args) -> int:
     from workbench.export import atomic_write, check_writable_dir
+    from workbench.registry import get_recipe
     from workbench.select import advise, collect_points, pareto_front
 
+    for method in args.methods or ():
+        get_recipe(method)  # an unknown name: WorkbenchError listing the recipes, before any work
     out = check_writable_dir(args.out, create=True)  # before the work, not after it
     task = load(args.model)
     options = {"allocations": ()} if args.no_allocations else {}

@@ -47,12 +47,15 @@ class Engine:
         otherwise land on random slider moves. Objects created later are collected as usual.
     subset : judge plans on ``task.subset(subset)`` (that many evenly spaced evaluation samples;
         None: all). ``self.task`` is then the subset task.
+    calibration_samples : how many of ``task.calibration_inputs`` data-aware methods are fitted on
+        (the same default as `Task.calibration_inputs`, so results equal ``apply``'s).
     """
 
     def __init__(self, task, max_cache_bytes: int = DEFAULT_CACHE_BYTES, batch_size: int = 4096,
                  randomized_min_dim: int = 1024, preview: bool = True, subset: int | None = None,
-                 freeze_gc: bool = True):
+                 freeze_gc: bool = True, calibration_samples: int = 512):
         task = task.subset(subset)
+        self.calibration_samples = calibration_samples
         self.task = task
         self.original = task.model
         self.batch_size = batch_size
@@ -98,7 +101,7 @@ class Engine:
         start = time.perf_counter()
         self.stats["evaluations"] += 1
         if plan.steps:
-            model = apply(self.original, plan, calibration_inputs=self.task.calibration_inputs())
+            model = apply(self.original, plan, calibration_inputs=self.task.calibration_inputs(self.calibration_samples))
             result = {"metric": self.task.evaluate(model), "params": count_params(model),
                       "bytes": state_bytes(model), "flops": count_flops(model, self.task.example_input),
                       "from_stage": 0, "stages_run": len(self.stages), "full": True}
@@ -120,7 +123,18 @@ class Engine:
 
     def build(self, plan: Plan) -> nn.Module:
         """The compressed model as `workbench.apply` builds it (a new, independent model)."""
-        return apply(self.original, plan, calibration_inputs=self.task.calibration_inputs())
+        return apply(self.original, plan, calibration_inputs=self.task.calibration_inputs(self.calibration_samples))
+
+    def model(self, plan: Plan) -> nn.Module:
+        """The engine's working model holding ``plan``'s layers (cheap views where a method has
+        one), for outputs beyond the task's metric (embeddings, a demo input). It is shared and
+        changed by the next call: do not keep, train or export it (`build` makes a real model)."""
+        if not isinstance(plan, Plan):
+            raise WorkbenchError(f"model needs a workbench.Plan, got {type(plan).__name__}")
+        if plan.steps:
+            return self.build(plan)
+        self._install(plan)
+        return self.working
 
     def preview(self, layer: str, rank: int) -> Preview:
         """Errors of layer ``layer`` truncated at ``rank``, without a forward pass.
@@ -199,11 +213,21 @@ class Engine:
 
     def _calibration_inputs(self, name: str) -> torch.Tensor:
         if name not in self._calibration:
-            self._calibration.update(collect_layer_inputs(self.original, [name], self.task.calibration_inputs()))
+            self._collect_calibration([name])
         return self._calibration[name]
+
+    def _collect_calibration(self, names: list[str]) -> None:
+        """The calibration inputs of every layer of ``names``, in one forward pass (kept)."""
+        inputs = self.task.calibration_inputs(self.calibration_samples)
+        self._calibration.update(collect_layer_inputs(self.original, names, inputs))
 
     def _install(self, plan: Plan) -> None:
         """Make ``self.working`` hold ``plan``'s modules (built first, so a bad entry changes nothing)."""
+        data_aware = [name for name, choice in plan.layers.items() if name not in self._calibration
+                      and (name, choice) not in self._built and name in self.layers
+                      and get_method(choice.method).needs_inputs]
+        if len(data_aware) > 1:
+            self._collect_calibration(data_aware)
         wanted = {name: self.working.get_submodule(name) if self._installed.get(name) == choice
                   else self._module_for(name, choice) for name, choice in plan.layers.items()}
         for name in list(self._installed):

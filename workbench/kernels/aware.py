@@ -14,6 +14,8 @@ data's metric. Pure functions of tensors; nothing here knows about modules.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from workbench.errors import WorkbenchError
@@ -70,6 +72,53 @@ def channel_scale(g: torch.Tensor, alpha: float = DEFAULT_ALPHA, tokens: int = 1
     return s.clamp(min=float(s.max()) * 1e-6 if float(s.max()) > 0 else 1.0)
 
 
+@dataclass(frozen=True)
+class AwareBasis:
+    """What every rank's activation-aware factors of one weight share (float64): the scaling
+    ``s`` (whiten: lower-triangular ``(in, in)``; scale: ``(in,)``) and the SVD ``u, sig, vh`` of
+    ``W S``. `factors_at` slices it at any rank."""
+
+    mode: str
+    s: torch.Tensor
+    u: torch.Tensor
+    sig: torch.Tensor
+    vh: torch.Tensor
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.s, self.u, self.sig, self.vh))
+
+
+def aware_basis(w: torch.Tensor, gram_matrix: torch.Tensor, tokens: int | None = None, *, mode: str = "whiten",
+                ridge: float = DEFAULT_RIDGE, alpha: float = DEFAULT_ALPHA, name: str = "") -> AwareBasis:
+    """The rank-independent part of `aware_factors` for ``w: (out, in)`` and ``X^T X`` ``(in, in)``."""
+    if mode not in AWARE_MODES:
+        raise WorkbenchError(f"aware={mode!r} is not a mode; use one of {', '.join(AWARE_MODES)}")
+    _check(w, gram_matrix, 1, name)
+    wd = w.detach().double()
+    if mode == "whiten":
+        s = whitening_factor(gram_matrix, ridge)                       # (in, in) lower
+        u, sig, vh = torch.linalg.svd(wd @ s, full_matrices=False)
+    else:
+        s = channel_scale(gram_matrix, alpha, tokens or 1)              # (in,)
+        u, sig, vh = torch.linalg.svd(wd * s, full_matrices=False)
+    return AwareBasis(mode, s, u, sig, vh, w.dtype)
+
+
+def factors_at(basis: AwareBasis, rank: int, name: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-``rank`` factors ``(a: (out, r), b: (r, in))`` from ``basis``, in the weight's dtype."""
+    check_rank(rank, (basis.u.shape[0], basis.vh.shape[1]), name)
+    root = basis.sig[:rank].sqrt()
+    if basis.mode == "whiten":
+        # b = root * vh_r @ S^{-1}: solve S^T b^T = vh_r^T (S^T is upper triangular)
+        b = torch.linalg.solve_triangular(basis.s.T, (root[:, None] * basis.vh[:rank]).T, upper=True).T
+    else:
+        b = root[:, None] * basis.vh[:rank] / basis.s
+    a = basis.u[:, :rank] * root
+    return a.to(basis.dtype), b.to(basis.dtype)
+
+
 def aware_factors(w: torch.Tensor, rank: int, *, x: torch.Tensor | None = None,
                   gram_matrix: torch.Tensor | None = None, tokens: int | None = None,
                   mode: str = "whiten", ridge: float = DEFAULT_RIDGE, alpha: float = DEFAULT_ALPHA,
@@ -89,26 +138,17 @@ def aware_factors(w: torch.Tensor, rank: int, *, x: torch.Tensor | None = None,
     if (x is None) == (gram_matrix is None):
         raise WorkbenchError("aware_factors needs exactly one of x (tokens, in) or gram_matrix (in, in)")
     if x is not None:
-        if x.dim() != 2 or x.shape[0] == 0:
-            raise WorkbenchError(f"calibration inputs must be (tokens, in_features) with tokens >= 1; "
-                                 f"got shape {tuple(x.shape)}")
-        tokens = x.shape[0]
-        gram_matrix = gram(x)
+        tokens, gram_matrix = check_inputs(x), gram(x)
     _check(w, gram_matrix, rank, name)
-    wd = w.detach().double()
-    if mode == "whiten":
-        s = whitening_factor(gram_matrix, ridge)                       # (in, in) lower
-        u, sig, vh = torch.linalg.svd(wd @ s, full_matrices=False)
-        root = sig[:rank].sqrt()
-        # b = root * vh_r @ S^{-1}: solve S^T b^T = vh_r^T (S^T is upper triangular)
-        b = torch.linalg.solve_triangular(s.T, (root[:, None] * vh[:rank]).T, upper=True).T
-    else:
-        s = channel_scale(gram_matrix, alpha, tokens or 1)              # (in,)
-        u, sig, vh = torch.linalg.svd(wd * s, full_matrices=False)
-        root = sig[:rank].sqrt()
-        b = root[:, None] * vh[:rank] / s
-    a = u[:, :rank] * root
-    return a.to(w.dtype), b.to(w.dtype)
+    return factors_at(aware_basis(w, gram_matrix, tokens, mode=mode, ridge=ridge, alpha=alpha, name=name), rank, name)
+
+
+def check_inputs(x: torch.Tensor) -> int:
+    """The token count of calibration inputs ``x: (tokens, in)``; `WorkbenchError` for another shape."""
+    if x.dim() != 2 or x.shape[0] == 0:
+        raise WorkbenchError(f"calibration inputs must be (tokens, in_features) with tokens >= 1; "
+                             f"got shape {tuple(x.shape)}")
+    return x.shape[0]
 
 
 def aware_decomposition(w: torch.Tensor, gram_matrix: torch.Tensor, tokens: int, mode: str = "whiten",

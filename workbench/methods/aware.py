@@ -26,6 +26,7 @@ from workbench.kernels import aware as aware_kernels
 from workbench.kernels.svd import check_rank
 from workbench.layers.lowrank import LowRankConv2d, LowRankLinear
 from workbench.registry import LayerContext, Method, register_method
+from workbench.svd_cache import cached
 
 
 def conv_patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -65,10 +66,21 @@ def build_svd_aware(module: nn.Module, params: Mapping[str, Any], context: Layer
     if params.get("refit") and context.reference_inputs is not None:
         factors = _refit_factors(matrix, rank, x, rows(context.reference_inputs), options)
     else:
-        factors = aware_kernels.aware_factors(matrix, rank, x=x, **options)
+        factors = aware_kernels.factors_at(_basis(matrix, x, options), rank, context.name)
     if isinstance(module, nn.Linear):
         return LowRankLinear.from_linear(module, rank, factors=factors, name=context.name)
     return LowRankConv2d.from_conv(module, rank, factors=factors, name=context.name)
+
+
+def _basis(matrix: torch.Tensor, x: torch.Tensor, options: dict) -> aware_kernels.AwareBasis:
+    """The rank-independent activation-aware basis of ``matrix`` on inputs ``x: (tokens, in)``,
+    from the one decomposition cache (a new rank for the same weight and data is a slice)."""
+    tokens = aware_kernels.check_inputs(x)
+    settings = (options["mode"], options.get("ridge", aware_kernels.DEFAULT_RIDGE),
+                options.get("alpha", aware_kernels.DEFAULT_ALPHA))
+    return cached("svd_aware", (matrix, x), settings, lambda: aware_kernels.aware_basis(
+        matrix, aware_kernels.gram(x), tokens, mode=settings[0], ridge=settings[1], alpha=settings[2],
+        name=options["name"]))
 
 
 def _refit_factors(matrix: torch.Tensor, rank: int, x: torch.Tensor, x_ref: torch.Tensor,

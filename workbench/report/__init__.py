@@ -7,7 +7,6 @@ bit-identically, ONNX matches PyTorch in onnxruntime) and writes every file atom
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -22,6 +21,7 @@ from workbench.zoo import available_models
 from workbench.export import export_onnx, onnx_max_error
 from workbench.version import __version__
 from workbench.report.html import render
+from workbench.results import dumps
 
 ONNX_TOLERANCE = 1e-4
 
@@ -105,7 +105,7 @@ def write_report(task, out_dir: str | os.PathLike, budget: float = 0.3,
         study.results["skipped"].append({"stage": "exports", "reason": str(exc)})
     results = _json_ready(study.results)
     results_path = atomic_write(out / "results.json",
-                                lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))
+                                lambda tmp: Path(tmp).write_text(dumps(results, indent=1)))
     index = atomic_write(out / "index.html", lambda tmp: Path(tmp).write_text(render(results, study.figures)))
     return {"index": index, "results": results_path, "models": models_dir, "study": study}
 

@@ -30,11 +30,12 @@ ROWS = (("accuracy", "metric", "{:.3f}"), ("parameters", "params", "{:,}"), ("FL
 
 def measures_table(before: dict, after: dict) -> str:
     """HTML table original / compressed / ratio of `ROWS`; a latency not measured yet shows "—"."""
-    def cell(value, fmt):
-        return "—" if value is None else fmt.format(value)
+    def row(key: str, fmt: str) -> list[str]:
+        a, b = before[key], after[key]
+        ratio = "—" if a is None or b is None else f"{b / a:.0%}"
+        return ["—" if v is None else fmt.format(v) for v in (a, b)] + [ratio]
 
-    cells = "".join(f"<tr><td>{label}</td><td>{cell(before[key], fmt)}</td><td>{cell(after[key], fmt)}</td>"
-                    f"<td>{'—' if None in (before[key], after[key]) else f'{after[key] / before[key]:.0%}'}</td></tr>"
+    cells = "".join(f"<tr><td>{label}</td>" + "".join(f"<td>{c}</td>" for c in row(key, fmt)) + "</tr>"
                     for label, key, fmt in ROWS)
     hint = ("" if after["latency_ms"] is not None else
             "<tr><td colspan='4'><i>latency: press “measure latency”</i></td></tr>")

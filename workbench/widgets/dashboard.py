@@ -28,7 +28,7 @@ from workbench.inventory import matrix_layers
 from workbench.layers.recurrent import max_rank, recurrent_layers, rnn_kind, unsupported_reason
 from workbench.plan import LayerPlan, Plan
 from workbench.plotting.tradeoff import draw_tradeoff, update_tradeoff
-from workbench.registry import get_recipe, methods
+from workbench.registry import methods, recipe
 from workbench.widgets.explorer import Explorer
 from workbench.widgets.persistence import slider_values_for_plan
 
@@ -239,11 +239,11 @@ class Dashboard(Explorer):
 
     def _reference(self) -> tuple[list[float], list[float]]:
         """Size (KiB) and metric of the ``svd`` recipe at a few kept ratios, for context."""
-        recipe = get_recipe("svd")
+        svd = recipe("svd")
         sizes, metrics = [], []
         for ratio in REFERENCE_RATIOS:
             try:
-                result = self.engine.evaluate(recipe(self.task.model, ratio=ratio))
+                result = self.engine.evaluate(svd(self.task.model, ratio=ratio))
             except WorkbenchError:
                 continue
             sizes.append(result["bytes"] / 1024)

@@ -124,7 +124,8 @@ class Explorer(widgets.VBox):
         self.set_settings(self.settings_for(plan))
 
     def set_settings(self, settings: dict) -> None:
-        """Move the named controls (checked values), then ask for one result."""
+        """Move the named controls to ``settings`` (values already checked, as `settings_for`
+        checks them), then ask for one result."""
         unknown = [key for key in settings if key not in self.controls]
         if unknown:
             raise WorkbenchError(f"unknown settings {unknown}; this explorer has {', '.join(self.controls)}")
@@ -146,9 +147,11 @@ class Explorer(widgets.VBox):
         """Compute and show the controls' settings now, in the caller's thread (first display)."""
         self.coalescer.run(self.settings())
 
-    def wait(self, timeout: float | None = 30.0) -> dict:
-        """Block until every request is shown; returns ``state``."""
-        self.coalescer.wait(timeout)
+    def wait(self, timeout: float | None = None) -> dict:
+        """Block until every request is shown (`WorkbenchError` after ``timeout`` seconds, if
+        given); returns ``state``."""
+        if not self.coalescer.wait(timeout):
+            raise WorkbenchError(f"{type(self).__name__} is still computing after {timeout} s")
         return self.state
 
     def evaluate(self, plan: Plan) -> dict:

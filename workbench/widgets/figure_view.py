@@ -43,7 +43,7 @@ class FigureImage:
         self.interactive = uses_widget_canvas()
         self._background = None
         if self.interactive:
-            import matplotlib.pyplot as plt  # the ipympl canvas is made through pyplot
+            import matplotlib.pyplot as plt  # noqa: PLC0415 (pyplot makes the ipympl canvas; not imported otherwise)
 
             with plt.ioff():
                 self.figure = plt.figure(figsize=figsize, dpi=dpi)

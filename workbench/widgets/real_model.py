@@ -3,14 +3,15 @@ and a two-sentence similarity demo (original vs compressed).
 
 It follows the explorer contract (`workbench.widgets.explorer.Explorer`): settings ``{"ratio",
 "mode", "first", "second"}`` -> a `Plan` (every encoder Linear at the rank keeping ``ratio`` of its
-weights: ``svd``, or ``svd_aware`` with ``aware=mode``) -> `workbench.apply` (the same model the
-library and the CLI build) -> fidelity on the evaluation sentences and the two sentences'
-similarity (`compute`, off the UI thread through the coalescer) -> readouts (`render`).
+weights: ``svd``, or ``svd_aware`` with ``aware=mode``) -> the `Engine`'s model for that plan ->
+fidelity on the evaluation sentences and the two sentences' similarity (`compute`, off the UI
+thread through the coalescer) -> readouts (`render`). `compressed` is the real model
+`workbench.apply` builds for the plan shown (what the library and the CLI build).
 
-What is expensive is done once: ``svd`` slices the SVD of each weight, cached by
-`workbench.spectra` (the heatmap's SVDs are reused); the fidelity of a plan is remembered, so a
-setting seen before is recalled at once. An aware mode fits every layer to its calibration
-inputs for each new ratio (36 decompositions, on the worker thread).
+What is expensive is done once: ``svd`` is a view of slices of each weight's cached SVD; an aware
+mode fits each layer's activation-aware basis once (its calibration inputs collected once), and
+every other ratio slices it; the fidelity of a plan is remembered, so a setting seen before is
+recalled at once.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from workbench.compress import apply
+from workbench.engine import Engine
 from workbench.errors import WorkbenchError
 from workbench.inventory import matrix_layers
 from workbench.kernels import aware as aware_kernels, svd as svd_kernels
@@ -33,6 +35,7 @@ from workbench.widgets.persistence import check_plan_shape
 from workbench.zoo import minilm
 
 MODES = ("plain", *aware_kernels.AWARE_MODES)
+_MODELS_KEPT = 3        # compressed models kept (a sentence edit after moving back needs no rebuild)
 _SIMILARITY_MEMO = 64
 
 
@@ -71,10 +74,11 @@ class RealModelExplorer(Explorer):
         self.eval_inputs = task.subset(eval_sentences).eval_inputs
         with torch.no_grad():
             self.reference = task.model(self.eval_inputs)
-        self._calibration = task.calibration_inputs()[:calibration_sequences]
+        self._calibration = task.calibration_inputs(calibration_sequences)
+        self.engine = Engine(task, subset=eval_sentences, preview=False, calibration_samples=calibration_sequences)
         self._scores: dict[Plan, dict] = {}
         self._similarity: OrderedDict[tuple, float] = OrderedDict()
-        self._built: tuple[Plan, nn.Module] = (Plan(), task.model)
+        self._models: OrderedDict[Plan, nn.Module] = OrderedDict()
         self.ratio = widgets.FloatSlider(value=0.8, min=0.3, max=0.95, step=0.05, description="kept ratio",
                                          continuous_update=False)
         self.mode = widgets.ToggleButtons(options=list(MODES), value=mode)
@@ -120,11 +124,14 @@ class RealModelExplorer(Explorer):
 
     # ------------------------------------------------------------------ compute
     def model_for(self, plan: Plan) -> nn.Module:
-        """``workbench.apply(task.model, plan)``; the last one built is kept."""
-        built_plan, model = self._built
-        if built_plan != plan:
-            model = apply(self.task.model, plan, calibration_inputs=self._calibration)
-            self._built = (plan, model)
+        """``workbench.apply(task.model, plan)``, a real model; the last few built are kept."""
+        model = self._models.get(plan)
+        if model is None:
+            model = self._models[plan] = apply(self.task.model, plan, calibration_inputs=self._calibration)
+            while len(self._models) > _MODELS_KEPT:
+                self._models.popitem(last=False)
+        else:
+            self._models.move_to_end(plan)
         return model
 
     @property
@@ -136,7 +143,7 @@ class RealModelExplorer(Explorer):
         """Cosine similarity of the two sentences under ``plan``'s model (None: the original)."""
         key = (plan, texts)
         if key not in self._similarity:
-            e = minilm.embed(self.task.model if plan is None else self.model_for(plan), list(texts))
+            e = minilm.embed(self.task.model if plan is None else self.engine.model(plan), list(texts))
             self._similarity[key] = float(e[0] @ e[1])
             while len(self._similarity) > _SIMILARITY_MEMO:
                 self._similarity.popitem(last=False)
@@ -149,7 +156,7 @@ class RealModelExplorer(Explorer):
         plan = self.plan_for(settings)
         if plan not in self._scores:
             with torch.no_grad():
-                out = self.model_for(plan)(self.eval_inputs)
+                out = self.engine.model(plan)(self.eval_inputs)
             self._scores[plan] = {"mean_cosine": minilm.mean_cosine(out, self.reference),
                                   "neighbour_agreement": minilm.neighbour_agreement(out, self.reference)}
         texts = (settings["first"] or " ", settings["second"] or " ")
@@ -174,7 +181,7 @@ def rank_heatmap(model, ax=None):
     """Draw MiniLM's effective ranks by block and layer type; returns the figure."""
     values, rows, cols = effective_rank_table(model)
     if ax is None:
-        import matplotlib.pyplot as plt  # only for a figure of its own (notebooks)
+        import matplotlib.pyplot as plt  # noqa: PLC0415 (pyplot only for a figure of its own, in notebooks)
 
         _, ax = plt.subplots(figsize=(6, 3))
     draw_rank_heatmap(ax, values, rows, cols, title="effective rank of each encoder Linear")

@@ -24,7 +24,7 @@ from workbench.measure import saved_bytes
 from workbench.plan import Plan
 from workbench.plotting.recovery import add_result, draw_curves, draw_size_chart, update_curves
 from workbench.recovery import Recovery, distill_finetune, finetune
-from workbench.registry import get_recipe, recipes
+from workbench.registry import recipe, recipes
 from workbench.widgets.explorer import Explorer
 
 #: (label, recipe, options) tried by `default_compressions`; those whose recipe exists are offered.
@@ -41,10 +41,10 @@ def default_compressions(task) -> dict[str, Plan]:
     """``{label: plan}`` for the built-in compressions available in this install."""
     known = set(recipes())
     plans = {}
-    for label, recipe, options in DEFAULT_CHOICES:
-        if recipe in known:
+    for label, name, options in DEFAULT_CHOICES:
+        if name in known:
             try:
-                plans[label] = get_recipe(recipe)(task.model, task=task, **options)
+                plans[label] = recipe(name)(task.model, task=task, **options)
             except WorkbenchError:
                 continue
     return plans
@@ -204,10 +204,6 @@ class RecoveryExplorer(Explorer):
     def cancel(self) -> None:
         """Stop the current run after the current batch; the compressed model stays as it was."""
         self._cancel.set()
-
-    def wait(self, timeout: float | None = None) -> dict:
-        """Block until a background run has finished; returns ``state`` (the last run's outcome)."""
-        return super().wait(timeout)
 
     def _on_epoch(self, entry: dict) -> None:
         self.history.append(entry)
