@@ -10,6 +10,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from workbench.adapters import matrix_kind
+
 
 @torch.no_grad()
 def feed_layers(model: nn.Module, names: list[str], inputs: torch.Tensor,
@@ -33,13 +35,13 @@ def collect_layer_inputs(model: nn.Module, names: list[str], inputs: torch.Tenso
                          batch_size: int = 256) -> dict[str, torch.Tensor]:
     """Inputs entering each named layer when ``model`` runs on ``inputs``.
 
-    Returns ``{name: (tokens, in_features)}`` for Linear (leading dims flattened) and the raw
-    ``(n, c, h, w)`` input for convolutions.
+    Returns ``{name: (tokens, in_features)}`` for Linear and ``transformers`` Conv1D layers (leading
+    dims flattened) and the raw ``(n, c, h, w)`` input for convolutions.
     """
     seen: dict[str, list[torch.Tensor]] = {name: [] for name in names}
 
     def keep(name: str, module: nn.Module, x: torch.Tensor) -> None:
-        seen[name].append(x.reshape(-1, x.shape[-1]) if isinstance(module, nn.Linear) else x)
+        seen[name].append(x.reshape(-1, x.shape[-1]) if matrix_kind(module) == "linear" else x)
 
     feed_layers(model, names, inputs, keep, batch_size)
     return {name: torch.cat(chunks) for name, chunks in seen.items()}

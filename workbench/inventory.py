@@ -1,4 +1,11 @@
-"""Which layers of a model can be compressed, and the weight matrix each is judged by."""
+"""Which layers of a model can be compressed, the weight matrix each is judged by, and what is left
+alone (with the reason).
+
+Layer types reach the matrix methods through their adapters (`workbench.adapters`: ``nn.Linear``,
+``nn.Conv2d``, ``transformers`` ``Conv1D``). `matrix_layers` lists the layers offered to them;
+`inventory` lists every module holding weights (embeddings and LM heads with their sizes) and why
+any of them is left alone.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,9 +13,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from workbench.adapters import adapted_types, adapter_for
 from workbench.errors import UnsupportedLayerError, WorkbenchError
 
-MATRIX_LAYERS = (nn.Linear, nn.Conv2d)
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.modules.batchnorm._NormBase)
 
 
 @dataclass(frozen=True)
@@ -21,20 +29,76 @@ class LayerInfo:
     params: int
 
 
+@dataclass(frozen=True)
+class InventoryEntry:
+    """A module holding weights of its own (one row of `inventory`).
+
+    ``type``: its class name. ``kind``: "linear"/"conv" (an adapter's), "embedding", "recurrent",
+    "norm" or "other". ``shape``: the ``(out, in)`` matrix for linear/conv layers, the weight's
+    shape otherwise (an embedding: ``(vocab, dim)``; ``()`` without a ``weight``). ``params``:
+    entries of its own parameters (a tied tensor is counted in every module sharing it;
+    ``tied_with`` names the others). ``lm_head``: it is a language model's output embeddings (the
+    logits layer). ``reason``: why the matrix methods leave it alone; None when `matrix_layers`
+    offers it.
+    """
+
+    name: str
+    type: str
+    kind: str
+    shape: tuple[int, ...]
+    params: int
+    lm_head: bool
+    tied_with: tuple[str, ...]
+    reason: str | None
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "type": self.type, "kind": self.kind, "shape": list(self.shape),
+                "params": self.params, "lm_head": self.lm_head, "tied_with": list(self.tied_with),
+                "reason": self.reason}
+
+
 def weight_matrix(module: nn.Module) -> torch.Tensor:
-    """The ``(out, in)`` matrix of a Linear, or a Conv2d's kernel reshaped to ``(out, in*kh*kw)``."""
-    if isinstance(module, nn.Linear):
-        return module.weight.detach()
-    if isinstance(module, nn.Conv2d):
-        return module.weight.detach().reshape(module.out_channels, -1)
-    raise UnsupportedLayerError(f"no weight matrix for {type(module).__name__}; supported: Linear, Conv2d")
+    """The ``(out, in)`` matrix of a layer (a view, no copy): a Linear's weight, a Conv2d's kernel
+    as ``(out, in*kh*kw)``, a ``transformers`` Conv1D's ``weight.T``."""
+    adapter = adapter_for(module)
+    if adapter is None:
+        raise UnsupportedLayerError(f"no weight matrix for {type(module).__name__}; supported: {adapted_types()}")
+    return adapter.matrix(module)
 
 
 def skip_reason(module: nn.Module) -> str | None:
-    """Why a Linear/Conv2d is not offered for matrix compression (None if it is)."""
+    """Why the matrix methods leave ``module`` alone, judged on the module itself (None if they take it).
+
+    Ties between modules are a property of the model: `inventory` reports those.
+    """
     if isinstance(module, nn.Conv2d) and module.groups != 1:
         return f"grouped conv (groups={module.groups}): no shared input to factor; left dense"
-    return None
+    if adapter_for(module) is not None:
+        return None
+    kind = type(module).__name__
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        return "embedding: a lookup table (one row read per token), not a matrix product; left dense"
+    if isinstance(module, nn.RNNBase):
+        return (f"recurrent layer ({kind}): several gate matrices, not one; the svd_rnn method (and the svd "
+                "recipe) factor its weight_ih / weight_hh")
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return f"{kind}: no matrix adapter for this convolution (adapters: {adapted_types()}); left dense"
+    if isinstance(module, _NORMS) or all(p.dim() <= 1 for p in module.parameters(recurse=False)):
+        return f"{kind}: per-channel scales/shifts (1-D weights), nothing to factor; left dense"
+    return f"{kind}: no adapter says how it uses its weights (adapters: {adapted_types()}); left dense"
+
+
+def _entry_kind(module: nn.Module) -> str:
+    adapter = adapter_for(module)
+    if adapter is not None:
+        return adapter.kind
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        return "embedding"
+    if isinstance(module, nn.RNNBase):
+        return "recurrent"
+    if isinstance(module, _NORMS):
+        return "norm"
+    return "other"
 
 
 def shared_weight_groups(model: nn.Module) -> list[list[str]]:
@@ -47,8 +111,25 @@ def shared_weight_groups(model: nn.Module) -> list[list[str]]:
     return [names for names in owners.values() if len(names) > 1]
 
 
+def lm_head_names(model: nn.Module) -> set[str]:
+    """Qualified names of the output embeddings (LM heads) of the ``transformers`` models inside
+    ``model`` (their ``get_output_embeddings()``), and of any module named ``lm_head``."""
+    names = {module: name for name, module in model.named_modules()}
+    heads = {name for name in names.values() if name.rpartition(".")[2] == "lm_head"}
+    for module in names:
+        getter = getattr(module, "get_output_embeddings", None)
+        if callable(getter):
+            try:
+                head = getter()
+            except (AttributeError, NotImplementedError, TypeError):  # a model without a head
+                continue
+            if isinstance(head, nn.Module) and head in names:
+                heads.add(names[head])
+    return heads
+
+
 def matrix_layers(model: nn.Module) -> list[LayerInfo]:
-    """Every Linear and (ungrouped) Conv2d in ``model``, in module order.
+    """Every layer an adapter takes (Linear, ungrouped Conv2d, ``transformers`` Conv1D), in module order.
 
     Layers whose weight is tied to another module's are left out: compressing one copy would
     store the weight twice (factors here, dense there).
@@ -56,12 +137,41 @@ def matrix_layers(model: nn.Module) -> list[LayerInfo]:
     layers = []
     tied = {name for group in shared_weight_groups(model) for name in group}
     for name, module in model.named_modules():
-        if isinstance(module, MATRIX_LAYERS) and skip_reason(module) is None and name not in tied:
-            shape = tuple(weight_matrix(module).shape)
-            kind = "linear" if isinstance(module, nn.Linear) else "conv"
+        adapter = adapter_for(module)
+        if adapter is not None and skip_reason(module) is None and name not in tied:
+            shape = tuple(adapter.matrix(module).shape)
             params = sum(p.numel() for p in module.parameters(recurse=False))
-            layers.append(LayerInfo(name, kind, shape, params))
+            layers.append(LayerInfo(name, adapter.kind, shape, params))
     return layers
+
+
+def inventory(model: nn.Module) -> list[InventoryEntry]:
+    """Every module of ``model`` holding parameters of its own, in module order: what it is, its
+    size, and why the matrix methods leave it alone (``reason``, None for `matrix_layers`' layers)."""
+    offered = {info.name for info in matrix_layers(model)}
+    tied = {name: tuple(n for n in group if n != name) for group in shared_weight_groups(model) for name in group}
+    heads = lm_head_names(model)
+    entries = []
+    for name, module in model.named_modules():
+        own = list(module.parameters(recurse=False))
+        if not own:
+            continue
+        adapter = adapter_for(module)
+        weight = getattr(module, "weight", None)
+        if adapter is not None:
+            shape = tuple(adapter.matrix(module).shape)
+        else:
+            shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else ()
+        reason = None
+        if name not in offered:
+            reason = skip_reason(module)
+            if reason is None:  # an adapter takes the type: it is the tie that keeps it out
+                reason = f"weight shared with {', '.join(tied[name])} (tied): left dense so it is not stored twice"
+            elif name in tied:
+                reason = f"{reason}; weight shared with {', '.join(tied[name])} (tied)"
+        entries.append(InventoryEntry(name or "(model)", type(module).__name__, _entry_kind(module), shape,
+                                      sum(p.numel() for p in own), name in heads, tied.get(name, ()), reason))
+    return entries
 
 
 def get_submodule(model: nn.Module, name: str) -> nn.Module:

@@ -18,23 +18,35 @@ def count_params(model: nn.Module) -> int:
     """Stored weights: parameters, plus weights kept in buffers by compressed layers.
 
     A module may define ``stored_weights() -> int`` (packed or sparse layers whose codes live
-    in buffers); its subtree is then counted by that method instead.
+    in buffers); its subtree is then counted by that method instead. Tied weights count once: a
+    parameter shared by several modules (``dec.weight = enc.weight``) and a module registered
+    under several names (a tied group compressed as one) are each counted at their first name,
+    as ``sum(p.numel() for p in model.parameters())`` counts a plain model.
     """
     total = 0
     counted_prefixes: list[str] = []
-    for name, module in model.named_modules():
+    seen: set[int] = set()
+    for name, module in model.named_modules():  # yields a module object once
         if any(name.startswith(p) for p in counted_prefixes):
             continue
         if hasattr(module, "stored_weights"):
             total += int(module.stored_weights())
             counted_prefixes.append(name + "." if name else "")
+            seen.update(id(p) for p in module.parameters())
             continue
-        total += sum(p.numel() for p in module.parameters(recurse=False))
+        for p in module.parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
     return total
 
 
 def saved_bytes(model: nn.Module) -> int:
-    """Size in bytes of ``model.state_dict()`` written with ``torch.save`` to a temporary file."""
+    """Size in bytes of ``model.state_dict()`` written with ``torch.save`` to a temporary file.
+
+    ``torch.save`` writes each storage once, so a tied tensor (several state-dict names) is
+    counted once, as in the safetensors files of `workbench.export` (which store it once too).
+    """
     fd, path = tempfile.mkstemp(suffix=".pt")
     os.close(fd)
     try:
@@ -80,6 +92,7 @@ def measure(model: nn.Module, task, latency: bool = True) -> Measurement:
     """`Measurement` ``{"metric", "params", "bytes", "flops", "latency_ms", "threads"}`` of ``model`` on ``task``.
 
     ``flops`` and ``latency_ms`` are for one sample (batch 1); ``bytes`` is the saved state_dict.
+    ``params`` and ``bytes`` count a tied (shared) tensor once.
     """
     result = Measurement({
         "metric": task.evaluate(model),

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from workbench.adapters import matrix_kind
 from workbench.errors import WorkbenchError
 from workbench.inventory import set_submodule
 from workbench.registry import LayerContext
@@ -42,7 +43,7 @@ class _Stop(Exception):
 
 def _flatten(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     x = x.detach()
-    return x.reshape(-1, x.shape[-1]) if isinstance(module, nn.Linear) else x
+    return x.reshape(-1, x.shape[-1]) if matrix_kind(module) == "linear" else x
 
 
 def _run(stage, model: nn.Module, state: Any) -> Any:

@@ -10,7 +10,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from workbench.compress import apply, check_layer_choice
+from workbench.compress import apply, build_tied_group, check_layer_choice, tied_choices
 from workbench.engine.activations import ActivationCache
 from workbench.engine.batching import evaluation_batches, runs_channels_last
 from workbench.engine.factors import FactorCache
@@ -25,9 +25,10 @@ from workbench.plan import LayerPlan, Plan
 from workbench.registry import LayerContext, Method, get_method
 from workbench.results import Evaluation, Preview
 from workbench.stages import model_stages
+from workbench.ties import tied_module_groups
 
 DEFAULT_CACHE_BYTES = 256 * 2**20
-BYTES_METHOD = ("state-dict tensor payload: sum of numel * element_size over the state dict "
+BYTES_METHOD = ("state-dict tensor payload: sum of numel * element_size over the state dict, each tied tensor once "
                 "(file container overhead excluded; workbench.measure.saved_bytes writes the real file)")
 
 
@@ -60,6 +61,7 @@ class Engine:
         self.original = task.model
         self.batch_size = batch_size
         self.layers = {info.name: info for info in matrix_layers(self.original)}
+        self.tied_groups = tied_module_groups(self.original)
         self.factors = FactorCache(self.original, randomized_min_dim=randomized_min_dim)
         self.cache = ActivationCache(max_cache_bytes)
         self.working = copy.deepcopy(self.original).eval()
@@ -72,6 +74,8 @@ class Engine:
         self._originals: dict[str, nn.Module] = {}
         self._built: OrderedDict[tuple[str, LayerPlan], nn.Module] = OrderedDict()
         self._layer_sizes: dict[tuple[str, LayerPlan | None], tuple[int, int, int]] = {}
+        self._tied_built: OrderedDict[tuple[tuple[str, ...], LayerPlan], dict[str, nn.Module]] = OrderedDict()
+        self._group_sizes: dict[tuple[tuple[str, ...], LayerPlan], tuple[int, int, int]] = {}
         self._calibration: dict[str, torch.Tensor] = {}
         self._example_inputs: dict[str, torch.Tensor] | None = None
         self.stats = {"evaluations": 0, "full_evaluations": 0, "stages_run": 0, "stages_skipped": 0}
@@ -107,9 +111,11 @@ class Engine:
                       "from_stage": 0, "stages_run": len(self.stages), "full": True}
             self.stats["full_evaluations"] += 1
         else:
-            self._install(plan)  # validates every entry before anything runs
+            groups = self._install(plan)  # validates every entry before anything runs
             first, outputs = self._forward(plan)
-            sizes = [self._layer_size(name, choice) for name, choice in plan.layers.items()]
+            tied = {name for group, _ in groups for name in group}
+            sizes = [self._layer_size(name, choice) for name, choice in plan.layers.items() if name not in tied]
+            sizes += [self._group_size(group, choice) for group, choice in groups]
             result = {"metric": self.task.metric(outputs, self.task.eval_targets),
                       "params": self.base["params"] + sum(s[0] for s in sizes),
                       "bytes": self.base["bytes"] + sum(s[1] for s in sizes),
@@ -221,15 +227,66 @@ class Engine:
         inputs = self.task.calibration_inputs(self.calibration_samples)
         self._calibration.update(collect_layer_inputs(self.original, names, inputs))
 
-    def _install(self, plan: Plan) -> None:
-        """Make ``self.working`` hold ``plan``'s modules (built first, so a bad entry changes nothing)."""
+    def _tied_modules(self, group: tuple[str, ...], choice: LayerPlan) -> dict[str, nn.Module]:
+        """``{name: module}`` of a tied group compressed with ``choice``, built as `apply` builds
+        it (`workbench.compress.build_tied_group`: one module for the whole group, no cheap view,
+        so that the metric is bit-identical to ``apply``'s); memoised, LRU."""
+        key = (group, choice)
+        hit = self._tied_built.get(key)
+        if hit is not None:
+            self._tied_built.move_to_end(key)
+            return hit
+        members = {name: get_submodule(self.original, name) for name in group}
+        method = [check_layer_choice(module, name, choice) for name, module in members.items()][0]
+        inputs: dict[str, torch.Tensor] = {}
+        if method.needs_inputs:
+            missing = [name for name in group if name not in self._calibration]
+            if missing:
+                self._collect_calibration(missing)
+            inputs = {name: self._calibration[name] for name in group}
+        modules = build_tied_group(members, method, choice, inputs)
+        for module in modules.values():
+            module.eval()
+        self._tied_built[key] = modules
+        while len(self._tied_built) > 64:
+            self._tied_built.popitem(last=False)
+        return modules
+
+    def _group_size(self, group: tuple[str, ...], choice: LayerPlan) -> tuple[int, int, int]:
+        """``(params, bytes, flops)`` of a tied group under ``choice`` minus those of its original
+        members, the shared tensors counted once on both sides (FLOPs: one run per member)."""
+        key = (group, choice)
+        if key not in self._group_sizes:
+            def sizes(modules: dict[str, nn.Module]) -> tuple[int, int, int]:
+                holder = nn.ModuleList(list(modules.values()))  # one module object listed twice counts once
+                return (count_params(holder), state_bytes(holder),
+                        sum(layer_flops(module, self._example_input(name)) for name, module in modules.items()))
+            new = sizes(self._tied_modules(group, choice))
+            old = sizes({name: get_submodule(self.original, name) for name in group})
+            self._group_sizes[key] = tuple(a - b for a, b in zip(new, old))
+        return self._group_sizes[key]
+
+    def _install(self, plan: Plan) -> list[tuple[tuple[str, ...], LayerPlan]]:
+        """Make ``self.working`` hold ``plan``'s modules (built first, so a bad entry changes nothing).
+
+        Returns the tied groups the plan compresses (`workbench.compress.tied_choices`, whose tie
+        rule is checked first), each with its choice.
+        """
+        groups = tied_choices(self.original, plan, self.tied_groups)
+        tied = {name for group, _ in groups for name in group}
         data_aware = [name for name, choice in plan.layers.items() if name not in self._calibration
-                      and (name, choice) not in self._built and name in self.layers
+                      and (name, choice) not in self._built and name in self.layers and name not in tied
                       and get_method(choice.method).needs_inputs]
         if len(data_aware) > 1:
             self._collect_calibration(data_aware)
-        wanted = {name: self.working.get_submodule(name) if self._installed.get(name) == choice
-                  else self._module_for(name, choice) for name, choice in plan.layers.items()}
+        wanted: dict[str, nn.Module] = {}
+        for group, choice in groups:
+            if all(self._installed.get(name) == choice for name in group):
+                wanted.update((name, self.working.get_submodule(name)) for name in group)
+            else:
+                wanted.update(self._tied_modules(group, choice))
+        wanted.update((name, self.working.get_submodule(name) if self._installed.get(name) == choice
+                       else self._module_for(name, choice)) for name, choice in plan.layers.items() if name not in tied)
         for name in list(self._installed):
             if name not in wanted:
                 set_submodule(self.working, name, self._originals.pop(name))
@@ -239,6 +296,7 @@ class Engine:
                 self._originals[name] = self.working.get_submodule(name)
             set_submodule(self.working, name, module)
             self._installed[name] = plan.layers[name]
+        return groups
 
     def _signatures(self, plan: Plan) -> list[tuple]:
         """``[signature of stage i]``: the plan choices of the layers owned by stages before i."""
@@ -267,6 +325,7 @@ class Engine:
                 self.cache.put((index, signatures[index]), x)
             x = [self.stages[index].run(self.working, batch) for batch in x]
             self.stats["stages_run"] += 1
+        x = [self.task.select(batch) for batch in x]  # the judged tensor of any output (Task.output)
         out = torch.cat(x) if len(x) > 1 else x[0]
         if self._order is not None:  # batches grouped by the model: back to the task's order
             out = torch.empty_like(out).index_copy_(0, self._order, out)

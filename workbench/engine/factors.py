@@ -73,7 +73,9 @@ class FactorCache:
         f = self.get(name, upto=rank)
         if name not in self._split:
             root = f.s.sqrt()
-            self._split[name] = (f.u * root, root[:, None] * f.vh)
+            # row-major like the built layer's weights: a view of a column-major factor would run
+            # another BLAS path and differ from `workbench.apply`'s layer in the last bits
+            self._split[name] = ((f.u * root).contiguous(), (root[:, None] * f.vh).contiguous())
         a, b = self._split[name]
         return a[:, :rank], b[:rank]
 

@@ -9,10 +9,12 @@ from torch import nn
 from workbench.measure import count_flops
 from workbench.plan import LayerPlan
 from workbench.registry import get_method
+from workbench.ties import payload_bytes
 
 
 def state_bytes(module: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    """Tensor payload of ``module.state_dict()`` in bytes, each tied (shared) tensor once."""
+    return payload_bytes(module.state_dict())
 
 
 def rank_settings(choice: LayerPlan | None) -> dict[str, int]:

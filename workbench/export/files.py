@@ -6,16 +6,23 @@ One ``.safetensors`` file. Its tensors are the compressed model's ``state_dict``
 integer codes, sparse values: whatever the layers really store). Its string metadata holds one
 JSON header under the key ``"workbench"``::
 
-    {"format_version": 2,
+    {"format_version": 3,
      "model": "digits-mlp",              # embedded model name, or the user's label
      "source": "embedded" | "user",       # how the original is found again at load time
      "original": {"fingerprint": sha256, "shapes": {layer: [out, in]}},   # of the *original*
      "input": {"shape": [1, 64], "dtype": "float32"} | null,
      "plan": Plan.to_dict(),
      "encoded": {state key: how a non-plain entry (quantized tensor, packed tuple) was stored},
+     "tied": {state key: the key it is stored under},   # format 3; {} without ties
      "versions": {"workbench", "torch", "safetensors"}}
 
 Nothing in the file is executed: safetensors holds tensors and strings only.
+
+Tied weights (one tensor under several state keys: ``dec.weight = enc.weight``, or a tied group
+compressed as one) are stored once, under the first of their keys (`workbench.ties.store_once`);
+``"tied"`` maps each other key to that one, and loading fills them in again before the weights go
+into the rebuilt structure, where `workbench.apply` has restored the ties (the deep copy keeps
+them; a compressed group is one module at every name). Files of format 2 hold no ties.
 
 Loading = rebuild the structure, then load the weights
 ------------------------------------------------------
@@ -62,10 +69,11 @@ from workbench.compress import apply
 from workbench.errors import WorkbenchError
 from workbench.plan import Plan
 from workbench.registry import get_method
+from workbench.ties import store_once
 from workbench.version import __version__
 from workbench.zoo import available_models, load
 
-EXPORT_FORMAT_VERSION = 2
+EXPORT_FORMAT_VERSION = 3  # 3: "tied" (tensors shared by several keys stored once)
 HEADER_KEY = "workbench"
 #: Seed of the stand-in calibration inputs used to rebuild data-aware layers (values discarded).
 REBUILD_SEED = 0
@@ -305,15 +313,16 @@ def save_compressed(path: str | os.PathLike, model: nn.Module, plan: Plan, model
     path = Path(path)
     check_writable_dir(path.parent if str(path.parent) else Path("."))
     tensors, encoded = _encode_state(model.state_dict())
+    tensors, tied = store_once(tensors)  # a tied tensor once, under its first key
     header = {"format_version": EXPORT_FORMAT_VERSION, "model": model_name, "source": source,
               "original": None if original is None else {
                   "fingerprint": fingerprint(original), "shapes": plan_layer_shapes(original, plan)},
               "input": None if example_input is None else {
                   "shape": list(example_input.shape), "dtype": str(example_input.dtype).removeprefix("torch.")},
-              "plan": plan.to_dict(), "encoded": encoded, "versions": _versions(),
+              "plan": plan.to_dict(), "encoded": encoded, "tied": tied, "versions": _versions(),
               "sha256": tensor_digests(tensors)}
     written = atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={HEADER_KEY: json.dumps(header)}))
-    readable = {k: v for k, v in header.items() if k not in ("encoded", "sha256")}
+    readable = {k: v for k, v in header.items() if k not in ("encoded", "tied", "sha256")}
     atomic_write(plan_sidecar(path), lambda tmp: Path(tmp).write_text(json.dumps(readable, indent=1) + "\n"))
     return written
 
@@ -418,6 +427,10 @@ def load_compressed(path: str | os.PathLike, original: nn.Module | None = None,
         if damaged:
             raise WorkbenchError(f"{str(path)!r} is corrupted: the bytes of {len(damaged)} tensor(s) do not match "
                                  f"the checksums written with them ({', '.join(damaged[:5])})")
+    for key, kept in (header.get("tied") or {}).items():  # tied tensors were stored once
+        if kept not in tensors:
+            raise WorkbenchError(f"{str(path)!r} is corrupted: {key!r} is stored as {kept!r}, which the file lacks")
+        tensors[key] = tensors[kept]
     state = _decode_state(tensors, header.get("encoded", {}))
     model = rebuild_structure(header, original, calibration_inputs)
     expected = model.state_dict()

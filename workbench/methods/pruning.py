@@ -54,9 +54,14 @@ def output_layer_name(model: nn.Module) -> str | None:
 
 
 def structured_candidates(model: nn.Module) -> list[str]:
-    """Layers whose output neurons/channels may be removed: every Linear/Conv2d but the output one."""
+    """Layers whose output neurons/channels may be removed: every Linear/Conv2d but the output one.
+
+    Torch-Pruning's dependency graph takes ``nn.Linear`` / ``nn.Conv2d``; other matrix layers
+    (``transformers`` Conv1D) are pruned unstructured only.
+    """
     last = output_layer_name(model)
-    return [info.name for info in matrix_layers(model) if info.name != last]
+    return [info.name for info in matrix_layers(model)
+            if info.name != last and isinstance(model.get_submodule(info.name), (nn.Linear, nn.Conv2d))]
 
 
 def structured_removals(model: nn.Module, ratio: float, layers: Sequence[str]) -> dict[str, list[int]]:
@@ -150,8 +155,8 @@ def prune_plan(model: nn.Module, *, task=None, ratio: float | None = None, thres
         prune_kernels.check_ratio(ratio)
         names = list(layers) if layers is not None else structured_candidates(model)
         if not names:
-            raise WorkbenchError("this model has no layer whose neurons can be removed "
-                                 "(its only Linear/Conv2d produces the outputs)")
+            raise WorkbenchError("this model has no layer whose neurons can be removed (structured pruning "
+                                 "takes nn.Linear / nn.Conv2d layers other than the output one)")
         structured_removals(model, ratio, names)  # validate now: names, output layer
         shape = tuple(input_shape) if input_shape else example_shape(model, task)
         return Plan({}, (LayerPlan("prune_structured", {"ratio": float(ratio), "layers": tuple(names),

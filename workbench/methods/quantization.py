@@ -11,6 +11,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from workbench.adapters import canonical
 from workbench.hooks import collect_layer_inputs
 from workbench.errors import UnsupportedLayerError, WorkbenchError
 from workbench.inventory import get_submodule, matrix_layers
@@ -41,9 +42,10 @@ register_method(Method("int8", build_int8, (nn.Linear,),
                        description="int8 weights per channel + dynamic int8 activations (CPU kernels)"))
 
 
-def _chosen(model: nn.Module, layers: Sequence[str] | None, types: tuple[type, ...], what: str) -> list[str]:
-    infos = [info.name for info in matrix_layers(model)
-             if isinstance(model.get_submodule(info.name), types)]
+def _chosen(model: nn.Module, layers: Sequence[str] | None, kinds: tuple[str, ...], what: str) -> list[str]:
+    """``layers`` (checked), or every matrix layer of ``kinds`` ("linear": Linear and transformers
+    Conv1D; "conv": Conv2d)."""
+    infos = [info.name for info in matrix_layers(model) if info.kind in kinds]
     if layers is None:
         return infos
     for name in layers:
@@ -69,7 +71,7 @@ def quant_plan(model: nn.Module, *, bits: int | None = None, scheme: str | None 
     scheme = quant_kernels.check_scheme(scheme or "uniform")
     if scheme == "kmeans" and asymmetric:
         raise WorkbenchError("asymmetric applies to the uniform scheme; k-means codebooks have no zero point")
-    names = _chosen(model, layers, (nn.Linear, nn.Conv2d), "quant")
+    names = _chosen(model, layers, ("linear", "conv"), "quant")
     if bits in quant_kernels.NO_OP_BITS:
         return Plan({})
     params = {"bits": bits, "scheme": scheme}
@@ -84,7 +86,7 @@ def quant_plan(model: nn.Module, *, bits: int | None = None, scheme: str | None 
 
 def int8_plan(model: nn.Module, *, layers: Sequence[str] | None = None) -> Plan:
     """int8 (weights per channel, activations dynamic) for every Linear layer (or ``layers``)."""
-    names = _chosen(model, layers, (nn.Linear,), "int8")
+    names = _chosen(model, layers, ("linear",), "int8")
     if not names:
         raise WorkbenchError("int8 handles Linear layers and this model has none")
     return Plan({name: LayerPlan("int8", {}) for name in names})
@@ -110,7 +112,7 @@ def quantization_errors(original: nn.Module, compressed: nn.Module, inputs: torc
         x = cached[name]
         y, y_q = before(x), after(x)
         rows.append({"name": name, "bits": getattr(after, "bits", 8),
-                     "weight_mse": quant_kernels.weight_mse(before.weight, after.dequantized_weight()),
+                     "weight_mse": quant_kernels.weight_mse(canonical(before).weight, after.dequantized_weight()),
                      "output_rel_error": float((y_q - y).norm() / y.norm().clamp_min(1e-12))})
     return rows
 

@@ -8,7 +8,7 @@ from typing import Callable
 
 from workbench.errors import WorkbenchError
 from workbench.zoo.task import Task
-from workbench.zoo.user import load_user
+from workbench.zoo.user import LOAD_OPTIONS, load_user
 from workbench.zoo.digits import DIGITS_MODELS, build_digits_task
 from workbench.zoo.text import DESCRIPTION as TEXT_DESCRIPTION, build_text_task
 from workbench.zoo.minilm import DESCRIPTION as MINILM_DESCRIPTION, build_minilm_task
@@ -30,8 +30,9 @@ def load(name, **options) -> Task:
     """A `Task`: an embedded model by ``name``, or the user's own (an ``nn.Module`` or a path).
 
     For the user's models, ``options`` are those of `workbench.zoo.user.load_user`
-    (``constructor``, ``eval_data``, ``metric``, ...). Raises `WorkbenchError` naming the known
-    models when a name is neither embedded nor an existing file.
+    (``eval_data``, ``train_data``, ``calibration_data``, ``metric``, ``output``, ...; see
+    ``LOAD_OPTIONS``). Raises `WorkbenchError` naming the known models when a name is neither
+    embedded nor an existing file, and the accepted options when one is unknown.
     """
     if isinstance(name, str) and name in _BUILDERS:
         if options:
@@ -39,6 +40,9 @@ def load(name, **options) -> Task:
                                  f"the embedded model {name!r} takes none")
         builder, _ = _BUILDERS[name]
         return builder()
+    unknown = sorted(set(options) - set(LOAD_OPTIONS))
+    if unknown:
+        raise WorkbenchError(f"unknown option(s) {', '.join(unknown)} for load(); accepted: {', '.join(LOAD_OPTIONS)}")
     return load_user(name, known=sorted(_BUILDERS), **options)
 
 

@@ -11,14 +11,19 @@ Files are read with ``torch.load(..., weights_only=True)`` or safetensors only: 
 would run code when loaded (e.g. a whole model saved with ``torch.save(model)``) is refused with a
 clear message and never executed.
 
-Evaluation: ``eval_data`` is a DataLoader (batches ``x`` or ``(x, y, ...)``), a tensor ``x`` or a
-pair ``(x, y)``; ``metric(outputs, targets) -> float`` is the user's. Without a metric (or
-without targets) the metric is output fidelity: mean cosine similarity of each sample's output
-to the original model's output on the same data.
+Data: ``eval_data``, ``train_data`` and ``calibration_data`` are each a DataLoader (batches ``x``
+or ``(x, y, ...)``), a tensor ``x`` or a pair ``(x, y)``. Outputs: tensors, tuples, dicts and
+``transformers`` ``ModelOutput``s; ``output=`` picks the judged tensor (`workbench.zoo.outputs`).
+Metric: the user's ``metric(outputs, targets) -> float``; without one, perplexity for a causal
+language model given token ids (lower is better), else output fidelity: mean cosine similarity of
+each sample's output to the original model's output on the same data.
+
+The user's module is kept as it is: it is run in eval mode and each submodule's mode restored.
 """
 from __future__ import annotations
 
 import importlib
+import inspect
 import pickle
 import zipfile
 from pathlib import Path
@@ -29,11 +34,14 @@ from torch import nn
 
 from workbench.errors import WorkbenchError
 from workbench.inventory import matrix_layers, shared_weight_groups, skip_reason
-from workbench.zoo.task import Task
-from safetensors.torch import load_file
 from workbench.layers.recurrent import unsupported_reason
+from workbench.zoo.outputs import OutputChoice, select_output
+from workbench.zoo.task import CheckedMetric, Task, check_finite, evaluation_mode
+from workbench.ties import fill_tied
+from safetensors.torch import load_file
 
 FIDELITY_NAME = "output fidelity (mean cosine to original)"
+PERPLEXITY_NAME = "perplexity (exp of next-token cross-entropy)"
 
 
 def output_fidelity(outputs: torch.Tensor, reference: torch.Tensor) -> float:
@@ -99,7 +107,11 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load ``state`` into ``model``; a mismatch raises, listing missing/unexpected keys and shapes."""
+    """Load ``state`` into ``model``; a mismatch raises, listing missing/unexpected keys and shapes.
+
+    Names that safetensors' ``save_model`` dropped (one of each tied pair) are filled from their
+    tie partner first (`workbench.ties.fill_tied`)."""
+    state = fill_tied(state, model)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -136,15 +148,16 @@ def load_model(source: Any, constructor: Callable[[], nn.Module] | str | None = 
     return model
 
 
-# ---- evaluation data -------------------------------------------------------------------------
+# ---- data ------------------------------------------------------------------------------------
 
-def eval_tensors(data: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(inputs, targets or None)`` from a DataLoader, a tensor, or an ``(x, y)`` pair."""
+def data_tensors(data: Any, what: str = "eval_data") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(inputs, targets or None)`` from a DataLoader (batches ``x`` or ``(x, y, ...)``), a
+    tensor ``x``, or an ``(x, y)`` pair; ``what`` names the argument in errors."""
     if isinstance(data, torch.Tensor):
         return data, None
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
         if len(data[0]) != len(data[1]):
-            raise WorkbenchError(f"eval_data inputs have {len(data[0])} samples but targets {len(data[1])}")
+            raise WorkbenchError(f"{what} inputs have {len(data[0])} samples but targets {len(data[1])}")
         return data[0], data[1]
     if isinstance(data, torch.utils.data.DataLoader):
         xs, ys = [], []
@@ -156,13 +169,84 @@ def eval_tensors(data: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
                 if len(batch) > 1 and isinstance(batch[1], torch.Tensor):
                     ys.append(batch[1])
             else:
-                raise WorkbenchError(f"DataLoader batches must be tensors or (inputs, targets) tuples; "
+                raise WorkbenchError(f"{what}: DataLoader batches must be tensors or (inputs, targets) tuples; "
                                      f"got {type(batch).__name__}")
         if not xs:
-            raise WorkbenchError("the DataLoader yielded no batches")
+            raise WorkbenchError(f"{what}: the DataLoader yielded no batches")
         return torch.cat(xs), (torch.cat(ys) if len(ys) == len(xs) else None)
-    raise WorkbenchError(f"eval_data must be a DataLoader, a tensor or an (inputs, targets) pair; "
+    raise WorkbenchError(f"{what} must be a DataLoader, a tensor or an (inputs, targets) pair; "
                          f"got {type(data).__name__}")
+
+
+def check_forward_arguments(model: nn.Module) -> None:
+    """Refuse a model whose ``forward`` needs more than the one input tensor the workbench gives."""
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError, AttributeError, RuntimeError):  # TorchScript, C++ or odd callables
+        return
+    kinds = {p.kind for p in parameters}
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    name = type(model).__name__
+    if not positional and inspect.Parameter.VAR_POSITIONAL not in kinds:
+        raise WorkbenchError(f"{name}.forward takes no input; the workbench calls model(inputs) with one tensor per batch")
+    required = [p.name for p in positional[1:] if p.default is p.empty]
+    required += [p.name for p in parameters if p.kind is p.KEYWORD_ONLY and p.default is p.empty]
+    if required:
+        raise WorkbenchError(
+            f"{name}.forward needs {', '.join(map(repr, required))} besides the input, which the data does not give "
+            "(the workbench calls model(inputs) with one tensor per batch); wrap the model in an nn.Module "
+            "whose forward takes that one tensor and supplies the rest")
+
+
+def _probe(model: nn.Module, inputs: torch.Tensor, what: str) -> Any:
+    """The model's raw output on the first sample of ``inputs`` (eval mode, modes restored);
+    a failure is a `WorkbenchError` with the data's shape."""
+    if len(inputs) == 0:
+        raise WorkbenchError(f"{what} holds no samples")
+    try:
+        with torch.no_grad(), evaluation_mode(model):
+            return model(inputs[:1])
+    except Exception as exc:  # the user's model decides what fails; report it with the shape
+        raise WorkbenchError(f"{what} of shape {tuple(inputs.shape)} ({inputs.dtype}) does not fit the model: "
+                             f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
+
+
+# ---- metrics -----------------------------------------------------------------------------------
+
+def perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    """``exp`` of the mean next-token cross-entropy (nats): ``logits (n, T, V)`` at position ``t``
+    score ``ids (n, T)`` at ``t + 1``; the last position predicts nothing. Lower is better: 1 is a
+    perfect prediction, ``V`` a uniform guess."""
+    if logits.dim() != 3 or tuple(ids.shape) != tuple(logits.shape[:2]) or ids.shape[1] < 2:
+        raise WorkbenchError(f"perplexity needs logits (n, T, V) and token ids (n, T) with T >= 2; "
+                             f"got logits {tuple(logits.shape)} and ids {tuple(ids.shape)}")
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                             ids[:, 1:].reshape(-1).long())
+    return float(torch.exp(loss.double()))
+
+
+def _from_transformers(model: nn.Module) -> bool:
+    return any(cls.__module__.startswith("transformers.") for cls in type(model).__mro__)
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """A ``transformers`` model that predicts the next token: a ``*ForCausalLM`` or ``*LMHeadModel``
+    class, or a config with ``is_decoder``. Recognised by name; transformers is not imported."""
+    if not _from_transformers(model):
+        return False
+    return (type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+            or bool(getattr(getattr(model, "config", None), "is_decoder", False)))
+
+
+def scores_next_tokens(model: nn.Module, inputs: torch.Tensor, judged: torch.Tensor) -> bool:
+    """Whether the default metric is perplexity: a causal LM given integer token ids ``(n, T)``
+    whose judged output is logits ``(n, T, vocab)``."""
+    if not is_causal_lm(model) or inputs.dim() != 2 or inputs.dtype.is_floating_point \
+            or inputs.dtype.is_complex or inputs.dtype == torch.bool:
+        return False
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    return (judged.dim() == 3 and tuple(judged.shape[1:2]) == tuple(inputs.shape[1:2])
+            and (not isinstance(vocab, int) or judged.shape[-1] == vocab))
 
 
 # ---- what can be compressed ------------------------------------------------------------------
@@ -195,15 +279,39 @@ def skipped_layers(model: nn.Module) -> list[dict]:
 
 
 def load_user(source: Any, *, constructor: Callable[[], nn.Module] | str | None = None,
-              eval_data: Any = None, metric: Callable[[torch.Tensor, torch.Tensor], float] | None = None,
-              metric_name: str | None = None, calibration_data: Any = None, name: str | None = None,
+              eval_data: Any = None, train_data: Any = None, calibration_data: Any = None,
+              metric: Callable[[torch.Tensor, torch.Tensor], float] | None = None,
+              metric_name: str | None = None, higher_is_better: bool | None = None,
+              output: OutputChoice = None, name: str | None = None,
               known: list[str] | None = None) -> Task:
-    """A `Task` for the user's model (``source``: nn.Module or path) and evaluation data.
+    """A `Task` for the user's model (``source``: nn.Module or path) and data.
 
-    ``eval_data`` is required (a DataLoader, a tensor or ``(x, y)``); ``metric(outputs, targets)``
-    is used when targets exist, otherwise output fidelity to the original. ``calibration_data``
-    (same forms) feeds data-aware methods; by default the evaluation inputs are used.
-    ``task.extras["skipped"]`` lists the layers left alone and why.
+    Parameters
+    ----------
+    source : an ``nn.Module`` (kept as it is, its train/eval mode included) or a file path.
+    constructor : for state_dict / safetensors files: the callable building the model.
+    eval_data : required; a DataLoader, a tensor ``x`` or ``(x, y)``. The original is evaluated
+        once here (a NaN or infinite metric is refused).
+    train_data : same forms; fills ``task.train_inputs`` / ``train_targets`` for fine-tuning,
+        distillation, QAT, sensitivity and allocation. Its targets follow the metric: your labels
+        with your ``metric``; the token ids for a language model's perplexity; otherwise the
+        original's outputs on ``train_data`` (fidelity: the loss is then the distance to them).
+    calibration_data : same forms; the inputs of data-aware methods (``task.calibration``). By
+        default the training inputs, else the evaluation inputs.
+    metric : ``metric(outputs, targets) -> float`` (needs targets in ``eval_data``, except for a
+        causal LM, whose targets are its token ids). Without one: perplexity for a causal
+        ``transformers`` LM given token ids (lower is better), else output fidelity (mean cosine
+        of each sample's output to the original's).
+    metric_name : what ``metric`` measures (default: its ``__name__``).
+    higher_is_better : for ``metric`` only (default True); the defaults know their direction.
+    output : which tensor of the model's output is judged (`workbench.zoo.outputs.select_output`):
+        None for the natural one (``logits``, ``last_hidden_state``, the first tensor), a key, an
+        index, or a callable.
+    name : the task's label (default: the file's stem or the module's class name).
+
+    ``task.extras["skipped"]`` lists the layers left alone and why. Bad input (a forward needing
+    more arguments, data that does not fit, an absent ``output`` key, an unknown option) is a
+    one-line `WorkbenchError`, and the model is left as it was.
     """
     if isinstance(source, str) and not Path(source).exists():
         listing = ", ".join(known or [])
@@ -212,25 +320,53 @@ def load_user(source: Any, *, constructor: Callable[[], nn.Module] | str | None 
     if not isinstance(source, (nn.Module, str, Path)):
         raise WorkbenchError(f"load() takes an embedded model name, an nn.Module or a path; "
                              f"got {type(source).__name__}")
-    model = load_model(source, constructor).eval()
+    if metric is not None and not callable(metric):
+        raise WorkbenchError(f"metric must be callable as metric(outputs, targets) -> float; got {type(metric).__name__}")
+    if higher_is_better is not None and (metric is None or not isinstance(higher_is_better, bool)):
+        raise WorkbenchError(f"higher_is_better={higher_is_better!r} must be True or False and goes with your "
+                             "metric=; the default metrics know their direction")
+    model = load_model(source, constructor)
+    if not isinstance(source, nn.Module):
+        model.eval()  # built here from a file: ours, not the user's object
     if eval_data is None:
         raise WorkbenchError("give eval_data (a DataLoader, a tensor, or (inputs, targets)) so the "
                              "workbench can measure what compression does to your model")
-    inputs, targets = eval_tensors(eval_data)
-    try:
-        with torch.no_grad():
-            model(inputs[:1])
-    except Exception as exc:  # the user's model decides what fails; report it with the shape
-        raise WorkbenchError(f"evaluation data of shape {tuple(inputs.shape)} does not fit the model: "
-                             f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
-    train_inputs = eval_tensors(calibration_data)[0] if calibration_data is not None else None
+    inputs, targets = data_tensors(eval_data, "eval_data")
+    train_inputs, train_labels = data_tensors(train_data, "train_data") if train_data is not None else (None, None)
+    calibration = data_tensors(calibration_data, "calibration_data")[0] if calibration_data is not None else None
+    check_forward_arguments(model)
+    judged = select_output(_probe(model, inputs, "eval_data"), output)
+    for what, extra in (("train_data", train_inputs), ("calibration_data", calibration)):
+        if extra is not None:
+            _probe(model, extra, what)
     label = name or (Path(source).stem if not isinstance(source, nn.Module) else type(source).__name__)
     task = Task(name=label, model=model, eval_inputs=inputs, eval_targets=torch.empty(0),
                 metric=output_fidelity, metric_name=FIDELITY_NAME, train_inputs=train_inputs,
-                description=f"user model {label}", extras={"skipped": skipped_layers(model)})
-    if metric is not None and targets is not None:
-        task.eval_targets, task.metric = targets, metric
-        task.metric_name = metric_name or getattr(metric, "__name__", "metric")
-    else:
-        task.eval_targets = task.outputs()
+                description=f"user model {label}", extras={"skipped": skipped_layers(model)},
+                output=output, calibration=calibration)
+    language_model = scores_next_tokens(model, inputs, judged)
+    if metric is not None:
+        if targets is None and not language_model:
+            raise WorkbenchError(f"metric={getattr(metric, '__name__', 'metric')} needs targets: give "
+                                 "eval_data=(inputs, targets) or a DataLoader of (inputs, targets) batches, "
+                                 "or leave metric out for output fidelity")
+        task.metric, task.metric_name = metric, metric_name or getattr(metric, "__name__", "metric")
+        task.higher_is_better = True if higher_is_better is None else higher_is_better
+        task.eval_targets = inputs if targets is None else targets  # a language model's own ids
+        task.train_targets = train_inputs if train_labels is None and language_model else train_labels
+    elif language_model:
+        task.metric, task.metric_name, task.higher_is_better = perplexity, PERPLEXITY_NAME, False
+        task.eval_targets, task.train_targets = inputs, train_inputs
+    reference = task.outputs()
+    if task.metric is output_fidelity:
+        task.eval_targets = reference
+        if train_inputs is not None:
+            task.train_targets = task.outputs(inputs=train_inputs)
+    check_finite(task.metric(reference, task.eval_targets), task.metric_name, "for the original model")
+    task.metric = CheckedMetric(task.metric, task.metric_name)  # every later caller: finite or refused
     return task
+
+
+#: keyword options ``workbench.load`` accepts for the user's models
+LOAD_OPTIONS = tuple(name for name, p in inspect.signature(load_user).parameters.items()
+                     if p.kind is p.KEYWORD_ONLY and name != "known")
