@@ -22,7 +22,7 @@ cells = [
     code("sens = sensitivity(task, 'svd', ALLOCATION_GRID, progress=False)  # cached: the allocators reuse it\n"
          "fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.5))\n"
          "draw.draw_sensitivity_curves(a, sens.grid, sens.metric, sens.layers, sens.baseline)\n"
-         "draw.draw_sensitivity_heatmap(b, sens.grid, sens.metric, sens.layers, sens.baseline);"),
+         "draw.draw_sensitivity_heatmap(b, sens.grid, sens.metric, sens.layers, sens.baseline, higher_is_better=sens.higher_is_better);"),
     md("The same analysis works for every registered per-layer recipe: pruning (kept fraction of the "
        "weights) and quantization (bits) below. `fc1` sees the raw pixels and is the first to break under "
        "all three methods; `fc2`, the largest layer, tolerates the most."),

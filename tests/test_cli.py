@@ -177,3 +177,19 @@ def test_pareto_writes_strict_json_and_both_charts(capsys, tmp_path, mlp_task):
     assert on_front and all(p["bytes"] > 0 for p in on_front)
     choice = data["advice"]["choice"]
     assert choice is not None and choice["bytes"] <= 100_000 and choice["label"] in labels
+
+
+@pytest.mark.parametrize("command", ["compress", "spectra", "sensitivity", "allocate", "pareto", "report"])
+def test_model_commands_take_own_model_flags(capsys, command):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "--constructor MODULE:FN" in text and "--data FILE" in text
+
+
+def test_embedded_model_refuses_own_model_flags(capsys):
+    assert main(["spectra", "digits-mlp", "--constructor", "x:y", "--data", "d.pt"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --constructor and --data are for your own model files; the embedded model 'digits-mlp' "
+        "brings its own architecture and data")

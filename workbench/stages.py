@@ -4,7 +4,8 @@ The engine caches the input of each stage, so a change inside stage k re-runs st
 only; sequential calibration and block-wise reconstruction walk the same stages. A model's stages
 come from (first match wins) its own ``compression_stages()`` method, a provider registered with
 `register_stages` for its type, the children of an ``nn.Sequential``, or else one stage: the whole
-model.
+model. `workbench.auto_stages.find_stages` adds stages found automatically (a forward pass cut at
+its list of blocks) for the other models, checked on an example input.
 """
 from __future__ import annotations
 
@@ -25,16 +26,22 @@ class Stage:
     ``module(x)``). ``then``: names of parameter-free modules (activations, pooling, reshapes) run
     on the result inside the same stage, so their outputs need no cache entry of their own. The
     forward pass of the model must equal running its stages in order.
+
+    ``owned``: when given, the names of the modules whose layers the stage owns, instead of
+    ``name`` and ``then`` (a stage that runs the whole model's forward, ``name=""``, but computes
+    only part of it: the layers before or after a list of blocks). ``title``: its label when given.
     """
 
     name: str
     call: Callable[[nn.Module, Any], Any] | None = None
     then: tuple[str, ...] = ()
+    owned: tuple[str, ...] | None = None
+    title: str | None = None
 
     @property
     def label(self) -> str:
-        """``name`` joined with ``then`` by ``+`` (``"fc1+act1"``)."""
-        return "+".join((self.name, *self.then))
+        """``title``, or ``name`` joined with ``then`` by ``+`` (``"fc1+act1"``)."""
+        return self.title if self.title is not None else "+".join((self.name, *self.then))
 
     def run(self, model: nn.Module, x: Any) -> Any:
         module = model.get_submodule(self.name) if self.name else model
@@ -44,6 +51,8 @@ class Stage:
         return x
 
     def owns(self, layer: str) -> bool:
+        if self.owned is not None:
+            return any(layer == n or layer.startswith(n + ".") for n in self.owned)
         return self.name == "" or any(layer == n or layer.startswith(n + ".") for n in (self.name, *self.then))
 
 

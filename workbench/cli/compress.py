@@ -1,6 +1,7 @@
 """``python -m workbench compress MODEL --method M ...``: apply one method, measure before/after."""
 from __future__ import annotations
 
+from workbench.cli.model_source import add_model_arguments, is_embedded, load_task
 from workbench.cli.output import emit
 from workbench.cli.recovery_options import add_recovery_arguments, reconstruct, recover
 from workbench.compress import apply
@@ -8,7 +9,6 @@ from workbench.errors import WorkbenchError
 from workbench.inventory import matrix_layers
 from workbench.measure import count_params, measure
 from workbench.registry import get_recipe
-from workbench.zoo import load
 
 
 def parse_ranks(items: list[str] | None) -> dict[str, int | tuple[int, int]] | None:
@@ -104,7 +104,7 @@ def left_dense(original, plan) -> list[dict]:
 
 
 def run(args) -> int:
-    task = load(args.model)
+    task = load_task(args)
     recipe = get_recipe(args.method)
     options = recipe_options(args)
     check_options_apply(args.method, recipe, options)
@@ -124,7 +124,9 @@ def run(args) -> int:
         result["blockwise"] = blockwise
     if args.out:
         from workbench.export import save_compressed
-        result["out"] = str(save_compressed(args.out, compressed, plan, args.model))
+        mine = {} if is_embedded(args) else {"original": task.model, "example_input": task.eval_inputs[:1]}
+        result["out"] = str(save_compressed(args.out, compressed, plan, args.model if is_embedded(args) else task.name,
+                                            **mine))
     before, after = result["before"], result["after"]
     text = (f"{args.model} {args.method}: {task.metric_name} {before['metric']:.4f} -> {after['metric']:.4f}, "
             f"params {before['params']} -> {after['params']} ({after['params'] / before['params']:.1%}), "
@@ -143,7 +145,7 @@ def run(args) -> int:
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("compress", help="compress a model with one method and measure it")
-    parser.add_argument("model", help="embedded model name (see `models`)")
+    add_model_arguments(parser)
     parser.add_argument("--method", required=True, help="svd, prune, quant, int8, tucker, cp, ...")
     parser.add_argument("--ratio", type=float, help="kept fraction (parameters for svd, weights for prune)")
     parser.add_argument("--energy", type=float, help="svd: keep this fraction of sigma^2 per layer")

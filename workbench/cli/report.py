@@ -6,16 +6,16 @@ work starts. ``--fast`` runs a reduced study (smoke tests).
 """
 from __future__ import annotations
 
+from workbench.cli.model_source import add_model_arguments, load_task
 from workbench.cli.output import emit
 
 
 def run(args) -> int:
     from workbench.export import check_writable_dir
     from workbench.report import StudyConfig, write_report
-    from workbench.zoo import load
 
     check_writable_dir(args.out, create=True)  # fail before loading or training anything
-    task = load(args.model)
+    task = load_task(args)
     options = {"onnx": not args.no_onnx}
     if args.threads is not None:
         options["threads"] = args.threads
@@ -40,7 +40,7 @@ def run(args) -> int:
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("report", help="run the full study and write an HTML report")
-    parser.add_argument("model", nargs="?", default="digits-mlp", help="embedded model name (default digits-mlp)")
+    add_model_arguments(parser, default="digits-mlp")
     parser.add_argument("--budget", type=float, default=0.3,
                         help="fraction of the original's parameters the chosen model may keep (default 0.3)")
     parser.add_argument("--out", required=True, help="output folder (created if missing)")

@@ -5,9 +5,9 @@ import argparse
 import math
 from pathlib import Path
 
+from workbench.cli.model_source import add_model_arguments, load_task
 from workbench.cli.output import dumps, emit
 from workbench.errors import WorkbenchError
-from workbench.zoo import load
 
 
 def grid_value(text: str) -> int | float:
@@ -64,7 +64,7 @@ def run_sensitivity(args) -> int:
     from workbench.select import sensitivity
     from workbench.zoo.cache import cache_dir
 
-    task = load(args.model)
+    task = load_task(args)
     result = sensitivity(task, args.method, args.grid, layers=args.layers, split=args.split,
                          progress=not args.json, cache_dir=cache_dir() / "sensitivity")
     reasons = refusals(task, args.method, result)
@@ -86,7 +86,7 @@ def run_sensitivity(args) -> int:
 def run_allocate(args) -> int:
     from workbench.select import allocate
 
-    task = load(args.model)
+    task = load_task(args)
     result = allocate(task, args.budget, args.by, args.allocator, method=args.method, loss=args.loss,
                       progress=not args.json)
     data = {"model": args.model, "metric_name": task.metric_name, "original_metric": task.evaluate(),
@@ -107,14 +107,14 @@ def run_pareto(args) -> int:
     for method in args.methods or ():
         get_recipe(method)  # an unknown name: WorkbenchError listing the recipes, before any work
     out = check_writable_dir(args.out, create=True)  # before the work, not after it
-    task = load(args.model)
+    task = load_task(args)
     options = {"allocations": ()} if args.no_allocations else {}
     points, skipped = collect_points(task, args.methods, combinations=not args.no_combinations,
                                      recovery=not args.no_recovery, progress=not args.json, **options)
     if not points:
         raise WorkbenchError(f"pareto measured nothing on {args.model!r}")
-    front = {p.label for p in pareto_front(points, "bytes")}
-    front_latency = {p.label for p in pareto_front(points, "latency_ms")}
+    front = {p.label for p in pareto_front(points, "bytes", task.higher_is_better)}
+    front_latency = {p.label for p in pareto_front(points, "latency_ms", task.higher_is_better)}
     data = {"model": args.model, "metric_name": task.metric_name,
             "points": [{**p.to_dict(), "on_front_bytes": p.label in front,
                         "on_front_latency": p.label in front_latency} for p in points],
@@ -122,7 +122,8 @@ def run_pareto(args) -> int:
     constraints = {k: v for k, v in (("max_bytes", args.max_bytes), ("max_latency_ms", args.max_latency_ms),
                                      ("min_metric", args.min_metric)) if v is not None}
     if constraints:
-        data["advice"] = advise(points, metric_name=task.metric_name, **constraints).to_dict()
+        data["advice"] = advise(points, metric_name=task.metric_name, higher_is_better=task.higher_is_better,
+                                **constraints).to_dict()
     atomic_write(out / "pareto.json", lambda tmp: Path(tmp).write_text(dumps(data, indent=2, default=str) + "\n"))
     _save_chart(points, front, front_latency, out, task.metric_name)
     data["files"] = [str(out / name) for name in ("pareto.json", "pareto_bytes.png", "pareto_latency.png")]
@@ -161,7 +162,7 @@ def _budget(value: str) -> float:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("sensitivity", help="per-layer metric along a grid, one layer at a time")
-    p.add_argument("model")
+    add_model_arguments(p)
     p.add_argument("--method", default="svd", help="recipe to vary: svd, prune, quant, ...")
     p.add_argument("--grid", type=grid_value, nargs="+",
                    help="kept ratios (svd/prune) or bits (quant; integers)")
@@ -172,7 +173,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=run_sensitivity)
 
     p = subparsers.add_parser("allocate", help="per-layer settings under a budget, applied and measured")
-    p.add_argument("model")
+    add_model_arguments(p)
     p.add_argument("--budget", type=_budget, required=True, help="fraction of the original kept, e.g. 0.3")
     p.add_argument("--by", default="params", choices=["params", "bytes", "flops"])
     p.add_argument("--allocator", default="greedy", choices=["uniform", "energy", "greedy", "convex"])
@@ -183,7 +184,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=run_allocate)
 
     p = subparsers.add_parser("pareto", help="every method measured; Pareto charts and JSON in --out")
-    p.add_argument("model")
+    add_model_arguments(p)
     p.add_argument("--out", required=True, help="directory for pareto.json and the charts")
     p.add_argument("--max-bytes", type=int, help="advisor: size limit")
     p.add_argument("--max-latency-ms", type=float, help="advisor: latency limit")

@@ -24,7 +24,7 @@ from workbench.measure import count_flops, count_params, saved_bytes
 from workbench.plan import LayerPlan, Plan
 from workbench.registry import LayerContext, Method, get_method
 from workbench.results import Evaluation, Preview
-from workbench.stages import model_stages
+from workbench.auto_stages import find_stages
 from workbench.ties import tied_module_groups
 
 DEFAULT_CACHE_BYTES = 256 * 2**20
@@ -68,7 +68,7 @@ class Engine:
         self.channels_last = any(isinstance(m, nn.Conv2d) for m in self.working.modules())
         if self.channels_last:  # oneDNN's CPU convolutions and pooling run faster in NHWC
             self.channels_last = runs_channels_last(self.working, task.example_input)
-        self.stages = model_stages(self.working)
+        self.stages, self.stages_found = find_stages(self.working, task.example_input)
         self._stage_index: dict[str, int] = {}
         self._installed: dict[str, LayerPlan] = {}
         self._originals: dict[str, nn.Module] = {}
@@ -164,11 +164,13 @@ class Engine:
         return result
 
     def report(self) -> dict:
-        """Memory and work counters: activation cache bytes used / bound, factor bytes, hits."""
+        """Memory and work counters: activation cache bytes used / bound, factor bytes, hits; the
+        stages' labels and ``stages_found``: how they were found (declared, cut automatically at a
+        list of blocks, or one stage with the reason)."""
         return {"cache_bytes": self.cache.bytes_used, "cache_limit_bytes": self.cache.max_bytes,
                 "cache_entries": len(self.cache), "cache_evictions": self.cache.evictions,
                 "factor_bytes": self.factors.nbytes(), "svd_recomputes": self.factors.recomputes,
-                "stages": [s.label for s in self.stages], **self.stats}
+                "stages": [s.label for s in self.stages], "stages_found": self.stages_found, **self.stats}
 
     def stage_of(self, layer: str) -> int:
         """Index of the stage that owns ``layer`` (0 when no stage does: full evaluation)."""

@@ -387,11 +387,11 @@ def rebuild_structure(header: dict, original: nn.Module | None = None,
         task = load(header["model"])
         original = task.model
     recorded = header.get("original") or {}
+    given, what = type(original).__name__, f"file (made for {header['model']!r}, given a {type(original).__name__})"
     if recorded.get("fingerprint") and recorded["fingerprint"] != fingerprint(original):
-        check_plan_fits(original, plan, recorded.get("shapes"), what="saved model")
-        raise WorkbenchError(f"the saved model was compressed from a different {header['model']!r}: "
-                             "its layer names or shapes differ from the model given as original")
-    check_plan_fits(original, plan, recorded.get("shapes"), what="saved model")
+        check_plan_fits(original, plan, recorded.get("shapes"), what=what)
+        raise WorkbenchError(f"the file was compressed from {header['model']!r}, not from the {given} given as original")
+    check_plan_fits(original, plan, recorded.get("shapes"), what=what)
     needs = any(get_method(c.method).needs_inputs and get_method(c.method).skeleton is None
                 for c in plan.layers.values())
     inputs = calibration_inputs

@@ -25,9 +25,15 @@ def draw_sensitivity_curves(ax, grid: Sequence[float], metric: Sequence[Sequence
 
 
 def draw_sensitivity_heatmap(ax, grid: Sequence[float], metric: Sequence[Sequence[float]],
-                             layers: Sequence[str], baseline: float, xlabel: str = "kept ratio"):
-    """Heatmap of the metric drop ``baseline - metric`` (layers x grid), annotated; returns the image."""
-    drop = baseline - np.asarray(metric, dtype=float)
+                             layers: Sequence[str], baseline: float, xlabel: str = "kept ratio",
+                             higher_is_better: bool = True):
+    """Heatmap of the loss of quality (layers x grid), annotated; returns the image.
+
+    The loss is ``baseline - metric`` for a metric where higher is better (accuracy), and
+    ``metric - baseline`` where lower is better (perplexity): positive always means worse.
+    """
+    drop = np.asarray(metric, dtype=float)
+    drop = baseline - drop if higher_is_better else drop - baseline
     image = ax.imshow(drop, aspect="auto", cmap="magma_r", vmin=0, vmax=max(float(np.nanmax(drop)), 1e-6))
     ax.set_xticks(range(len(grid)), [f"{g:g}" for g in grid])
     ax.set_yticks(range(len(layers)), list(layers))

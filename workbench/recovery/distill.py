@@ -52,21 +52,41 @@ def soft_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temper
     return F.kl_div(log_ps, log_pt, log_target=True, reduction="batchmean") * t * t
 
 
-def hard_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy for class labels ``(n,)`` int; mean squared error for float targets."""
+def next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Shifted next-token cross-entropy (nats, mean over the ``n (T - 1)`` predictions): the
+    logits ``(n, T, V)`` at position ``t`` score the token ids ``(n, T)`` at ``t + 1``."""
+    if logits.dim() != 3 or tuple(ids.shape) != tuple(logits.shape[:2]) or ids.shape[1] < 2:
+        raise WorkbenchError(f"next-token loss needs logits (n, T, V) and token ids (n, T) with T >= 2; "
+                             f"got logits {tuple(logits.shape)} and ids {tuple(ids.shape)}")
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1).long())
+
+
+def hard_loss(outputs: torch.Tensor, targets: torch.Tensor, causal_lm: bool = False) -> torch.Tensor:
+    """Cross-entropy for class labels ``(n,)`` int; mean squared error for float targets;
+    ``causal_lm``: `next_token_loss` of logits ``(n, T, V)`` against the token ids ``(n, T)``."""
+    if causal_lm:
+        return next_token_loss(outputs, targets)
     if targets.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8):
         return F.cross_entropy(outputs, targets)
     return F.mse_loss(outputs, targets)
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
-                      temperature: float = 4.0, alpha: float = 0.9) -> torch.Tensor:
-    """``alpha * T^2 * KL(teacher || student at T) + (1 - alpha) * CE(student, targets)``."""
+                      temperature: float = 4.0, alpha: float = 0.9, causal_lm: bool = False) -> torch.Tensor:
+    """``alpha * T^2 * KL(teacher || student at T) + (1 - alpha) * CE(student, targets)``.
+
+    ``causal_lm``: logits ``(n, T, V)``; the soft loss is averaged over the ``n T`` token
+    distributions and the hard loss is `next_token_loss` against the ids ``(n, T)``."""
     a = check_alpha(alpha)
-    soft = soft_loss(student_logits, teacher_logits, temperature)
+    if causal_lm:
+        check_shapes(student_logits, teacher_logits)
+        vocab = student_logits.shape[-1]
+        soft = soft_loss(student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab), temperature)
+    else:
+        soft = soft_loss(student_logits, teacher_logits, temperature)
     if a == 1.0:
         return soft
-    return a * soft + (1.0 - a) * hard_loss(student_logits, targets)
+    return a * soft + (1.0 - a) * hard_loss(student_logits, targets, causal_lm)
 
 
 @dataclass

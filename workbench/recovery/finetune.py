@@ -44,7 +44,8 @@ class Recovery:
         the epoch), ``val_loss`` (hard loss on the validation split), ``metric`` (task metric on
         the validation split), ``seconds`` (wall time of the epoch).
     start : ``{"val_loss", "metric"}`` of the model before training, on the same validation split.
-    best_epoch : epoch whose weights were kept (0: none beat the starting point).
+    best_epoch : epoch whose weights were kept (0: none beat the starting point), by the metric
+        in the task's direction (``task.higher_is_better``), then the lower ``val_loss``.
     stopped_early : True when ``patience`` epochs passed without a better validation metric.
     cancelled : True when the run was cancelled (``model`` is then the input model).
     untrained_layers : names of compressed layers with no training view (they stayed frozen).
@@ -113,9 +114,29 @@ def _is_cancelled(cancel: Cancel) -> bool:
     return bool(cancel())
 
 
+def _select(task) -> Callable[[Any], torch.Tensor]:
+    """The task's choice of the judged tensor (`workbench.zoo.task.Task.select`: the logits of a
+    ``ModelOutput``, a dict entry, ...); the output itself for a task without one."""
+    return getattr(task, "select", None) or (lambda out: out)
+
+
+def is_causal_lm(task) -> bool:
+    """Whether ``task`` trains on next-token prediction: ``task.extras["causal_lm"]``, set by
+    `workbench.zoo.user.load_user` for a causal language model whose targets are its token ids."""
+    return bool(getattr(task, "extras", {}).get("causal_lm", False))
+
+
+def quality_key(task, metric: float, val_loss: float) -> tuple[float, float]:
+    """Sort key of an epoch, larger is better: the metric in the task's direction
+    (``task.higher_is_better``), then the lower validation loss."""
+    sign = 1.0 if getattr(task, "higher_is_better", True) else -1.0
+    return (sign * metric, -val_loss)
+
+
 @torch.no_grad()
-def _outputs(model: nn.Module, x: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
-    return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+def _outputs(model: nn.Module, x: torch.Tensor, batch_size: int = 4096,
+             select: Callable[[Any], torch.Tensor] = lambda out: out) -> torch.Tensor:
+    return torch.cat([select(model(x[i:i + batch_size])) for i in range(0, len(x), batch_size)])
 
 
 def _untrained_layers(model: nn.Module) -> list[str]:
@@ -145,13 +166,20 @@ def finetune(model: nn.Module, task, *, epochs: int, lr: float = 1e-3, batch_siz
         so LSQ's gradient scale does not slow the steps down as it does under SGD; without a
         smaller rate the steps jump by ~``lr`` per batch, a large fraction of their size.
     patience : stop after this many epochs without a better validation metric (None: never);
-        the best epoch's weights are kept, and the starting point counts as epoch 0.
+        the best epoch's weights are kept, and the starting point counts as epoch 0. "Better"
+        follows ``task.higher_is_better`` (a perplexity: lower), ties broken by the lower
+        validation loss.
     cancel : a ``threading.Event`` (set it to stop) or a callable returning True to stop; checked
         between batches. ``on_epoch(entry)`` is called after each epoch; returning False cancels.
     progress : show a ``tqdm`` bar over epochs.
     threads : torch CPU threads while training (restored afterwards). None: 1 for models under
         `SMALL_MODEL` weights, whose batches of 64 run fastest on one thread (and far faster than
         on two when the cores are shared), else left as it is.
+
+    Outputs go through ``task.select`` (a ``transformers`` ``ModelOutput`` trains on its logits).
+    The training loss is cross-entropy for labels, mean squared error for float targets, and the
+    shifted next-token cross-entropy on ``(n, T, V)`` logits for a causal language model
+    (``task.extras["causal_lm"]``, see `is_causal_lm`).
 
     Returns a `Recovery`. On cancel its ``model`` is the input ``model`` object, as it was.
     """
@@ -181,6 +209,7 @@ def _finetune(model, task, epochs, lr, batch_size, distill, learn_scales, patien
     work = views.trainable(copy.deepcopy(model))
     set_learn_scales(work, learn_scales)
     result = Recovery(model=model, untrained_layers=_untrained_layers(work))
+    select, causal = _select(task), is_causal_lm(task)
 
     teacher = distill.teacher if distill is not None else None
     teacher_was_training = teacher.training if teacher is not None else False
@@ -190,7 +219,7 @@ def _finetune(model, task, epochs, lr, batch_size, distill, learn_scales, patien
         if teacher is not None:
             teacher.eval()
             with torch.no_grad():
-                check_shapes(work.eval()(x_fit[:2]), teacher(x_fit[:2]))
+                check_shapes(select(work.eval()(x_fit[:2])), select(teacher(x_fit[:2])))
         if matcher is not None:
             matcher.attach(work, teacher)
             with torch.no_grad():
@@ -198,15 +227,15 @@ def _finetune(model, task, epochs, lr, batch_size, distill, learn_scales, patien
             matcher.build()
         teacher_fit = None
         if teacher is not None and matcher is None:
-            teacher_fit = _outputs(teacher, x_fit)  # teacher is frozen: its outputs once, not per batch
+            teacher_fit = _outputs(teacher, x_fit, select=select)  # teacher is frozen: its outputs once, not per batch
 
         def evaluate() -> dict:
             work.eval()
-            out = _outputs(work, x_val)
-            return {"val_loss": float(hard_loss(out, y_val)), "metric": float(task.metric(out, y_val))}
+            out = _outputs(work, x_val, select=select)
+            return {"val_loss": float(hard_loss(out, y_val, causal)), "metric": float(task.metric(out, y_val))}
 
         result.start = evaluate()
-        best_key = (result.start["metric"], -result.start["val_loss"])
+        best_key = quality_key(task, result.start["metric"], result.start["val_loss"])
         best_state = copy.deepcopy(work.state_dict())
         params = [p for p in work.parameters() if p.requires_grad]
         if matcher is not None:
@@ -231,16 +260,16 @@ def _finetune(model, task, epochs, lr, batch_size, distill, learn_scales, patien
                     result.cancelled = True
                     return result
                 idx = order[start:start + batch_size]
-                out = work(x_fit[idx])
+                out = select(work(x_fit[idx]))
                 if teacher is None:
-                    loss = hard_loss(out, y_fit[idx])
+                    loss = hard_loss(out, y_fit[idx], causal)
                 else:
                     if teacher_fit is not None:
                         t_out = teacher_fit[idx]
                     else:
                         with torch.no_grad():
-                            t_out = teacher(x_fit[idx])
-                    loss = distillation_loss(out, t_out, y_fit[idx], distill.temperature, distill.alpha)
+                            t_out = select(teacher(x_fit[idx]))
+                    loss = distillation_loss(out, t_out, y_fit[idx], distill.temperature, distill.alpha, causal)
                     if matcher is not None:
                         loss = loss + distill.feature_weight * matcher.loss()
                 optimizer.zero_grad()
@@ -253,7 +282,7 @@ def _finetune(model, task, epochs, lr, batch_size, distill, learn_scales, patien
                      "seconds": time.perf_counter() - started}
             result.history.append(entry)
             bar.set_postfix(loss=f"{entry['loss']:.4f}", metric=f"{entry['metric']:.4f}")
-            key = (entry["metric"], -entry["val_loss"])
+            key = quality_key(task, entry["metric"], entry["val_loss"])
             if key > best_key:
                 best_key, best_state, result.best_epoch, since_best = key, copy.deepcopy(work.state_dict()), epoch, 0
             else:

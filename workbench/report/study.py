@@ -112,7 +112,7 @@ def _methods(study: Study, config: StudyConfig) -> None:
                                      combinations=config.methods is None, allocations=(), recovery=False,
                                      latency=False, progress=config.progress)
     rows = [p.to_dict() for p in points]
-    front = [p.label for p in pareto_front(points, "bytes")]
+    front = [p.label for p in pareto_front(points, "bytes", study.task.higher_is_better)]
     study.results["methods"] = {"points": rows, "front": front, "skipped": skipped}
 
 

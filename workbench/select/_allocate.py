@@ -5,14 +5,15 @@ Allocators
 ``uniform``: the same kept ratio in every layer (the largest that meets the budget).
 ``energy``: the same fraction E of sigma^2 kept in every layer (the largest E that fits).
 ``greedy``: AIMET-style: from the original, repeatedly take the cheaper option of some layer that
-    costs the least predicted metric per unit of budget saved, until the budget is met; then spend
+    costs the least predicted loss of quality per unit of budget saved, until the budget is met; then spend
     what is left on the upgrades that buy the most.
 ``convex``: multiple-choice knapsack solved with cvxpy: binary ``x[l, o]`` (one option per
     layer), ``sum cost * x <= budget``, minimize ``sum predicted_loss * x``; exact MILP with HiGHS
     when available, else the LP relaxation rounded and repaired.
 
-Predicted loss of an option is either measured (``loss="sensitivity"``: the metric drop with
-that layer alone compressed, from `workbench.select._sensitivity`) or a proxy
+Predicted loss of an option is either measured (``loss="sensitivity"``: the loss of quality with
+that layer alone compressed, in the metric's direction: an accuracy's drop, a perplexity's rise;
+`SensitivityResult.drop` from `workbench.select._sensitivity`) or a proxy
 (``loss="proxy"``: discarded sigma^2 weighted by the input activation energy along each singular
 direction, relative to the layer's output energy). Every allocation is then applied and
 evaluated for real; ``metric`` is measured on the task's test data, while choices use the
@@ -189,7 +190,7 @@ def option_table(result: SensitivityResult, by: str, loss: str = "sensitivity",
                 continue
             if get_method(choice.method).kind != "layer":
                 raise WorkbenchError(f"method {choice.method!r} is a whole-model step; allocation needs per-layer methods")
-            predicted = max(0.0, result.baseline - value) if proxy is None else value
+            predicted = max(0.0, result.drop(i, j)) if proxy is None else value
             row_choices.append(choice)
             row_costs.append(float(cost))
             row_losses.append(predicted + TIE_BREAK * (dense_cost - cost) / max(result.total[by], 1))
@@ -365,7 +366,8 @@ def allocate(task: Task, budget: float = 0.3, by: str = "params", allocator: str
         payload bytes of the state_dict, ``flops``: FLOPs of one sample).
     allocator : "uniform", "energy" (SVD only), "greedy" or "convex".
     result : a sensitivity analysis to reuse (default: computed with ``grid``, cached).
-    loss : "sensitivity" (measured drops) or "proxy" (activation-weighted discarded sigma^2).
+    loss : "sensitivity" (measured losses of quality in the task's direction, which the
+        allocators minimise) or "proxy" (activation-weighted discarded sigma^2).
     solver : for "convex": "auto", "milp" or "lp".
 
     Raises

@@ -76,6 +76,13 @@ def selection_task(task: Task, split: str = "validation", n: int = VALIDATION_SA
     return replace(task, eval_inputs=task.train_inputs[order], eval_targets=task.train_targets[order])
 
 
+def quality_loss(baseline: float, value: float, higher_is_better: bool = True) -> float:
+    """How much worse ``value`` is than ``baseline`` in the metric's direction: ``baseline -
+    value`` when higher is better (an accuracy drop), ``value - baseline`` when lower is better
+    (a perplexity rise). Positive = worse; NaN stays NaN."""
+    return baseline - value if higher_is_better else value - baseline
+
+
 def model_fingerprint(model: nn.Module) -> str:
     """SHA-256 (16 hex digits) of the architecture and every weight byte."""
     digest = hashlib.sha256(repr(model).encode())
@@ -98,7 +105,8 @@ class SensitivityResult:
     rank that would not save weights); ``costs[c][i][j]``: cost ``c`` in ``COSTS`` of that layer
     option (the whole model's cost minus the other layers' dense costs); ``dense[c][i]``: cost of
     the layer left as it is; ``fixed[c]``: cost of everything that is not a candidate layer;
-    ``baseline``: metric of the original on the same data.
+    ``baseline``: metric of the original on the same data; ``higher_is_better``: the metric's
+    direction (the task's), so that `drop` is the loss of quality either way.
     """
 
     method: str
@@ -114,6 +122,17 @@ class SensitivityResult:
     metric_name: str = "accuracy"
     split: str = "validation"
     total: dict[str, int] = field(default_factory=dict)
+    higher_is_better: bool = True
+
+    def drop(self, i: int, j: int) -> float:
+        """Loss of quality of ``layers[i]`` at ``grid[j]`` (`quality_loss`): ``baseline - metric``
+        for an accuracy, ``metric - baseline`` for a perplexity; positive = worse."""
+        return quality_loss(self.baseline, self.metric[i][j], self.higher_is_better)
+
+    def drops(self, layer: str) -> list[float]:
+        """`drop` along the grid for one layer."""
+        curve = self.curve(layer)
+        return [quality_loss(self.baseline, v, self.higher_is_better) for v in curve]
 
     def curve(self, layer: str) -> list[float]:
         """Metric along the grid for one layer."""
@@ -126,7 +145,8 @@ class SensitivityResult:
                 "layers": list(self.layers), "metric": self.metric,
                 "choices": [[c.to_dict() if c is not None else None for c in row] for row in self.choices],
                 "costs": self.costs, "dense": self.dense, "fixed": self.fixed, "total": self.total,
-                "baseline": self.baseline, "metric_name": self.metric_name, "split": self.split}
+                "baseline": self.baseline, "metric_name": self.metric_name, "split": self.split,
+                "higher_is_better": self.higher_is_better}
 
     @classmethod
     def from_dict(cls, data: dict) -> "SensitivityResult":
@@ -135,7 +155,7 @@ class SensitivityResult:
         return cls(data["method"], data["option"], list(data["grid"]), list(data["layers"]), metric,
                    choices, data["costs"], data["dense"], data["fixed"], float(data["baseline"]),
                    data.get("metric_name", "accuracy"), data.get("split", "validation"),
-                   data.get("total", {}))
+                   data.get("total", {}), bool(data.get("higher_is_better", True)))
 
     def to_frame(self):
         """A tidy `pandas.DataFrame`: one row per (layer, grid value)."""
@@ -146,7 +166,7 @@ class SensitivityResult:
             for j, value in enumerate(self.grid):
                 choice = self.choices[i][j]
                 rows.append({"layer": layer, self.option: value, "metric": self.metric[i][j],
-                             "drop": self.baseline - self.metric[i][j],
+                             "drop": self.drop(i, j),
                              "choice": choice.to_dict() if choice else "dense",
                              **{c: self.costs[c][i][j] for c in COSTS}})
         return pd.DataFrame(rows)
@@ -247,7 +267,9 @@ def sensitivity(task: Task, method: str = "svd", grid: Sequence[float] | None = 
         ("processes", a ``concurrent.futures.Executor``, a ``dask.distributed.Client``).
     cache_dir : also keep results as JSON files here (default: memory only).
 
-    Returns a `SensitivityResult`; costs are measured on the compressed models themselves.
+    Returns a `SensitivityResult`; costs are measured on the compressed models themselves. Its
+    ``drop`` is the loss of quality in the task's direction (``task.higher_is_better``: for a
+    perplexity, the rise).
     """
 
     option = option or GRID_OPTION.get(method, "ratio")
@@ -268,6 +290,7 @@ def sensitivity(task: Task, method: str = "svd", grid: Sequence[float] | None = 
         "model": model_fingerprint(task.model), "method": method, "option": option, "grid": grid,
         "layers": names, "split": split, "data": _tensor_digest(scored.eval_inputs),
         "targets": _tensor_digest(scored.eval_targets), "metric": task.metric_name,
+        **({} if task.higher_is_better else {"higher_is_better": False}),  # old cache keys stay valid
     }, sort_keys=True).encode()).hexdigest()[:20]
     if key in _MEMORY_CACHE:
         return _MEMORY_CACHE[key]
@@ -293,7 +316,7 @@ def sensitivity(task: Task, method: str = "svd", grid: Sequence[float] | None = 
         method=method, option=option, grid=grid, layers=names,
         metric=[row["metric"] for row in rows], choices=[row["choices"] for row in rows],
         costs=costs, dense=dense, fixed=fixed, baseline=float(scored.evaluate(task.model)),
-        metric_name=task.metric_name, split=split, total=totals)
+        metric_name=task.metric_name, split=split, total=totals, higher_is_better=task.higher_is_better)
     _MEMORY_CACHE[key] = result
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)

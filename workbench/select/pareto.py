@@ -161,17 +161,25 @@ def collect_points(task: Task, methods: Sequence[str] | None = None, *, combinat
     return points, skipped
 
 
-def pareto_front(points: Sequence[Point], x: str = "bytes") -> list[Point]:
+def quality(point: Point, higher_is_better: bool = True) -> float:
+    """``point.metric`` oriented so that larger is better: the metric itself, or minus it for a
+    lower-is-better metric (a perplexity)."""
+    return point.metric if higher_is_better else -point.metric
+
+
+def pareto_front(points: Sequence[Point], x: str = "bytes", higher_is_better: bool = True) -> list[Point]:
     """Points no other point beats on both ``x`` (lower is better) and ``metric`` (higher is
-    better), sorted by ``x``. Points without a value for ``x`` are left out."""
+    better, or lower with ``higher_is_better=False``: pass ``task.higher_is_better``), sorted by
+    ``x``. Points without a value for ``x`` are left out."""
     if x not in ("bytes", "params", "latency_ms", "flops"):
         raise WorkbenchError(f"x={x!r} must be one of bytes, params, latency_ms, flops")
-    usable = sorted((p for p in points if getattr(p, x) is not None), key=lambda p: (getattr(p, x), -p.metric))
+    usable = sorted((p for p in points if getattr(p, x) is not None),
+                    key=lambda p: (getattr(p, x), -quality(p, higher_is_better)))
     front, best = [], -math.inf
     for p in usable:
-        if p.metric > best:
+        if quality(p, higher_is_better) > best:
             front.append(p)
-            best = p.metric
+            best = quality(p, higher_is_better)
     return front
 
 
@@ -192,16 +200,17 @@ def family_of(point: Point) -> str:
     return method
 
 
-def family_summary(points: Sequence[Point], within: float = 0.01) -> list[dict]:
-    """Per family (`family_of`): how many points, the most accurate one, and the smallest file
-    whose metric is within ``within`` of the original's (None if none is). ``points[0]`` must be
-    the original, as `collect_points` returns them."""
+def family_summary(points: Sequence[Point], within: float = 0.01, higher_is_better: bool = True) -> list[dict]:
+    """Per family (`family_of`): how many points, the best one, and the smallest file whose
+    metric is within ``within`` of the original's (None if none is): at least the original's
+    minus ``within``, or with ``higher_is_better=False`` (a perplexity) at most the original's
+    plus ``within``. ``points[0]`` must be the original, as `collect_points` returns them."""
     original = points[0]
     rows = []
     for family in dict.fromkeys(family_of(p) for p in points[1:]):
         members = [p for p in points[1:] if family_of(p) == family]
-        best = max(members, key=lambda p: (p.metric, -p.bytes))
-        close = [p for p in members if p.metric >= original.metric - within]
+        best = max(members, key=lambda p: (quality(p, higher_is_better), -p.bytes))
+        close = [p for p in members if quality(p, higher_is_better) >= quality(original, higher_is_better) - within]
         smallest = min(close, key=lambda p: p.bytes) if close else None
         rows.append({"family": family, "points": len(members), "best": best.label,
                      "best metric": round(best.metric, 4),
@@ -230,12 +239,23 @@ def _kb(n: float) -> str:
 
 
 def advise(points: Sequence[Point], *, max_bytes: int | None = None, max_latency_ms: float | None = None,
-           min_metric: float | None = None, metric_name: str = "accuracy") -> Advice:
+           min_metric: float | None = None, metric_name: str = "accuracy",
+           higher_is_better: bool = True) -> Advice:
     """Recommend the best measured option under the user's constraint.
 
-    With a size or latency cap: the most accurate option within it (ties: fewer bytes). With
-    only an accuracy floor: the smallest option that reaches it (ties: higher metric). The
-    reason names the value of each constraint, the runner-up and what it would cost.
+    Parameters
+    ----------
+    points : measured options (`collect_points`).
+    max_bytes, max_latency_ms : caps on the saved size (bytes) and the latency (ms per sample).
+    min_metric : the quality floor in the metric's direction: the least acceptable metric when
+        higher is better (an accuracy of at least this), the greatest when lower is better (a
+        perplexity of at most this: a ceiling). The name is kept for both directions.
+    metric_name : how the reason names the metric.
+    higher_is_better : the metric's direction (pass ``task.higher_is_better``).
+
+    With a size or latency cap: the best option within it (ties: fewer bytes). With only the
+    quality floor: the smallest option that reaches it (ties: better metric). The reason names
+    the value of each constraint, the runner-up and what it would cost.
     """
     if max_bytes is None and max_latency_ms is None and min_metric is None:
         raise WorkbenchError("give at least one constraint: max_bytes, max_latency_ms or min_metric")
@@ -243,10 +263,13 @@ def advise(points: Sequence[Point], *, max_bytes: int | None = None, max_latency
         raise WorkbenchError("no measured points to choose from; run collect_points first")
     original = next((p for p in points if p.method == "original"), None)
 
+    def score(p: Point) -> float:
+        return quality(p, higher_is_better)
+
     def fits(p: Point) -> bool:
         return ((max_bytes is None or p.bytes <= max_bytes)
                 and (max_latency_ms is None or (p.latency_ms is not None and p.latency_ms <= max_latency_ms))
-                and (min_metric is None or p.metric >= min_metric))
+                and (min_metric is None or (p.metric >= min_metric if higher_is_better else p.metric <= min_metric)))
 
     limits = []
     if max_bytes is not None:
@@ -254,22 +277,24 @@ def advise(points: Sequence[Point], *, max_bytes: int | None = None, max_latency
     if max_latency_ms is not None:
         limits.append(f"at most {max_latency_ms:.3f} ms per sample")
     if min_metric is not None:
-        limits.append(f"{metric_name} at least {min_metric:.3f}")
+        limits.append(f"{metric_name} {'at least' if higher_is_better else 'at most'} {min_metric:.3f}")
     asked = " and ".join(limits)
     feasible = [p for p in points if fits(p)]
     if not feasible:
-        closest = max(points, key=lambda p: p.metric) if min_metric is not None and max_bytes is None \
+        closest = max(points, key=score) if min_metric is not None and max_bytes is None \
             else min(points, key=lambda p: p.bytes)
         return Advice(None, f"No measured option has {asked}. The closest is {closest.label}: "
                             f"{metric_name} {closest.metric:.3f}, {_kb(closest.bytes)}"
                             + (f", {closest.latency_ms:.3f} ms" if closest.latency_ms else "")
                             + ". Relax the constraint or add recovery (fine-tuning / distillation).", [])
     if max_bytes is None and max_latency_ms is None:
-        ranked = sorted(feasible, key=lambda p: (p.bytes, -p.metric))
-        why = "the smallest option that keeps the accuracy floor"
+        ranked = sorted(feasible, key=lambda p: (p.bytes, -score(p)))
+        why = ("the smallest option that keeps the accuracy floor" if higher_is_better else
+               f"the smallest option within the {metric_name} ceiling")
     else:
-        ranked = sorted(feasible, key=lambda p: (-p.metric, p.bytes))
-        why = "the most accurate option within the limit"
+        ranked = sorted(feasible, key=lambda p: (-score(p), p.bytes))
+        why = ("the most accurate option within the limit" if higher_is_better else
+               f"the option with the lowest {metric_name} within the limit")
     best = ranked[0]
     parts = [f"{best.label} is {why} ({asked}): {metric_name} {best.metric:.3f}, {_kb(best.bytes)}"
              + (f", {best.latency_ms:.3f} ms per sample" if best.latency_ms is not None else "") + "."]
@@ -279,9 +304,10 @@ def advise(points: Sequence[Point], *, max_bytes: int | None = None, max_latency
     if len(ranked) > 1:
         second = ranked[1]
         parts.append(f"Runner-up: {second.label} ({metric_name} {second.metric:.3f}, {_kb(second.bytes)}).")
-    on_front = any(best is p for p in pareto_front(points, "bytes"))
-    parts.append("It is on the accuracy-vs-bytes Pareto front." if on_front else
-                 "It is not on the accuracy-vs-bytes front: a smaller, more accurate option exists but "
-                 "breaks another constraint.")
+    on_front = any(best is p for p in pareto_front(points, "bytes", higher_is_better))
+    axis = "accuracy" if higher_is_better else metric_name
+    parts.append(f"It is on the {axis}-vs-bytes Pareto front." if on_front else
+                 f"It is not on the {axis}-vs-bytes front: a smaller, "
+                 f"{'more accurate' if higher_is_better else 'better'} option exists but breaks another constraint.")
     parts.append(f"{len(feasible)} of {len(points)} measured options meet the constraint.")
     return Advice(best, " ".join(parts), ranked)

@@ -106,6 +106,12 @@ def knobs_for(model) -> list[Knob]:
 
 
 # --------------------------------------------------------------------------- dashboard
+def direction_note(task) -> str:
+    """Which way the task's metric improves, for labels: ``"higher is better"`` (accuracy,
+    fidelity) or ``"lower is better"`` (a perplexity, a loss); see ``task.higher_is_better``."""
+    return "higher is better" if getattr(task, "higher_is_better", True) else "lower is better"
+
+
 def _readout(css: str) -> widgets.HTML:
     label = widgets.HTML()
     label.add_class("wb-readout")
@@ -115,6 +121,9 @@ def _readout(css: str) -> widgets.HTML:
 
 class Dashboard(Explorer):
     """Rank sliders for every compressible layer with live metric, params, bytes, FLOPs and plot.
+
+    The metric readout and the chart's axis say which way the metric improves (`direction_note`:
+    a perplexity is lower-is-better).
 
     Parameters
     ----------
@@ -156,7 +165,8 @@ class Dashboard(Explorer):
         ax = self.view.figure.subplots()
         ref_size, ref_metric = self._reference() if reference else ([], [])
         self.tradeoff = draw_tradeoff(ax, ref_size, ref_metric, (self.base["bytes"] / 1024, self.base["metric"]),
-                                      size_label="estimated size (KiB)", metric_label=task.metric_name)
+                                      size_label="estimated size (KiB)",
+                                      metric_label=f"{task.metric_name} ({direction_note(task)})")
         self.view.figure.tight_layout()
 
         readouts = widgets.VBox(list(self.readouts.values()), layout={"min_width": "300px"})
@@ -199,7 +209,7 @@ class Dashboard(Explorer):
         self.state = state
         self.error.value = ""
         self.readouts["accuracy"].value = (f"{self.task.metric_name} <b>{result['metric']:.4f}</b> "
-                                           f"(original {base['metric']:.4f})")
+                                           f"(original {base['metric']:.4f}; {direction_note(self.task)})")
         self.readouts["size"].value = (f"total size <b>{result['bytes'] / 1024:,.1f} KiB</b> "
                                        f"= {result['bytes'] / base['bytes']:.1%} of {base['bytes'] / 1024:,.1f} KiB")
         self.readouts["params"].value = f"params <b>{result['params']:,}</b> ({result['params'] / base['params']:.1%})"

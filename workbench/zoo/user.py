@@ -357,6 +357,8 @@ def load_user(source: Any, *, constructor: Callable[[], nn.Module] | str | None 
     elif language_model:
         task.metric, task.metric_name, task.higher_is_better = perplexity, PERPLEXITY_NAME, False
         task.eval_targets, task.train_targets = inputs, train_inputs
+    # recovery trains such a model on next-token prediction of its own token ids
+    task.extras["causal_lm"] = language_model and task.eval_targets is inputs
     reference = task.outputs()
     if task.metric is output_fidelity:
         task.eval_targets = reference
