@@ -305,4 +305,4 @@ def test_bad_input_is_refused_in_one_line_and_changes_nothing(data):
 
 def test_load_options_are_the_documented_ones():
     assert LOAD_OPTIONS == ("constructor", "eval_data", "train_data", "calibration_data", "metric", "metric_name",
-                            "higher_is_better", "output", "name")
+                            "higher_is_better", "output", "name", "texts", "tokenizer")

@@ -3,7 +3,8 @@
 A model that declares no stages (`workbench.stages.model_stages` gives one) but whose forward runs
 a list of same-type blocks one after another (``encoder.layer`` of BERT, ``transformer.h`` of
 GPT-2, ``model.layers`` of Llama, the blocks of a hand-written residual network) is cut there,
-with no per-architecture code:
+with no per-architecture code (the outermost lists taken together first, when they run one after
+another like a ResNet's ``layer1`` .. ``layer4``, else each list alone, largest first):
 
 * stage 0 runs the model's forward until the first block is called: a forward pre-hook records
   the block's arguments (hidden state, masks, position embeddings) and stops the pass;

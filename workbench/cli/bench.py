@@ -32,6 +32,7 @@ import time
 import torch
 from torch import nn
 
+from workbench.adapters import is_transformers_conv1d
 from workbench.cli.output import emit
 from workbench.engine import Engine
 from workbench.errors import WorkbenchError
@@ -70,7 +71,8 @@ def write_dense(original: nn.Module, target: nn.Module, choice: LayerPlan | None
         return
     weight = original.weight.detach()
     if choice is not None:
-        weight = dense_truncation(weight_matrix(original), choice["rank"]).reshape(weight.shape)
+        dense = dense_truncation(weight_matrix(original), choice["rank"])  # (out, in)
+        weight = dense.T if is_transformers_conv1d(original) else dense.reshape(weight.shape)
     target.weight.copy_(weight)
 
 
@@ -87,9 +89,10 @@ def one_layer_move(task, model: nn.Module, layer: str, choice: LayerPlan | None)
     return task.evaluate(model)
 
 
-def latency(model_name: str, moves: int = 100, seed: int = 0, render: bool = True,
+def latency(model_name, moves: int = 100, seed: int = 0, render: bool = True,
             max_cache_bytes: int | None = None, subset: int | None = None) -> dict:
-    """Timings (ms) of ``moves`` simulated slider moves on ``model_name``; see the module doc.
+    """Timings (ms) of ``moves`` simulated slider moves on ``model_name`` (an embedded model's name,
+    or a `workbench.Task` such as ``wb.load(your_model, eval_data=...)``); see the module doc.
 
     ``subset``: evaluation samples (None: the task's ``live_subset``, else all; 0: all).
     """
@@ -97,7 +100,8 @@ def latency(model_name: str, moves: int = 100, seed: int = 0, render: bool = Tru
 
     if moves < 2:
         raise WorkbenchError(f"--moves={moves} must be at least 2")
-    task = load(model_name)
+    task = load(model_name) if isinstance(model_name, str) else model_name
+    model_name = model_name if isinstance(model_name, str) else task.name
     subset = task.live_subset if subset is None else (subset or None)
     options = {} if max_cache_bytes is None else {"max_cache_bytes": max_cache_bytes}
     start = time.perf_counter()

@@ -41,7 +41,8 @@ DATA_KEYS = ("inputs", "targets", "train_inputs", "train_targets")
 def add_model_arguments(parser, default: str | None = None) -> None:
     """The positional ``model`` (optional when ``default`` is given) and ``--constructor``/``--data``."""
     where = ("embedded model name (see `models`), or the path of your model: a state_dict .pt/.safetensors "
-             "file (with --constructor) or a TorchScript file (then --data)")
+             "file (with --constructor), a TorchScript file (then --data), or a local Hugging Face folder "
+             "(then --texts or --data)")
     if default is None:
         parser.add_argument("model", help=where)
     else:
@@ -52,6 +53,9 @@ def add_model_arguments(parser, default: str | None = None) -> None:
     parser.add_argument("--data", metavar="FILE",
                         help="torch.save'd dict of tensors: inputs, and optionally targets, train_inputs, "
                              "train_targets (read with weights_only=True)")
+    parser.add_argument("--texts", metavar="FILE.txt",
+                        help="for a Hugging Face folder: evaluation texts, one per line, tokenized with the "
+                             "folder's tokenizer")
 
 
 def read_data(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -172,9 +176,11 @@ def eager_from_torchscript(script: torch.jit.ScriptModule, inputs: torch.Tensor,
 def load_task(args) -> Task:
     """A `Task` from ``args.model`` and, for a path, ``args.constructor`` and ``args.data``."""
     constructor, data_file = getattr(args, "constructor", None), getattr(args, "data", None)
+    texts = getattr(args, "texts", None)
     if args.model in available_models():
-        if constructor or data_file:
-            flags = " and ".join(f for f, v in (("--constructor", constructor), ("--data", data_file)) if v)
+        if constructor or data_file or texts:
+            flags = " and ".join(f for f, v in (("--constructor", constructor), ("--data", data_file),
+                                                ("--texts", texts)) if v)
             verb = "are" if " and " in flags else "is"
             raise WorkbenchError(f"{flags} {verb} for your own model files; the embedded model {args.model!r} "
                                  "brings its own architecture and data")
@@ -182,6 +188,11 @@ def load_task(args) -> Task:
     if not Path(args.model).exists():
         raise WorkbenchError(f"unknown model {args.model!r}: not an embedded model ({', '.join(available_models())}) "
                              "and no such file")
+    if Path(args.model).is_dir():
+        return _folder_task(args.model, texts, data_file, constructor)
+    if texts is not None:
+        raise WorkbenchError(f"--texts is for a Hugging Face folder (its tokenizer reads them); {args.model!r} "
+                             "is a file: give --data FILE instead")
     if data_file is None:
         raise WorkbenchError(f"{args.model!r} is your own model: give --data FILE, a torch.save'd dict of "
                              f"tensors with keys {', '.join(DATA_KEYS)} ('inputs' required)")
@@ -201,6 +212,22 @@ def load_task(args) -> Task:
             # load_user, not load: load's first parameter is also called ``name``
             return _cli_words(lambda: load_user(model, name=Path(args.model).stem, **options))
     return _cli_words(lambda: load(args.model, **options))
+
+
+def _folder_task(folder: str, texts: str | None, data_file: str | None, constructor: str | None) -> Task:
+    """A `Task` from a local Hugging Face folder, judged on ``--texts`` or on ``--data``'s inputs."""
+    if constructor is not None:
+        raise WorkbenchError(f"{folder!r} is a Hugging Face folder: its config.json says which model it is; "
+                             "drop --constructor")
+    if (texts is None) == (data_file is None):
+        raise WorkbenchError(f"{folder!r} is a Hugging Face folder: give exactly one of --texts FILE.txt "
+                             "(one text per line) or --data FILE (token ids as 'inputs')")
+    if texts is not None:
+        return _cli_words(lambda: load(folder, texts=texts))
+    data = read_data(data_file)
+    eval_data = (data["inputs"], data["targets"]) if "targets" in data else data["inputs"]
+    train_data = data.get("train_inputs")
+    return _cli_words(lambda: load(folder, eval_data=eval_data, train_data=train_data))
 
 
 #: the API's argument names in its messages, as the command line spells them

@@ -154,6 +154,11 @@ def finetune(model: nn.Module, task, *, epochs: int, lr: float = 1e-3, batch_siz
              scale_lr: float = SCALE_LR) -> Recovery:
     """Recover ``model``'s accuracy by training what its compression left trainable.
 
+    Outputs go through ``task.select`` (a ``transformers`` ``ModelOutput`` trains on its logits).
+    The training loss is cross-entropy for labels, mean squared error for float targets, and the
+    shifted next-token cross-entropy on ``(n, T, V)`` logits for a causal language model, which
+    ``task.extras["causal_lm"]`` marks (see `is_causal_lm`).
+
     Parameters
     ----------
     model : a (compressed) model; never modified. ``task`` supplies ``train_inputs``/``train_targets``
@@ -175,11 +180,6 @@ def finetune(model: nn.Module, task, *, epochs: int, lr: float = 1e-3, batch_siz
     threads : torch CPU threads while training (restored afterwards). None: 1 for models under
         `SMALL_MODEL` weights, whose batches of 64 run fastest on one thread (and far faster than
         on two when the cores are shared), else left as it is.
-
-    Outputs go through ``task.select`` (a ``transformers`` ``ModelOutput`` trains on its logits).
-    The training loss is cross-entropy for labels, mean squared error for float targets, and the
-    shifted next-token cross-entropy on ``(n, T, V)`` logits for a causal language model
-    (``task.extras["causal_lm"]``, see `is_causal_lm`).
 
     Returns a `Recovery`. On cancel its ``model`` is the input ``model`` object, as it was.
     """

@@ -268,8 +268,8 @@ def sensitivity(task: Task, method: str = "svd", grid: Sequence[float] | None = 
     cache_dir : also keep results as JSON files here (default: memory only).
 
     Returns a `SensitivityResult`; costs are measured on the compressed models themselves. Its
-    ``drop`` is the loss of quality in the task's direction (``task.higher_is_better``: for a
-    perplexity, the rise).
+    drops are losses of quality in the task's direction, as ``task.higher_is_better`` says: for
+    a perplexity, the rise.
     """
 
     option = option or GRID_OPTION.get(method, "ratio")

@@ -26,28 +26,30 @@ def available_models() -> dict[str, str]:
     return {name: description for name, (_, description) in _BUILDERS.items()}
 
 
-def load(name, **options) -> Task:
-    """A `Task`: an embedded model by ``name``, or the user's own (an ``nn.Module`` or a path).
+def load(source, /, **options) -> Task:
+    """A `Task`: an embedded model by name, or the user's own (an ``nn.Module`` or a path).
 
-    For the user's models, ``options`` are those of `workbench.zoo.user.load_user`
-    (``eval_data``, ``train_data``, ``calibration_data``, ``metric``, ``output``, ...; see
-    ``LOAD_OPTIONS``). Raises `WorkbenchError` naming the known models when a name is neither
-    embedded nor an existing file, and the accepted options when one is unknown.
+    ``source`` is positional only, so ``name=`` labels a user model's task.
+
+    For the user's models (a module, a model file or a local Hugging Face folder), ``options`` are
+    those of `workbench.zoo.user.load_user` (``eval_data``, ``train_data``, ``calibration_data``,
+    ``metric``, ``output``, ``texts``, ``tokenizer``, ...; see ``LOAD_OPTIONS``). Raises `WorkbenchError` naming
+    the known models when a name is neither embedded nor an existing file or folder, and the
+    accepted options when one is unknown.
     """
-    if isinstance(name, str) and name in _BUILDERS:
+    if isinstance(source, str) and source in _BUILDERS:
         if options:
             raise WorkbenchError(f"options {sorted(options)} are for your own models; "
-                                 f"the embedded model {name!r} takes none")
-        builder, _ = _BUILDERS[name]
+                                 f"the embedded model {source!r} takes none")
+        builder, _ = _BUILDERS[source]
         return builder()
     unknown = sorted(set(options) - set(LOAD_OPTIONS))
     if unknown:
         raise WorkbenchError(f"unknown option(s) {', '.join(unknown)} for load(); accepted: {', '.join(LOAD_OPTIONS)}")
-    return load_user(name, known=sorted(_BUILDERS), **options)
+    return load_user(source, known=sorted(_BUILDERS), **options)
 
 
 def _register_embedded() -> None:
-
     for model_name, (_, _, description) in DIGITS_MODELS.items():
         register_model(model_name, lambda n=model_name: build_digits_task(n), description)
     register_model("text-gru", build_text_task, TEXT_DESCRIPTION)

@@ -5,15 +5,20 @@ Accepted sources:
 * an ``nn.Module`` object (e.g. from the notebook);
 * a ``torch.save(model.state_dict())`` file or a ``.safetensors`` file, plus ``constructor``: a
   callable (or ``"package.module:function"``) returning the model to load the weights into;
-* a TorchScript file (``torch.jit.save``).
+* a TorchScript file (``torch.jit.save``);
+* a local Hugging Face model folder (``config.json`` + safetensors weights; `workbench.zoo.hf`),
+  loaded with ``local_files_only=True``: nothing is downloaded.
 
 Files are read with ``torch.load(..., weights_only=True)`` or safetensors only: a pickle that
 would run code when loaded (e.g. a whole model saved with ``torch.save(model)``) is refused with a
 clear message and never executed.
 
 Data: ``eval_data``, ``train_data`` and ``calibration_data`` are each a DataLoader (batches ``x``
-or ``(x, y, ...)``), a tensor ``x`` or a pair ``(x, y)``. Outputs: tensors, tuples, dicts and
-``transformers`` ``ModelOutput``s; ``output=`` picks the judged tensor (`workbench.zoo.outputs`).
+or ``(x, y, ...)``), a tensor ``x`` or a pair ``(x, y)``. For a language model, ``texts=`` (a list
+or a ``.txt`` file, one text per line) with ``tokenizer=`` gives the evaluation token ids instead
+(every text cut to the shortest one's token count, so no padding or mask; `workbench.zoo.hf`).
+Outputs: tensors, tuples, dicts and ``transformers`` ``ModelOutput``s; ``output=`` picks the
+judged tensor (`workbench.zoo.outputs`).
 Metric: the user's ``metric(outputs, targets) -> float``; without one, perplexity for a causal
 language model given token ids (lower is better), else output fidelity: mean cosine similarity of
 each sample's output to the original model's output on the same data.
@@ -35,6 +40,7 @@ from torch import nn
 from workbench.errors import WorkbenchError
 from workbench.inventory import matrix_layers, shared_weight_groups, skip_reason
 from workbench.layers.recurrent import unsupported_reason
+from workbench.zoo.hf import load_folder, text_inputs
 from workbench.zoo.outputs import OutputChoice, select_output
 from workbench.zoo.task import CheckedMetric, Task, check_finite, evaluation_mode
 from workbench.ties import fill_tied
@@ -130,10 +136,16 @@ def fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str
 
 
 def load_model(source: Any, constructor: Callable[[], nn.Module] | str | None = None) -> nn.Module:
-    """An ``nn.Module`` from a module object or a file path (see the module docstring)."""
+    """An ``nn.Module`` from a module object, a file path or a Hugging Face folder (see the module
+    docstring)."""
     if isinstance(source, nn.Module):
         return source
     path = Path(source)
+    if path.is_dir():
+        if constructor is not None:
+            raise WorkbenchError(f"constructor= is for state_dict / safetensors files; {path} is a folder, "
+                                 "built from its config.json")
+        return load_folder(path)
     if not path.is_file():
         raise WorkbenchError(f"no file at {str(path)!r}")
     if _is_torchscript(path):
@@ -283,14 +295,16 @@ def load_user(source: Any, *, constructor: Callable[[], nn.Module] | str | None 
               metric: Callable[[torch.Tensor, torch.Tensor], float] | None = None,
               metric_name: str | None = None, higher_is_better: bool | None = None,
               output: OutputChoice = None, name: str | None = None,
+              texts: Any = None, tokenizer: Any = None,
               known: list[str] | None = None) -> Task:
     """A `Task` for the user's model (``source``: nn.Module or path) and data.
 
     Parameters
     ----------
-    source : an ``nn.Module`` (kept as it is, its train/eval mode included) or a file path.
+    source : an ``nn.Module`` (kept as it is, its train/eval mode included), a file path, or a
+        local Hugging Face model folder (``config.json`` and safetensors weights).
     constructor : for state_dict / safetensors files: the callable building the model.
-    eval_data : required; a DataLoader, a tensor ``x`` or ``(x, y)``. The original is evaluated
+    eval_data : required (unless ``texts``); a DataLoader, a tensor ``x`` or ``(x, y)``. The original is evaluated
         once here (a NaN or infinite metric is refused).
     train_data : same forms; fills ``task.train_inputs`` / ``train_targets`` for fine-tuning,
         distillation, QAT, sensitivity and allocation. Its targets follow the metric: your labels
@@ -308,6 +322,13 @@ def load_user(source: Any, *, constructor: Callable[[], nn.Module] | str | None 
         None for the natural one (``logits``, ``last_hidden_state``, the first tensor), a key, an
         index, or a callable.
     name : the task's label (default: the file's stem or the module's class name).
+    texts : instead of ``eval_data`` for a language model: a list of strings or a ``.txt`` file
+        (one text per line). Each is tokenized on its own (truncated to the model's maximum
+        positions), then all are cut to the shortest one's token count: the inputs are ids
+        ``(n, T)`` with no padding, so no attention mask is needed. A causal LM is then judged
+        by perplexity. ``task.extras["text_tokens"]`` is ``T``.
+    tokenizer : for ``texts``: a ``transformers`` tokenizer or a local tokenizer folder (default:
+        the model folder's own). One with more tokens than the model's ``vocab_size`` is refused.
 
     ``task.extras["skipped"]`` lists the layers left alone and why. Bad input (a forward needing
     more arguments, data that does not fit, an absent ``output`` key, an unknown option) is a
@@ -316,7 +337,7 @@ def load_user(source: Any, *, constructor: Callable[[], nn.Module] | str | None 
     if isinstance(source, str) and not Path(source).exists():
         listing = ", ".join(known or [])
         raise WorkbenchError(f"unknown model {source!r}; embedded models are: {listing}; "
-                             "or give an nn.Module or the path of a model file")
+                             "or give an nn.Module, the path of a model file or a local Hugging Face folder")
     if not isinstance(source, (nn.Module, str, Path)):
         raise WorkbenchError(f"load() takes an embedded model name, an nn.Module or a path; "
                              f"got {type(source).__name__}")
@@ -325,12 +346,19 @@ def load_user(source: Any, *, constructor: Callable[[], nn.Module] | str | None 
     if higher_is_better is not None and (metric is None or not isinstance(higher_is_better, bool)):
         raise WorkbenchError(f"higher_is_better={higher_is_better!r} must be True or False and goes with your "
                              "metric=; the default metrics know their direction")
+    if tokenizer is not None and texts is None:
+        raise WorkbenchError("tokenizer= goes with texts=; give the texts to tokenize")
+    if texts is not None and eval_data is not None:
+        raise WorkbenchError("give eval_data or texts, not both (texts become the evaluation token ids)")
     model = load_model(source, constructor)
     if not isinstance(source, nn.Module):
         model.eval()  # built here from a file: ours, not the user's object
+    if texts is not None:
+        folder = Path(source) if not isinstance(source, nn.Module) and Path(source).is_dir() else None
+        eval_data = text_inputs(texts, tokenizer, model, folder)
     if eval_data is None:
-        raise WorkbenchError("give eval_data (a DataLoader, a tensor, or (inputs, targets)) so the "
-                             "workbench can measure what compression does to your model")
+        raise WorkbenchError("give eval_data (a DataLoader, a tensor, or (inputs, targets)), or texts= for a "
+                             "language model, so the workbench can measure what compression does to your model")
     inputs, targets = data_tensors(eval_data, "eval_data")
     train_inputs, train_labels = data_tensors(train_data, "train_data") if train_data is not None else (None, None)
     calibration = data_tensors(calibration_data, "calibration_data")[0] if calibration_data is not None else None
@@ -344,6 +372,8 @@ def load_user(source: Any, *, constructor: Callable[[], nn.Module] | str | None 
                 metric=output_fidelity, metric_name=FIDELITY_NAME, train_inputs=train_inputs,
                 description=f"user model {label}", extras={"skipped": skipped_layers(model)},
                 output=output, calibration=calibration)
+    if texts is not None:
+        task.extras["text_tokens"] = int(inputs.shape[1])
     language_model = scores_next_tokens(model, inputs, judged)
     if metric is not None:
         if targets is None and not language_model:
