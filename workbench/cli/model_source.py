@@ -33,6 +33,7 @@ from torch import nn
 from workbench.errors import WorkbenchError
 from workbench.zoo import Task, available_models, load
 from workbench.zoo.user import load_model, load_user
+from workbench.zoo.hf import is_model_folder
 
 #: keys a ``--data`` file may hold, required first
 DATA_KEYS = ("inputs", "targets", "train_inputs", "train_targets")
@@ -189,6 +190,10 @@ def load_task(args) -> Task:
         raise WorkbenchError(f"unknown model {args.model!r}: not an embedded model ({', '.join(available_models())}) "
                              "and no such file")
     if Path(args.model).is_dir():
+        if not is_model_folder(Path(args.model)):
+            raise WorkbenchError(f"{args.model!r} is a folder without a config.json: MODEL must be a model file (a "
+                                 "state_dict .pt/.safetensors with --constructor MODULE:FN, or a TorchScript file), "
+                                 "or a Hugging Face folder written by save_pretrained")
         return _folder_task(args.model, texts, data_file, constructor)
     if texts is not None:
         raise WorkbenchError(f"--texts is for a Hugging Face folder (its tokenizer reads them); {args.model!r} "
