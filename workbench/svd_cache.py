@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import hashlib
 import weakref
-from collections import OrderedDict
 from typing import Any, Callable
 
 import torch
 
+from workbench.byte_lru import ByteLRU
 from workbench.kernels import svd as svd_kernels
 
 DEFAULT_MAX_BYTES = 512 * 2**20
 
-_entries: OrderedDict[tuple, tuple[svd_kernels.SVD, int]] = OrderedDict()
-_state = {"max_bytes": DEFAULT_MAX_BYTES, "bytes": 0, "hits": 0, "misses": 0, "evictions": 0}
+_cache = ByteLRU(DEFAULT_MAX_BYTES)
+_counts = {"hits": 0, "misses": 0}
 
 
 # id(tensor) -> (weakref to it, its _version, digest): the same unchanged tensor is hashed once.
@@ -60,21 +60,13 @@ def cached(kind: str, tensors: tuple[torch.Tensor, ...], settings: tuple, comput
     The result must have ``u, s, vh`` tensors or an ``nbytes`` int (its size in the bound).
     """
     key = (kind, tuple(_digest(t) for t in tensors), settings)
-    hit = _entries.get(key)
+    hit = _cache.get(key)
     if hit is not None:
-        _entries.move_to_end(key)
-        _state["hits"] += 1
-        return hit[0]
-    _state["misses"] += 1
+        _counts["hits"] += 1
+        return hit
+    _counts["misses"] += 1
     result = compute()
-    size = _nbytes(result)
-    if size <= _state["max_bytes"]:
-        while _entries and _state["bytes"] + size > _state["max_bytes"]:
-            _, (_, old) = _entries.popitem(last=False)
-            _state["bytes"] -= old
-            _state["evictions"] += 1
-        _entries[key] = (result, size)
-        _state["bytes"] += size
+    _cache.put(key, result, _nbytes(result))
     return result
 
 
@@ -87,19 +79,15 @@ def set_max_bytes(max_bytes: int) -> None:
     """Bound the cache at ``max_bytes`` (evicting least recently used SVDs now if needed)."""
     if max_bytes < 0:
         raise ValueError(f"max_bytes={max_bytes} must be >= 0")
-    _state["max_bytes"] = max_bytes
-    while _entries and _state["bytes"] > max_bytes:
-        _, (_, old) = _entries.popitem(last=False)
-        _state["bytes"] -= old
-        _state["evictions"] += 1
+    _cache.resize(max_bytes)
 
 
 def clear() -> None:
     """Drop every cached SVD (the counters stay)."""
-    _entries.clear()
-    _state["bytes"] = 0
+    _cache.clear()
 
 
 def stats() -> dict:
     """``{"entries", "bytes", "max_bytes", "hits", "misses", "evictions"}``."""
-    return {"entries": len(_entries), **_state}
+    return {"entries": len(_cache), "max_bytes": _cache.max_bytes, "bytes": _cache.bytes_used,
+            "evictions": _cache.evictions, **_counts}

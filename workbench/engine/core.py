@@ -105,7 +105,7 @@ class Engine:
         start = time.perf_counter()
         self.stats["evaluations"] += 1
         if plan.steps:
-            model = apply(self.original, plan, calibration_inputs=self.task.calibration_inputs(self.calibration_samples))
+            model = self.build(plan)
             result = {"metric": self.task.evaluate(model), "params": count_params(model),
                       "bytes": state_bytes(model), "flops": count_flops(model, self.task.example_input),
                       "from_stage": 0, "stages_run": len(self.stages), "full": True}
