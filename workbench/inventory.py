@@ -15,6 +15,7 @@ from torch import nn
 
 from workbench.adapters import adapted_types, adapter_for
 from workbench.errors import UnsupportedLayerError, WorkbenchError
+from workbench.ties import tied_module_groups
 
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.modules.batchnorm._NormBase)
 
@@ -83,7 +84,9 @@ def skip_reason(module: nn.Module) -> str | None:
                 "recipe) factor its weight_ih / weight_hh")
     if isinstance(module, nn.modules.conv._ConvNd):
         return f"{kind}: no matrix adapter for this convolution (adapters: {adapted_types()}); left dense"
-    if isinstance(module, _NORMS) or all(p.dim() <= 1 for p in module.parameters(recurse=False)):
+    if isinstance(module, _NORMS):
+        return f"{kind}: normalisation layer, per-channel scales/shifts (1-D weights), nothing to factor; left dense"
+    if all(p.dim() <= 1 for p in module.parameters(recurse=False)):
         return f"{kind}: per-channel scales/shifts (1-D weights), nothing to factor; left dense"
     return f"{kind}: no adapter says how it uses its weights (adapters: {adapted_types()}); left dense"
 
@@ -99,16 +102,6 @@ def _entry_kind(module: nn.Module) -> str:
     if isinstance(module, _NORMS):
         return "norm"
     return "other"
-
-
-def shared_weight_groups(model: nn.Module) -> list[list[str]]:
-    """Names of modules that hold the SAME weight Parameter (tied weights), one list per weight."""
-    owners: dict[int, list[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, nn.Parameter) and name not in owners.get(id(weight), []):
-            owners.setdefault(id(weight), []).append(name)
-    return [names for names in owners.values() if len(names) > 1]
 
 
 def lm_head_names(model: nn.Module) -> set[str]:
@@ -135,7 +128,7 @@ def matrix_layers(model: nn.Module) -> list[LayerInfo]:
     store the weight twice (factors here, dense there).
     """
     layers = []
-    tied = {name for group in shared_weight_groups(model) for name in group}
+    tied = {name for group in tied_module_groups(model) for name in group}
     for name, module in model.named_modules():
         adapter = adapter_for(module)
         if adapter is not None and skip_reason(module) is None and name not in tied:
@@ -149,7 +142,7 @@ def inventory(model: nn.Module) -> list[InventoryEntry]:
     """Every module of ``model`` holding parameters of its own, in module order: what it is, its
     size, and why the matrix methods leave it alone (``reason``, None for `matrix_layers`' layers)."""
     offered = {info.name for info in matrix_layers(model)}
-    tied = {name: tuple(n for n in group if n != name) for group in shared_weight_groups(model) for name in group}
+    tied = {name: tuple(n for n in group if n != name) for group in tied_module_groups(model) for name in group}
     heads = lm_head_names(model)
     entries = []
     for name, module in model.named_modules():

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from workbench.data import accuracy, digits_split
 from workbench.errors import WorkbenchError
 from workbench.measure import count_flops, count_params, latency_ms, saved_bytes
-from workbench.select._sensitivity import payload_bytes
+from workbench.engine.sizing import state_bytes
 from workbench.zoo.training import Recipe, train_classifier
 from workbench.select.sweeps import map_items
 
@@ -121,7 +121,7 @@ def train_candidate(item: tuple[Candidate, int, int]) -> dict:
         validation = accuracy(model(split.x_train[val]), split.y_train[val])
         test = accuracy(model(split.x_test), split.y_test)
     return {"label": candidate.label, "family": candidate.family, "widths": list(candidate.widths),
-            "params": count_params(model), "bytes": payload_bytes(model), "saved_bytes": saved_bytes(model),
+            "params": count_params(model), "bytes": state_bytes(model), "saved_bytes": saved_bytes(model),
             "flops": count_flops(model, split.x_test[:1]),
             "latency_ms": latency_ms(model, split.x_test[:1], repeats=20),
             "validation": validation, "test": test}

@@ -32,6 +32,7 @@ from workbench.plan import LayerPlan, Plan
 from workbench.registry import get_recipe
 from workbench.zoo.task import Task
 from workbench.engine import Engine
+from workbench.engine.sizing import state_bytes
 from workbench.select.sweeps import map_items
 from workbench.layers.recurrent import recurrent_layers
 
@@ -46,15 +47,10 @@ COSTS = ("params", "bytes", "flops")
 _MEMORY_CACHE: dict[str, "SensitivityResult"] = {}
 
 
-def payload_bytes(model: nn.Module) -> int:
-    """Bytes of every tensor in ``model.state_dict()`` (numel x element size; no file overhead)."""
-    return int(sum(t.numel() * t.element_size() for t in model.state_dict().values()))
-
-
 def model_costs(model: nn.Module, example: torch.Tensor, only: str | None = None) -> dict[str, int]:
     """``{"params", "bytes", "flops"}`` of ``model``: stored weights, payload bytes, FLOPs for ``example``
     (``only``: just that one, the others skipped)."""
-    measures = {"params": count_params, "bytes": payload_bytes, "flops": lambda m: count_flops(m, example)}
+    measures = {"params": count_params, "bytes": state_bytes, "flops": lambda m: count_flops(m, example)}
     return {name: int(fn(model)) for name, fn in measures.items() if only in (None, name)}
 
 
@@ -245,7 +241,7 @@ def _dense_layer_costs(model: nn.Module, names: list[str], example: torch.Tensor
     for name in names:
         module = model.get_submodule(name)
         result["params"].append(count_params(module))
-        result["bytes"].append(payload_bytes(module))
+        result["bytes"].append(state_bytes(module))
         result["flops"].append(count_flops(module, inputs[name]))
     return result
 

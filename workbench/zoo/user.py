@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from workbench.errors import WorkbenchError
-from workbench.inventory import matrix_layers, shared_weight_groups, skip_reason
+from workbench.inventory import inventory
 from workbench.layers.recurrent import unsupported_reason
 from workbench.zoo.hf import load_folder, text_inputs
 from workbench.zoo.outputs import OutputChoice, select_output
@@ -264,29 +264,18 @@ def scores_next_tokens(model: nn.Module, inputs: torch.Tensor, judged: torch.Ten
 # ---- what can be compressed ------------------------------------------------------------------
 
 def skipped_layers(model: nn.Module) -> list[dict]:
-    """Modules holding weights that the matrix methods leave alone: ``[{name, type, reason}]``."""
-    offered = {info.name for info in matrix_layers(model)}
-    tied = {name: group for group in shared_weight_groups(model) for name in group}
-    rows = []
-    for name, module in model.named_modules():
-        if name in offered or not any(True for _ in module.parameters(recurse=False)):
+    """Modules holding weights that the matrix methods leave alone: ``[{name, type, reason}]``, the
+    rows of `workbench.inventory.inventory` with a reason (a GRU/LSTM that ``svd_rnn`` cannot take
+    either says why)."""
+    rows, modules = [], dict(model.named_modules())
+    for entry in inventory(model):
+        if entry.reason is None:
             continue
-        if name in tied:
-            others = [n for n in tied[name] if n != name]
-            reason = f"weight shared with {', '.join(others)} (tied): left dense so it is not duplicated"
-        elif isinstance(module, (nn.Linear, nn.Conv2d)):
-            reason = skip_reason(module) or "not offered"
-        elif isinstance(module, nn.Embedding):
-            reason = "embedding: a lookup table, not a matrix product"
-        elif isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
-            reason = "normalisation layer: few weights, needed for stability"
-        elif isinstance(module, (nn.GRU, nn.LSTM)):
-            why = unsupported_reason(module)
-            reason = (f"{type(module).__name__} with {why}: left dense" if why else
-                      "recurrent layer: compressed by the svd / svd_rnn methods only")
-        else:
-            reason = f"{type(module).__name__}: the workbench does not know how it uses its weights"
-        rows.append({"name": name or "(model)", "type": type(module).__name__, "reason": reason})
+        reason = entry.reason
+        module = modules["" if entry.name == "(model)" else entry.name]
+        if isinstance(module, (nn.GRU, nn.LSTM)) and unsupported_reason(module):
+            reason = f"{entry.type} with {unsupported_reason(module)}: left dense"
+        rows.append({"name": entry.name, "type": entry.type, "reason": reason})
     return rows
 
 
