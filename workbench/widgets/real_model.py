@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from workbench.compress import apply
 from workbench.engine import Engine
 from workbench.errors import WorkbenchError
 from workbench.inventory import matrix_layers
@@ -71,11 +70,10 @@ class RealModelExplorer(Explorer):
         _check_mode(mode)
         super().__init__(task, synchronous=synchronous)
         self.names = [info.name for info in matrix_layers(task.model)]
-        self.eval_inputs = task.subset(eval_sentences).eval_inputs
+        self.engine = Engine(task, subset=eval_sentences, preview=False, calibration_samples=calibration_sequences)
+        self.eval_inputs = self.engine.task.eval_inputs
         with torch.no_grad():
             self.reference = task.model(self.eval_inputs)
-        self._calibration = task.calibration_inputs(calibration_sequences)
-        self.engine = Engine(task, subset=eval_sentences, preview=False, calibration_samples=calibration_sequences)
         self._scores: dict[Plan, dict] = {}
         self._similarity: OrderedDict[tuple, float] = OrderedDict()
         self._models: OrderedDict[Plan, nn.Module] = OrderedDict()
@@ -124,10 +122,11 @@ class RealModelExplorer(Explorer):
 
     # ------------------------------------------------------------------ compute
     def model_for(self, plan: Plan) -> nn.Module:
-        """``workbench.apply(task.model, plan)``, a real model; the last few built are kept."""
+        """The real model `workbench.apply` builds for ``plan`` (`Engine.build`, on the explorer's
+        calibration sequences); the last few built are kept."""
         model = self._models.get(plan)
         if model is None:
-            model = self._models[plan] = apply(self.task.model, plan, calibration_inputs=self._calibration)
+            model = self._models[plan] = self.engine.build(plan)
             while len(self._models) > _MODELS_KEPT:
                 self._models.popitem(last=False)
         else:
