@@ -31,11 +31,23 @@ def state_bytes(model: torch.nn.Module) -> dict:
 
 
 @pytest.fixture
-def clean_decomposition_cache():
-    """Empty the shared decomposition cache before and after a test that stubs a decomposition,
-    so stand-in results never serve another test."""
+def stand_in_aware_basis(monkeypatch):
+    """Replace the activation-aware basis (36 float64 fits for MiniLM) by a cheap stand-in: rank r
+    keeps W's first r rows. Returns the list of modes it was called with. The shared decomposition
+    cache is emptied before and after, so stand-in results never serve another test."""
     from workbench import svd_cache
+    from workbench.kernels import aware as aware_kernels
 
+    calls = []
+
+    def quick_basis(weight, gram_matrix, tokens=None, *, mode="whiten", **_):
+        calls.append(mode)
+        k = min(weight.shape)
+        return aware_kernels.AwareBasis(
+            "scale", torch.ones(weight.shape[1], dtype=torch.float64), torch.eye(weight.shape[0], k, dtype=torch.float64),
+            torch.ones(k, dtype=torch.float64), weight.detach().double()[:k].clone(), weight.dtype)
+
+    monkeypatch.setattr(aware_kernels, "aware_basis", quick_basis)
     svd_cache.clear()
-    yield
+    yield calls
     svd_cache.clear()

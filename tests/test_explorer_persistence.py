@@ -178,20 +178,12 @@ def test_recovery_compression_given_as_a_model_is_not_saved(mlp_task, tmp_path):
 
 
 @pytest.mark.slow
-def test_minilm_explorer_round_trip(tmp_path, monkeypatch, clean_decomposition_cache):
-    real_model = pytest.importorskip("workbench.widgets.real_model")
-    import torch
-    import workbench as wb
-    task = wb.load("minilm")
+def test_minilm_explorer_round_trip(tmp_path, stand_in_aware_basis):
     # What is tested is the restore, not the activation-aware math (tests/test_aware.py): a cheap
     # factorisation (rank r keeps the first r rows of W) stands in for the 36 float64 fits per setting.
-    def quick_basis(weight, gram_matrix, tokens=None, **_):
-        k = min(weight.shape)
-        return real_model.aware_kernels.AwareBasis(
-            "scale", torch.ones(weight.shape[1], dtype=torch.float64), torch.eye(weight.shape[0], k, dtype=torch.float64),
-            torch.ones(k, dtype=torch.float64), weight.detach().double()[:k].clone(), weight.dtype)
-
-    monkeypatch.setattr(real_model.aware_kernels, "aware_basis", quick_basis)
+    real_model = pytest.importorskip("workbench.widgets.real_model")
+    import workbench as wb
+    task = wb.load("minilm")
 
     def make():
         return real_model.RealModelExplorer(task, calibration_sequences=8, eval_sentences=8, synchronous=True)

@@ -105,18 +105,9 @@ def test_engine_reruns_only_the_blocks_after_a_move(minilm_task):
     assert result["params"] == count_params(model)
 
 
-def test_explorer_starts_plain_and_fits_each_layer_once_for_every_rank(minilm_task, monkeypatch, clean_decomposition_cache):
+def test_explorer_starts_plain_and_fits_each_layer_once_for_every_rank(minilm_task, stand_in_aware_basis):
     from workbench.widgets import real_model
-    calls = []
-
-    def quick_basis(weight, gram_matrix, tokens=None, *, mode="whiten", **_):  # rank r keeps W's first r rows
-        calls.append(mode)
-        k = min(weight.shape)
-        return real_model.aware_kernels.AwareBasis(
-            "scale", torch.ones(weight.shape[1], dtype=torch.float64), torch.eye(weight.shape[0], k, dtype=torch.float64),
-            torch.ones(k, dtype=torch.float64), weight.detach().double()[:k].clone(), weight.dtype)
-
-    monkeypatch.setattr(real_model.aware_kernels, "aware_basis", quick_basis)
+    calls = stand_in_aware_basis
     explorer = real_model.RealModelExplorer(minilm_task, calibration_sequences=4, eval_sentences=6,
                                             synchronous=True)
     assert explorer.mode.value == "plain" and calls == []
