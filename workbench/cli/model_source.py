@@ -174,6 +174,16 @@ def eager_from_torchscript(script: torch.jit.ScriptModule, inputs: torch.Tensor,
     return model
 
 
+def data_options(data: dict[str, torch.Tensor]) -> dict:
+    """``{"eval_data", "train_data"}`` for `workbench.load` from a `read_data` dict: ``(inputs,
+    targets)`` pairs where targets are given, bare inputs otherwise, no training split if absent."""
+    def pair(inputs: str, targets: str):
+        if inputs not in data:
+            return None
+        return (data[inputs], data[targets]) if targets in data else data[inputs]
+    return {"eval_data": pair("inputs", "targets"), "train_data": pair("train_inputs", "train_targets")}
+
+
 def load_task(args) -> Task:
     """A `Task` from ``args.model`` and, for a path, ``args.constructor`` and ``args.data``."""
     constructor, data_file = getattr(args, "constructor", None), getattr(args, "data", None)
@@ -202,12 +212,7 @@ def load_task(args) -> Task:
         raise WorkbenchError(f"{args.model!r} is your own model: give --data FILE, a torch.save'd dict of "
                              f"tensors with keys {', '.join(DATA_KEYS)} ('inputs' required)")
     data = read_data(data_file)
-    eval_data = (data["inputs"], data["targets"]) if "targets" in data else data["inputs"]
-    train_data = None
-    if "train_inputs" in data:
-        train_data = ((data["train_inputs"], data["train_targets"]) if "train_targets" in data
-                      else data["train_inputs"])
-    options = {"eval_data": eval_data, "train_data": train_data}
+    options = data_options(data)
     if constructor is not None:
         options["constructor"] = import_constructor(constructor)
     if Path(args.model).is_file() and constructor is None:
@@ -229,10 +234,8 @@ def _folder_task(folder: str, texts: str | None, data_file: str | None, construc
                              "(one text per line) or --data FILE (token ids as 'inputs')")
     if texts is not None:
         return _cli_words(lambda: load(folder, texts=texts))
-    data = read_data(data_file)
-    eval_data = (data["inputs"], data["targets"]) if "targets" in data else data["inputs"]
-    train_data = data.get("train_inputs")
-    return _cli_words(lambda: load(folder, eval_data=eval_data, train_data=train_data))
+    options = data_options(read_data(data_file))
+    return _cli_words(lambda: load(folder, **options))
 
 
 #: the API's argument names in its messages, as the command line spells them
