@@ -63,10 +63,12 @@ def test_bert_folder_with_its_own_tokenizer(tmp_path):
     original = save_bert(tmp_path)
     task = wb.load(str(tmp_path), texts=TEXTS)
     assert type(task.model).__name__ == "BertModel" and task.metric_name == FIDELITY_NAME
-    shortest = min(len(tiny_tokenizer()(t)["input_ids"]) for t in TEXTS)
-    assert tuple(task.eval_inputs.shape) == (len(TEXTS), shortest) == (len(TEXTS), task.extras["text_tokens"])
-    assert int(task.eval_inputs[0, 0]) == SPECIALS.index("[CLS]")  # special tokens kept
-    assert SPECIALS.index("[UNK]") not in task.eval_inputs.tolist()[0]  # the words were found
+    lengths = [len(tiny_tokenizer()(t)["input_ids"]) for t in TEXTS]
+    assert tuple(task.eval_inputs.shape) == (len(TEXTS), 2, max(lengths)) == (len(TEXTS), 2, task.extras["text_tokens"])
+    assert task.eval_inputs[:, 1].sum(1).tolist() == lengths == [int(n) for n in task.eval_inputs[:, 1].sum(1)]
+    assert task.extras["real_tokens"] == sum(lengths)
+    assert int(task.eval_inputs[0, 0, 0]) == SPECIALS.index("[CLS]")  # special tokens kept
+    assert SPECIALS.index("[UNK]") not in task.eval_inputs[0, 0].tolist()  # the words were found
     for name, tensor in original.state_dict().items():  # the weights read are the ones saved
         assert torch.equal(task.model.state_dict()[name], tensor), name
     assert task.evaluate() == pytest.approx(1.0)
@@ -83,8 +85,54 @@ def test_texts_from_a_txt_file_and_a_tokenizer_folder(tmp_path):
     lines.write_text("\n".join(TEXTS[:3]) + "\n\n")
     task = wb.load(tmp_path / "model", texts=lines, tokenizer=str(tmp_path / "tok"))
     expected = [tokenizer(t)["input_ids"] for t in TEXTS[:3]]
-    shortest = min(map(len, expected))
-    assert task.eval_inputs.tolist() == [ids[:shortest] for ids in expected]
+    longest = max(map(len, expected))
+    pad = SPECIALS.index("[PAD]")
+    assert task.eval_inputs[:, 0].tolist() == [ids + [pad] * (longest - len(ids)) for ids in expected]
+    assert task.eval_inputs[:, 1].tolist() == [[1] * len(ids) + [0] * (longest - len(ids)) for ids in expected]
+
+
+def test_padded_texts_score_as_each_text_alone():
+    """The oracle of the attention mask: a BERT's outputs at the real tokens of a padded batch equal
+    each text run alone, and a GPT-2's perplexity on the padded batch equals the token-weighted
+    perplexity of the texts run one by one without padding. The user's model is not touched."""
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    bert = transformers.BertModel(transformers.BertConfig(
+        num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+        vocab_size=vocab_size(), max_position_embeddings=64)).train()
+    task = wb.load(bert, texts=TEXTS, tokenizer=tokenizer)
+    assert task.model is not bert and bert.training and not bert._forward_pre_hooks
+    with torch.no_grad():
+        batch = task.model.eval()(task.eval_inputs).last_hidden_state
+        for row, text in enumerate(TEXTS):
+            ids = torch.tensor([tokenizer(text)["input_ids"]])
+            alone = bert.eval()(ids).last_hidden_state[0]
+            assert torch.allclose(batch[row, :len(alone)], alone, atol=1e-5), text
+    torch.manual_seed(0)
+    gpt = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=vocab_size())).eval()
+    task = wb.load(gpt, texts=TEXTS, tokenizer=tokenizer)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for text in TEXTS:
+            ids = torch.tensor([tokenizer(text)["input_ids"]])
+            logits = gpt(ids).logits
+            total += float(torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum"))
+            count += ids.shape[1] - 1
+    assert task.evaluate() == pytest.approx(float(torch.exp(torch.tensor(total / count, dtype=torch.float64))), rel=1e-5)
+
+
+def test_texts_need_a_model_that_takes_a_mask():
+    class IdsOnly(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(vocab_size(), 8)
+
+        def forward(self, input_ids):
+            return self.embed(input_ids)
+
+    with pytest.raises(WorkbenchError, match="IdsOnly.forward takes no attention_mask"):
+        wb.load(IdsOnly(), texts=TEXTS, tokenizer=tiny_tokenizer())
 
 
 @pytest.mark.parametrize("kind, cls, layer", [("gpt2", "GPT2LMHeadModel", "transformer.h.0.attn.c_attn"),
@@ -95,11 +143,12 @@ def test_causal_lm_folder_is_judged_by_perplexity(tmp_path, kind, cls, layer):
     task = wb.load(tmp_path, texts=TEXTS, tokenizer=tokenizer)
     assert type(task.model).__name__ == cls
     assert task.metric_name == PERPLEXITY_NAME and task.higher_is_better is False
-    assert torch.equal(task.eval_targets, task.eval_inputs)
+    ids, mask = task.eval_inputs[:, 0], task.eval_inputs[:, 1]
+    assert torch.equal(task.eval_targets, ids.masked_fill(mask == 0, -100))  # padding is not scored
     with torch.no_grad():
         logits = task.model(task.eval_inputs).logits
     original = task.evaluate()
-    assert original == pytest.approx(perplexity(logits, task.eval_inputs))
+    assert original == pytest.approx(perplexity(logits, task.eval_targets))
     assert 1.0 < original < 2 * vocab_size()  # random weights: near a uniform guess
     plan = wb.recipe("svd")(task.model, ratio=0.5)
     assert layer in plan.layers  # GPT-2's Conv1D layers are offered as Llama's Linear ones
@@ -134,10 +183,10 @@ def test_module_in_memory_with_texts_and_a_tokenizer_object():
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
         n_layer=1, n_embd=16, n_head=2, n_positions=8, vocab_size=vocab_size(), bos_token_id=2, eos_token_id=3))
     task = wb.load(model, texts=TEXTS, tokenizer=tiny_tokenizer())
-    assert task.metric_name == PERPLEXITY_NAME and task.eval_inputs.shape[1] == min(
-        len(tiny_tokenizer()(t)["input_ids"]) for t in TEXTS)
+    assert task.metric_name == PERPLEXITY_NAME and task.eval_inputs.shape[-1] == min(8, max(
+        len(tiny_tokenizer()(t)["input_ids"]) for t in TEXTS))
     long = wb.load(model, texts=[" ".join(WORDS)], tokenizer=tiny_tokenizer())
-    assert long.eval_inputs.shape == (1, 8)  # truncated to the model's n_positions
+    assert long.eval_inputs.shape == (1, 2, 8)  # truncated to the model's n_positions
 
 
 def test_mismatched_tokenizer_is_refused_naming_both_sizes(tmp_path):

@@ -8,18 +8,21 @@ nothing is downloaded and no code from the folder runs. The weights are read fro
 only; a folder holding only a pickle (``pytorch_model.bin``) is refused, since unpickling could
 execute code.
 
-Texts become token ids ``(n, T)`` with a tokenizer (a ``transformers`` tokenizer object or a
-local folder; by default the model folder's own). Every text is tokenized on its own (special
-tokens included, truncated to the model's maximum positions), then **all are cut to the length of
-the shortest**: the evaluation inputs are one rectangular tensor of ids with no padding, so the
-model is called with ids only and no attention mask is needed (a padded batch run without its mask
-would let the model attend to padding). Give texts of similar lengths; the number of tokens kept
-per text is ``task.extras["text_tokens"]``.
+Texts become ids and attention masks ``(n, 2, T)`` with a tokenizer (a ``transformers`` tokenizer
+object or a local folder; by default the model folder's own). Every text is tokenized on its own
+(special tokens included, truncated to the model's maximum positions) and padded on the right to
+the longest one: ``[:, 0]`` the ids (the tokenizer's pad id at padding, 0 without one), ``[:, 1]``
+the mask (1 at real tokens). The task's model is then `with_attention_mask`: a copy whose forward
+pre-hook turns that one tensor into ``input_ids=`` and ``attention_mask=``, so every part of the
+workbench still calls ``model(inputs)`` with one tensor per batch while the model attends only to
+real tokens. A causal LM's next-token targets are the ids with ``IGNORE_INDEX`` at padding.
 
 ``transformers`` is an optional dependency, imported only here and only when used.
 """
 from __future__ import annotations
 
+import copy
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -158,12 +161,13 @@ def max_positions(model: nn.Module, tokenizer: Any) -> int | None:
 
 
 def text_inputs(texts: Any, tokenizer: Any, model: nn.Module, folder: Path | None = None) -> torch.Tensor:
-    """Token ids ``(n, T)`` (int64) of ``texts`` for ``model``; ``T`` is the shortest text's token
-    count (after truncation to the model's maximum positions), every text cut to it.
+    """Token ids and attention mask ``(n, 2, T)`` (int64) of ``texts`` for ``model``: ``T`` is the
+    longest text's token count (after truncation to the model's maximum positions); shorter texts
+    are padded on the right (ids: the tokenizer's ``pad_token_id``, else 0; mask: 0).
 
     Raises `WorkbenchError` when the tokenizer's vocabulary is larger than the model's
-    (``len(tokenizer) > vocab_size``: its ids would index past the embedding) or when the shortest
-    text has no token.
+    (``len(tokenizer) > vocab_size``: its ids would index past the embedding), when a text has no
+    token, or when the model's forward takes no ``attention_mask``.
     """
     texts = read_texts(texts)
     tokenizer = resolve_tokenizer(tokenizer, folder)
@@ -177,8 +181,53 @@ def text_inputs(texts: Any, tokenizer: Any, model: nn.Module, folder: Path | Non
     except Exception as exc:  # noqa: BLE001  (the tokenizer decides what fails)
         raise WorkbenchError(f"the tokenizer cannot encode the texts: {type(exc).__name__}: "
                              f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
-    length = min(len(ids) for ids in encoded)
-    if length == 0:
-        empty = next(i for i, ids in enumerate(encoded) if not ids)
+    empty = next((i for i, ids in enumerate(encoded) if not ids), None)
+    if empty is not None:
         raise WorkbenchError(f"text {empty} ({texts[empty][:40]!r}) gives no token; remove it")
-    return torch.tensor([list(ids[:length]) for ids in encoded], dtype=torch.long)
+    check_takes_attention_mask(model)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    out = torch.zeros(len(encoded), 2, max(map(len, encoded)), dtype=torch.long)
+    out[:, 0] = pad if isinstance(pad, int) else 0
+    for row, ids in enumerate(encoded):
+        out[row, 0, :len(ids)] = torch.as_tensor(list(ids), dtype=torch.long)
+        out[row, 1, :len(ids)] = 1
+    return out
+
+
+# ---- the attention mask ---------------------------------------------------------------------------
+
+IGNORE_INDEX = -100  # a target at padding: `torch.nn.functional.cross_entropy` skips it
+
+
+def check_takes_attention_mask(model: nn.Module) -> None:
+    """Refuse a model whose forward has no ``input_ids`` and ``attention_mask`` parameters (or ``**kwargs``)."""
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    missing = [name for name in ("input_ids", "attention_mask") if name not in parameters]
+    if missing and not takes_any:
+        raise WorkbenchError(f"texts= pads the texts and passes an attention mask, but {type(model).__name__}.forward "
+                             f"takes no {' or '.join(missing)}; give eval_data= (token ids) instead")
+
+
+def _ids_and_mask(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """Forward pre-hook: one ``(n, 2, T)`` integer tensor becomes ``input_ids=x[:, 0], attention_mask=x[:, 1]``."""
+    if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor) and args[0].dim() == 3 \
+            and args[0].shape[1] == 2 and not args[0].is_floating_point():
+        return (), {"input_ids": args[0][:, 0], "attention_mask": args[0][:, 1]}
+    return None
+
+
+def with_attention_mask(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` that also takes ids and mask as one ``(n, 2, T)`` tensor (see the
+    module doc); the copy keeps ``model``'s mode, and ``model`` itself is not touched."""
+    masked = copy.deepcopy(model)
+    masked.register_forward_pre_hook(_ids_and_mask, with_kwargs=True)
+    return masked
+
+
+def next_token_targets(inputs: torch.Tensor) -> torch.Tensor:
+    """``(n, T)`` targets of a causal LM on ``(n, 2, T)`` ids and mask: the ids, ``IGNORE_INDEX`` at padding."""
+    return inputs[:, 0].masked_fill(inputs[:, 1] == 0, IGNORE_INDEX)

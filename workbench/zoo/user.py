@@ -15,8 +15,9 @@ clear message and never executed.
 
 Data: ``eval_data``, ``train_data`` and ``calibration_data`` are each a DataLoader (batches ``x``
 or ``(x, y, ...)``), a tensor ``x`` or a pair ``(x, y)``. For a language model, ``texts=`` (a list
-or a ``.txt`` file, one text per line) with ``tokenizer=`` gives the evaluation token ids instead
-(every text cut to the shortest one's token count, so no padding or mask; `workbench.zoo.hf`).
+or a ``.txt`` file, one text per line) with ``tokenizer=`` gives the evaluation inputs instead: ids
+and attention mask ``(n, 2, T)``, padded to the longest text, run through a copy of the model that
+passes the mask (`workbench.zoo.hf.with_attention_mask`).
 Outputs: tensors, tuples, dicts and ``transformers`` ``ModelOutput``s; ``output=`` picks the
 judged tensor (`workbench.zoo.outputs`).
 Metric: the user's ``metric(outputs, targets) -> float``; without one, perplexity for a causal
@@ -40,7 +41,7 @@ from torch import nn
 from workbench.errors import WorkbenchError
 from workbench.inventory import inventory
 from workbench.layers.recurrent import unsupported_reason
-from workbench.zoo.hf import load_folder, text_inputs
+from workbench.zoo.hf import load_folder, next_token_targets, text_inputs, with_attention_mask
 from workbench.zoo.outputs import OutputChoice, select_output
 from workbench.zoo.task import CheckedMetric, Task, check_finite, evaluation_mode
 from workbench.ties import fill_tied
@@ -228,7 +229,7 @@ def _probe(model: nn.Module, inputs: torch.Tensor, what: str) -> Any:
 def perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
     """``exp`` of the mean next-token cross-entropy (nats): ``logits (n, T, V)`` at position ``t``
     score ``ids (n, T)`` at ``t + 1``; the last position predicts nothing. Lower is better: 1 is a
-    perfect prediction, ``V`` a uniform guess."""
+    perfect prediction, ``V`` a uniform guess. Ids equal to -100 (padding) are not scored."""
     if logits.dim() != 3 or tuple(ids.shape) != tuple(logits.shape[:2]) or ids.shape[1] < 2:
         raise WorkbenchError(f"perplexity needs logits (n, T, V) and token ids (n, T) with T >= 2; "
                              f"got logits {tuple(logits.shape)} and ids {tuple(ids.shape)}")
@@ -313,9 +314,10 @@ def load_user(source: Any, *, constructor: Callable[[], nn.Module] | str | None 
     name : the task's label (default: the file's stem or the module's class name).
     texts : instead of ``eval_data`` for a language model: a list of strings or a ``.txt`` file
         (one text per line). Each is tokenized on its own (truncated to the model's maximum
-        positions), then all are cut to the shortest one's token count: the inputs are ids
-        ``(n, T)`` with no padding, so no attention mask is needed. A causal LM is then judged
-        by perplexity. ``task.extras["text_tokens"]`` is ``T``.
+        positions) and padded to the longest: the inputs are ids and attention mask ``(n, 2, T)``
+        and ``task.model`` is a copy of the model that takes them (`workbench.zoo.hf`). A causal
+        LM is judged by perplexity on the real tokens. ``task.extras["text_tokens"]`` is ``T``,
+        ``task.extras["real_tokens"]`` the tokens that are not padding.
     tokenizer : for ``texts``: a ``transformers`` tokenizer or a local tokenizer folder (default:
         the model folder's own). One with more tokens than the model's ``vocab_size`` is refused.
 
@@ -345,6 +347,7 @@ def load_user(source: Any, *, constructor: Callable[[], nn.Module] | str | None 
     if texts is not None:
         folder = Path(source) if not isinstance(source, nn.Module) and Path(source).is_dir() else None
         eval_data = text_inputs(texts, tokenizer, model, folder)
+        model = with_attention_mask(model)  # a copy: the user's model is not touched
     if eval_data is None:
         raise WorkbenchError("give eval_data (a DataLoader, a tensor, or (inputs, targets)), or texts= for a "
                              "language model, so the workbench can measure what compression does to your model")
@@ -362,8 +365,10 @@ def load_user(source: Any, *, constructor: Callable[[], nn.Module] | str | None 
                 description=f"user model {label}", extras={"skipped": skipped_layers(model)},
                 output=output, calibration=calibration)
     if texts is not None:
-        task.extras["text_tokens"] = int(inputs.shape[1])
-    language_model = scores_next_tokens(model, inputs, judged)
+        task.extras.update(text_tokens=int(inputs.shape[-1]), real_tokens=int(inputs[:, 1].sum()))
+    ids = inputs[:, 0] if texts is not None else inputs
+    language_model = scores_next_tokens(model, ids, judged)
+    own_ids = next_token_targets(inputs) if texts is not None else inputs  # a language model's targets
     if metric is not None:
         if targets is None and not language_model:
             raise WorkbenchError(f"metric={getattr(metric, '__name__', 'metric')} needs targets: give "
@@ -371,13 +376,13 @@ def load_user(source: Any, *, constructor: Callable[[], nn.Module] | str | None 
                                  "or leave metric out for output fidelity")
         task.metric, task.metric_name = metric, metric_name or getattr(metric, "__name__", "metric")
         task.higher_is_better = True if higher_is_better is None else higher_is_better
-        task.eval_targets = inputs if targets is None else targets  # a language model's own ids
+        task.eval_targets = own_ids if targets is None else targets
         task.train_targets = train_inputs if train_labels is None and language_model else train_labels
     elif language_model:
         task.metric, task.metric_name, task.higher_is_better = perplexity, PERPLEXITY_NAME, False
-        task.eval_targets, task.train_targets = inputs, train_inputs
+        task.eval_targets, task.train_targets = own_ids, train_inputs
     # recovery trains such a model on next-token prediction of its own token ids
-    task.extras["causal_lm"] = language_model and task.eval_targets is inputs
+    task.extras["causal_lm"] = language_model and task.eval_targets is own_ids
     reference = task.outputs()
     if task.metric is output_fidelity:
         task.eval_targets = reference
