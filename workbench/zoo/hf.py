@@ -12,17 +12,14 @@ Texts become ids and attention masks ``(n, 2, T)`` with a tokenizer (a ``transfo
 object or a local folder; by default the model folder's own). Every text is tokenized on its own
 (special tokens included, truncated to the model's maximum positions) and padded on the right to
 the longest one: ``[:, 0]`` the ids (the tokenizer's pad id at padding, 0 without one), ``[:, 1]``
-the mask (1 at real tokens). The task's model is then `with_attention_mask`: a copy whose forward
-pre-hook turns that one tensor into ``input_ids=`` and ``attention_mask=``, so every part of the
-workbench still calls ``model(inputs)`` with one tensor per batch while the model attends only to
-real tokens. A causal LM's next-token targets are the ids with ``IGNORE_INDEX`` at padding.
+the mask (1 at real tokens). The task's model is then a copy that takes that one tensor
+(`workbench.zoo.masked_text.with_attention_mask`), so every part of the workbench still calls
+``model(inputs)`` with one tensor per batch while the model attends only to real tokens.
 
 ``transformers`` is an optional dependency, imported only here and only when used.
 """
 from __future__ import annotations
 
-import copy
-import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -31,6 +28,7 @@ import torch
 from torch import nn
 
 from workbench.errors import WorkbenchError
+from workbench.zoo.masked_text import check_takes_attention_mask
 
 #: files a folder's tokenizer may be saved as (any one is enough for ``AutoTokenizer``)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
@@ -192,42 +190,3 @@ def text_inputs(texts: Any, tokenizer: Any, model: nn.Module, folder: Path | Non
         out[row, 0, :len(ids)] = torch.as_tensor(list(ids), dtype=torch.long)
         out[row, 1, :len(ids)] = 1
     return out
-
-
-# ---- the attention mask ---------------------------------------------------------------------------
-
-IGNORE_INDEX = -100  # a target at padding: `torch.nn.functional.cross_entropy` skips it
-
-
-def check_takes_attention_mask(model: nn.Module) -> None:
-    """Refuse a model whose forward has no ``input_ids`` and ``attention_mask`` parameters (or ``**kwargs``)."""
-    try:
-        parameters = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return
-    takes_any = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
-    missing = [name for name in ("input_ids", "attention_mask") if name not in parameters]
-    if missing and not takes_any:
-        raise WorkbenchError(f"texts= pads the texts and passes an attention mask, but {type(model).__name__}.forward "
-                             f"takes no {' or '.join(missing)}; give eval_data= (token ids) instead")
-
-
-def _ids_and_mask(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-    """Forward pre-hook: one ``(n, 2, T)`` integer tensor becomes ``input_ids=x[:, 0], attention_mask=x[:, 1]``."""
-    if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor) and args[0].dim() == 3 \
-            and args[0].shape[1] == 2 and not args[0].is_floating_point():
-        return (), {"input_ids": args[0][:, 0], "attention_mask": args[0][:, 1]}
-    return None
-
-
-def with_attention_mask(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` that also takes ids and mask as one ``(n, 2, T)`` tensor (see the
-    module doc); the copy keeps ``model``'s mode, and ``model`` itself is not touched."""
-    masked = copy.deepcopy(model)
-    masked.register_forward_pre_hook(_ids_and_mask, with_kwargs=True)
-    return masked
-
-
-def next_token_targets(inputs: torch.Tensor) -> torch.Tensor:
-    """``(n, T)`` targets of a causal LM on ``(n, 2, T)`` ids and mask: the ids, ``IGNORE_INDEX`` at padding."""
-    return inputs[:, 0].masked_fill(inputs[:, 1] == 0, IGNORE_INDEX)

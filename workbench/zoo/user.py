@@ -17,7 +17,7 @@ Data: ``eval_data``, ``train_data`` and ``calibration_data`` are each a DataLoad
 or ``(x, y, ...)``), a tensor ``x`` or a pair ``(x, y)``. For a language model, ``texts=`` (a list
 or a ``.txt`` file, one text per line) with ``tokenizer=`` gives the evaluation inputs instead: ids
 and attention mask ``(n, 2, T)``, padded to the longest text, run through a copy of the model that
-passes the mask (`workbench.zoo.hf.with_attention_mask`).
+passes the mask (`workbench.zoo.masked_text`: outputs at padding are zeros).
 Outputs: tensors, tuples, dicts and ``transformers`` ``ModelOutput``s; ``output=`` picks the
 judged tensor (`workbench.zoo.outputs`).
 Metric: the user's ``metric(outputs, targets) -> float``; without one, perplexity for a causal
@@ -41,7 +41,8 @@ from torch import nn
 from workbench.errors import WorkbenchError
 from workbench.inventory import inventory
 from workbench.layers.recurrent import unsupported_reason
-from workbench.zoo.hf import load_folder, next_token_targets, text_inputs, with_attention_mask
+from workbench.zoo.hf import load_folder, text_inputs
+from workbench.zoo.masked_text import next_token_targets, with_attention_mask
 from workbench.zoo.outputs import OutputChoice, select_output
 from workbench.zoo.task import CheckedMetric, Task, check_finite, evaluation_mode
 from workbench.ties import fill_tied
