@@ -4,7 +4,8 @@ alone (with the reason).
 Layer types reach the matrix methods through their adapters (`workbench.adapters`: ``nn.Linear``,
 ``nn.Conv2d``, ``transformers`` ``Conv1D``). `matrix_layers` lists the layers offered to them;
 `inventory` lists every module holding weights (embeddings and LM heads with their sizes) and why
-any of them is left alone.
+any of them is left alone. Layers sharing a weight (ties) are offered as one group
+(`tied_groups`, `offered_units`) or left dense with the reason.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from torch import nn
 
 from workbench.adapters import adapted_types, adapter_for
 from workbench.errors import UnsupportedLayerError, WorkbenchError
-from workbench.ties import tied_module_groups
+from workbench.ties import check_shareable, tied_module_groups
 
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.modules.batchnorm._NormBase)
 
@@ -138,10 +139,69 @@ def matrix_layers(model: nn.Module) -> list[LayerInfo]:
     return layers
 
 
+@dataclass(frozen=True)
+class TiedGroup:
+    """Layers sharing one weight tensor (`workbench.ties.tied_module_groups`), in module order.
+
+    ``names``: the members. ``info``: the group as one layer when the matrix methods can compress
+    it as one (``info.name``: the first member; ``shape``: the shared ``(out, in)`` matrix;
+    ``params``: the group's entries, each shared tensor once), else None. ``reason``: why it stays
+    dense (None when ``info`` is given).
+    """
+
+    names: tuple[str, ...]
+    info: LayerInfo | None
+    reason: str | None
+
+    @property
+    def label(self) -> str:
+        """``"enc + dec (tied)"``: the members, for sliders and reports."""
+        return f"{' + '.join(self.names)} (tied)"
+
+
+def tied_groups(model: nn.Module) -> list[TiedGroup]:
+    """Every tied group of ``model``: offered as one layer (its members are one matrix-layer type
+    and configuration, sharing every tensor but their biases: `workbench.ties.check_shareable`)
+    or left dense with the reason (a member the matrix methods do not take, such as a language
+    model's embedding table tied to its LM head; members of different types)."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    groups = []
+    for names in tied_module_groups(model):
+        members = {name: modules[name] for name in names}
+        reason = next((f"{name} ({type(m).__name__}): {why.removesuffix('; left dense')}" for name, m in members.items()
+                       if (why := skip_reason(m)) is not None), None)
+        if reason is None:
+            try:
+                check_shareable(members)
+            except WorkbenchError as exc:
+                reason = str(exc)
+        if reason is not None:
+            groups.append(TiedGroup(names, None, f"tied group {' + '.join(names)} stays dense: {reason}"))
+            continue
+        first = members[names[0]]
+        adapter = adapter_for(first)
+        own = {id(p): p for m in members.values() for p in m.parameters(recurse=False)}
+        info = LayerInfo(names[0], adapter.kind, tuple(adapter.matrix(first).shape),
+                         sum(p.numel() for p in own.values()))
+        groups.append(TiedGroup(names, info, None))
+    return groups
+
+
+def offered_units(model: nn.Module) -> list[tuple[tuple[str, ...], LayerInfo]]:
+    """What the matrix methods may compress, in module order: ``((name,), info)`` for each of
+    `matrix_layers`, ``(members, info)`` for each tied group offered as one (`tied_groups`).
+    A recipe gives all names of a unit the same choice."""
+    order = {name: i for i, (name, _) in enumerate(model.named_modules(remove_duplicate=False))}
+    units = [((info.name,), info) for info in matrix_layers(model)]
+    units += [(group.names, group.info) for group in tied_groups(model) if group.info is not None]
+    return sorted(units, key=lambda unit: order[unit[0][0]])
+
+
 def inventory(model: nn.Module) -> list[InventoryEntry]:
     """Every module of ``model`` holding parameters of its own, in module order: what it is, its
-    size, and why the matrix methods leave it alone (``reason``, None for `matrix_layers`' layers)."""
-    offered = {info.name for info in matrix_layers(model)}
+    size, and why the matrix methods leave it alone (``reason``; None for `matrix_layers`' layers
+    and members of a tied group offered as one)."""
+    offered = {name for names, _ in offered_units(model) for name in names}
     tied = {name: tuple(n for n in group if n != name) for group in tied_module_groups(model) for name in group}
     heads = lm_head_names(model)
     entries = []
@@ -159,7 +219,7 @@ def inventory(model: nn.Module) -> list[InventoryEntry]:
         if name not in offered:
             reason = skip_reason(module)
             if reason is None:  # an adapter takes the type: it is the tie that keeps it out
-                reason = f"weight shared with {', '.join(tied[name])} (tied): left dense so it is not stored twice"
+                reason = next(group.reason for group in tied_groups(model) if name in group.names)
             elif name in tied:
                 reason = f"{reason}; weight shared with {', '.join(tied[name])} (tied)"
         entries.append(InventoryEntry(name or "(model)", type(module).__name__, _entry_kind(module), shape,

@@ -61,23 +61,32 @@ class LayerPlan:
 
 @dataclass(frozen=True)
 class Plan:
-    """Per-layer choices ``{qualified module name: LayerPlan}`` plus whole-model ``steps``."""
+    """Per-layer choices ``{qualified module name: LayerPlan}`` plus whole-model ``steps``.
+
+    ``left_dense``: ``{tied group (layer names): reason}``, the tied groups the recipe that made
+    this plan could not compress (`workbench.inventory.tied_groups`), each with why. A note
+    for the reader, not an instruction: it is not part of the plan's equality, hash or JSON.
+    """
 
     layers: Mapping[str, LayerPlan] = field(default_factory=dict)
     steps: tuple[LayerPlan, ...] = ()
+    left_dense: Mapping[tuple[str, ...], str] = field(default_factory=dict)
 
     def __post_init__(self):
         object.__setattr__(self, "layers", _frozen(self.layers))
         object.__setattr__(self, "steps", tuple(self.steps))
+        object.__setattr__(self, "left_dense", MappingProxyType({tuple(k): str(v) for k, v in
+                                                                  (self.left_dense or {}).items()}))
 
     def with_layer(self, name: str, choice: LayerPlan | None) -> "Plan":
-        """A new plan where ``name`` gets ``choice`` (``None`` removes it: the layer stays original)."""
+        """A new plan where ``name`` gets ``choice`` (``None`` removes it: the layer stays original).
+        Notes of ``left_dense`` about a group holding ``name`` are dropped (no longer the recipe's)."""
         layers = dict(self.layers)
         if choice is None:
             layers.pop(name, None)
         else:
             layers[name] = choice
-        return Plan(layers, self.steps)
+        return Plan(layers, self.steps, {k: v for k, v in self.left_dense.items() if name not in k})
 
     def to_dict(self) -> dict:
         return {"format_version": PLAN_FORMAT_VERSION,

@@ -123,10 +123,11 @@ def latency(model_name, moves: int = 100, seed: int = 0, render: bool = True,
         knob = rng.choice(knobs)
         ranks[knob.layer] = rng.randint(1, knob.maximum)
         choice = knob.choice(ranks[knob.layer])
-        if choice is None:
-            choices.pop(knob.layer, None)
-        else:
-            choices[knob.layer] = choice
+        for name in knob.layers:  # a tied group's knob sets every member
+            if choice is None:
+                choices.pop(name, None)
+            else:
+                choices[name] = choice
         plan = Plan(dict(choices))
         runs = (("engine", lambda: engine.evaluate(plan)),
                 ("tutorial", lambda: tutorial_move(task, tutorial_model, plan)),

@@ -1,12 +1,14 @@
 """``python -m workbench compress MODEL --method M ...``: apply one method, measure before/after."""
 from __future__ import annotations
 
+from torch import nn
+
 from workbench.cli.model_source import add_model_arguments, is_embedded, load_task
 from workbench.cli.output import emit
 from workbench.cli.recovery_options import add_recovery_arguments, reconstruct, recover
 from workbench.compress import apply
 from workbench.errors import WorkbenchError
-from workbench.inventory import matrix_layers
+from workbench.inventory import offered_units
 from workbench.measure import count_params, measure
 from workbench.registry import get_recipe
 
@@ -69,37 +71,46 @@ def _step_of(plan, name: str):
 
 
 def layer_rows(original, compressed, plan) -> list[dict]:
-    """One row per compressible layer of the original: its method, settings and weights kept."""
+    """One row per compressible layer of the original: its method, settings and weights kept
+    (a tied group offered as one: one row named ``"enc + dec (tied)"``, its shared tensors once)."""
     from workbench.layers.recurrent import recurrent_layers  # GRU/LSTM rows: shape [G*H, in + H]
 
-    entries = [(info.name, list(info.shape), info.params) for info in matrix_layers(original)]
-    entries += [(name, [rnn.weight_ih_l0.shape[0], rnn.input_size + rnn.hidden_size], count_params(rnn))
+    entries = [(names, list(info.shape), info.params) for names, info in offered_units(original)]
+    entries += [((name,), [rnn.weight_ih_l0.shape[0], rnn.input_size + rnn.hidden_size], count_params(rnn))
                 for name, rnn in recurrent_layers(original)]
     rows = []
-    for name, shape, before in entries:
+    for names, shape, before in entries:
+        name = names[0]
         choice = plan.layers.get(name) or _step_of(plan, name)
         try:
-            after = count_params(compressed.get_submodule(name))
+            after = count_params(nn.ModuleList([compressed.get_submodule(n) for n in names]))  # shared once
         except AttributeError:
             after = None
         settings = {k: v for k, v in choice.params.items() if k != "layers"} if choice else {}
-        rows.append({"name": name, "shape": shape, "method": choice.method if choice else "dense",
+        rows.append({"name": name if len(names) == 1 else f"{' + '.join(names)} (tied)", "shape": shape,
+                     "method": choice.method if choice else "dense",
                      "settings": settings, "params_before": before, "params_after": after})
     return rows
 
 
 def left_dense(original, plan) -> list[dict]:
-    """``[{name, type, reason}]``: layers holding weights that ``plan`` leaves as they are, and why."""
+    """``[{name, type, reason}]``: layers holding weights that ``plan`` leaves as they are, and why;
+    a tied group the recipe could not serve is one row (``plan.left_dense``'s reason)."""
     from workbench.zoo.user import skipped_layers
 
     touched = set(plan.layers) | {n for step in plan.steps for n in (step.params.get("layers") or ())}
     if any(not step.params.get("layers") for step in plan.steps):
         return []  # a step over the whole model (BatchNorm folding, fusion): it says what it changed
     rows = [row for row in skipped_layers(original) if row["name"] not in touched]
-    rows += [{"name": info.name, "type": type(original.get_submodule(info.name)).__name__,
+    listed = {row["name"] for row in rows}
+    rows += [{"name": " + ".join(names), "type": "tied group", "reason": reason}
+             for names, reason in plan.left_dense.items() if not listed & set(names)]
+    noted = {name for names in plan.left_dense for name in names} | listed
+    rows += [{"name": " + ".join(names) if len(names) > 1 else names[0],
+              "type": "tied group" if len(names) > 1 else type(original.get_submodule(names[0])).__name__,
               "reason": "not in the plan: not named, or at this setting its compressed form would not "
                         "be smaller (or this method does not handle it)"}
-             for info in matrix_layers(original) if info.name not in touched]
+             for names, _ in offered_units(original) if not touched & set(names) and not noted & set(names)]
     return rows
 
 

@@ -19,6 +19,7 @@ from workbench.inventory import get_submodule, matrix_layers
 from workbench.kernels import prune as prune_kernels
 from workbench.layers.sparse import SparseConv2d, SparseLinear, sparse_from_layer
 from workbench.measure import count_params, latency_ms
+from workbench.methods.units import unit_names, unit_of, unit_table
 from workbench.plan import LayerPlan, Plan
 from workbench.registry import LayerContext, Method, register_method, register_recipe
 
@@ -132,6 +133,11 @@ def example_shape(model: nn.Module, task=None) -> tuple[int, ...]:
     raise WorkbenchError("structured pruning needs an example input shape; pass task= (or input_shape=)")
 
 
+STRUCTURED_TIED = ("structured pruning removes output rows of chosen layers and shrinks the layers that read "
+                   "them; rows of a shared weight would vanish from every member at once, under consumers the "
+                   "dependency graph does not shrink with them")
+
+
 def prune_plan(model: nn.Module, *, task=None, ratio: float | None = None, threshold: float | None = None,
                structured: bool = False, scope: str = "layer", layers: Sequence[str] | None = None,
                input_shape: Sequence[int] | None = None) -> Plan:
@@ -147,7 +153,9 @@ def prune_plan(model: nn.Module, *, task=None, ratio: float | None = None, thres
     layers : layer names (default: every Linear/Conv2d; for structured, all but the output layer).
 
     A layer whose sparse storage would not be smaller than dense (kept fraction above
-    ``SPARSE_BREAKEVEN_RATIO``) is left dense.
+    ``SPARSE_BREAKEVEN_RATIO``) is left dense. A tied group is one unit (one mask for its shared
+    weight, counted once in a global cut; naming one member names the group); structured pruning
+    leaves tied groups dense (`STRUCTURED_TIED`, in the plan's ``left_dense``).
     """
     if structured:
         if threshold is not None:
@@ -159,37 +167,42 @@ def prune_plan(model: nn.Module, *, task=None, ratio: float | None = None, thres
                                  "takes nn.Linear / nn.Conv2d layers other than the output one)")
         structured_removals(model, ratio, names)  # validate now: names, output layer
         shape = tuple(input_shape) if input_shape else example_shape(model, task)
+        _, dense = unit_table(model, lambda info: STRUCTURED_TIED)
         return Plan({}, (LayerPlan("prune_structured", {"ratio": float(ratio), "layers": tuple(names),
-                                                        "input_shape": shape}),))
+                                                        "input_shape": shape}),), left_dense=dense)
     given = [k for k, v in (("ratio", ratio), ("threshold", threshold)) if v is not None]
     if len(given) != 1:
         raise WorkbenchError(f"prune needs exactly one of ratio or threshold; got {given or 'none'}")
     if scope not in ("layer", "global"):
         raise WorkbenchError(f"scope={scope!r} must be 'layer' or 'global'")
-    infos = {info.name: info for info in matrix_layers(model)}
-    names = list(layers) if layers is not None else list(infos)
-    for name in names:
+    units, dense = unit_table(model)
+    keys = list(units) if layers is None else []
+    for name in layers if layers is not None else ():
         module = get_submodule(model, name)
-        if name not in infos:
+        key = unit_of(units, dense, name)
+        if key is None:
             raise UnsupportedLayerError(f"layer {name!r} of type {type(module).__name__} cannot be pruned; "
-                                        f"prunable layers: {', '.join(infos)}")
-    weights = {name: model.get_submodule(name).weight.detach() for name in names}
+                                        f"prunable layers: {unit_names(units)}")
+        keys.append(key)
+    keys = list(dict.fromkeys(keys))
+    # one entry per unit: a tied group's shared weight counts once in a global cut
+    weights = {key: model.get_submodule(key).weight.detach() for key in keys}
     if ratio is not None:
         prune_kernels.check_ratio(ratio)
         if scope == "global":
             cut = prune_kernels.global_threshold(weights, ratio)
-            params = {name: {"threshold": cut} for name in names}
+            params = {key: {"threshold": cut} for key in keys}
         else:
-            params = {name: {"ratio": float(ratio)} for name in names}
+            params = {key: {"ratio": float(ratio)} for key in keys}
     else:
         prune_kernels.check_threshold(threshold)
-        params = {name: {"threshold": float(threshold)} for name in names}
+        params = {key: {"threshold": float(threshold)} for key in keys}
     choices = {}
-    for name in names:
-        mask = layer_mask(model.get_submodule(name), params[name], name)  # raises if a layer would be emptied
+    for key in keys:
+        mask = layer_mask(model.get_submodule(key), params[key], key)  # raises if a layer would be emptied
         if float(mask.float().mean()) <= SPARSE_BREAKEVEN_RATIO:
-            choices[name] = LayerPlan("prune", params[name])
-    return Plan(choices)
+            choices.update(dict.fromkeys(units[key][0], LayerPlan("prune", params[key])))
+    return Plan(choices, left_dense=dense)
 
 
 # ------------------------------------------------------------------ honest latency notes

@@ -18,6 +18,7 @@ from workbench.inventory import get_submodule, matrix_layers
 from workbench.kernels import quant as quant_kernels
 from workbench.layers.quantized import Int8Linear, QuantConv2d, QuantLinear, quantized_from_layer
 from workbench.measure import latency_ms
+from workbench.methods.units import unit_names, unit_of, unit_table
 from workbench.plan import LayerPlan, Plan
 from workbench.registry import LayerContext, Method, register_method, register_recipe
 
@@ -42,18 +43,23 @@ register_method(Method("int8", build_int8, (nn.Linear,),
                        description="int8 weights per channel + dynamic int8 activations (CPU kernels)"))
 
 
-def _chosen(model: nn.Module, layers: Sequence[str] | None, kinds: tuple[str, ...], what: str) -> list[str]:
-    """``layers`` (checked), or every matrix layer of ``kinds`` ("linear": Linear and transformers
-    Conv1D; "conv": Conv2d)."""
-    infos = [info.name for info in matrix_layers(model) if info.kind in kinds]
+def _chosen(model: nn.Module, layers: Sequence[str] | None, kinds: tuple[str, ...], what: str
+            ) -> tuple[list[str], dict[tuple[str, ...], str]]:
+    """``(names, left_dense)``: ``layers`` (checked), or every matrix layer of ``kinds`` ("linear":
+    Linear and transformers Conv1D; "conv": Conv2d), a tied group with all its members (naming one
+    names the group); tied groups it cannot take, with the reason (the plan's ``left_dense``)."""
+    units, dense = unit_table(model, kinds=kinds)
     if layers is None:
-        return infos
+        return [name for names, _ in units.values() for name in names], dense
+    keys = []
     for name in layers:
         module = get_submodule(model, name)
-        if name not in infos:
+        key = unit_of(units, dense, name)
+        if key is None:
             raise UnsupportedLayerError(f"layer {name!r} of type {type(module).__name__} cannot take {what}; "
-                                        f"it handles: {', '.join(infos) or '(none in this model)'}")
-    return list(layers)
+                                        f"it handles: {unit_names(units) or '(none in this model)'}")
+        keys.append(key)
+    return [name for key in dict.fromkeys(keys) for name in units[key][0]], dense
 
 
 def quant_plan(model: nn.Module, *, bits: int | None = None, scheme: str | None = None,
@@ -63,7 +69,8 @@ def quant_plan(model: nn.Module, *, bits: int | None = None, scheme: str | None 
 
     ``scheme``: "uniform" (default; symmetric unless ``asymmetric``) or "kmeans" (codebook of
     ``2^bits`` centroids); ``per_channel``: one scale (or codebook) per output channel.
-    ``bits`` 16/32 give an empty plan (float weights kept).
+    ``bits`` 16/32 give an empty plan (float weights kept). A tied group gets one choice on every
+    member (its codes packed once).
     """
     if bits is None:
         raise WorkbenchError("quant needs bits (1..8; 16/32 mean no quantization)")
@@ -71,7 +78,7 @@ def quant_plan(model: nn.Module, *, bits: int | None = None, scheme: str | None 
     scheme = quant_kernels.check_scheme(scheme or "uniform")
     if scheme == "kmeans" and asymmetric:
         raise WorkbenchError("asymmetric applies to the uniform scheme; k-means codebooks have no zero point")
-    names = _chosen(model, layers, ("linear", "conv"), "quant")
+    names, dense = _chosen(model, layers, ("linear", "conv"), "quant")
     if bits in quant_kernels.NO_OP_BITS:
         return Plan({})
     params = {"bits": bits, "scheme": scheme}
@@ -81,15 +88,15 @@ def quant_plan(model: nn.Module, *, bits: int | None = None, scheme: str | None 
         params["asymmetric"] = True
     if scheme == "kmeans":
         params["seed"] = seed
-    return Plan({name: LayerPlan("quant", params) for name in names})
+    return Plan({name: LayerPlan("quant", params) for name in names}, left_dense=dense)
 
 
 def int8_plan(model: nn.Module, *, layers: Sequence[str] | None = None) -> Plan:
     """int8 (weights per channel, activations dynamic) for every Linear layer (or ``layers``)."""
-    names = _chosen(model, layers, ("linear",), "int8")
+    names, dense = _chosen(model, layers, ("linear",), "int8")
     if not names:
         raise WorkbenchError("int8 handles Linear layers and this model has none")
-    return Plan({name: LayerPlan("int8", {}) for name in names})
+    return Plan({name: LayerPlan("int8", {}) for name in names}, left_dense=dense)
 
 
 # ------------------------------------------------------------------ error figures

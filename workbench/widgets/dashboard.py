@@ -8,8 +8,10 @@ are kept, and the display always ends on the values the sliders show. Errors are
 widget as a message.
 
 Which layers get a slider comes from `knobs_for`: every layer `workbench.inventory.matrix_layers`
-lists gets an ``svd`` rank knob, and every recurrent layer gets an ``svd_rnn`` knob when that
-method is registered; `register_knob_provider` adds more kinds.
+lists gets an ``svd`` rank knob, every tied group offered as one (`workbench.inventory.tied_groups`:
+``dec.weight = enc.weight``) ONE knob setting the same rank on all its members, and every
+recurrent layer gets an ``svd_rnn`` knob when that method is registered; `register_knob_provider`
+adds more kinds.
 
 The dashboard is the pattern every explorer follows (`workbench.widgets.explorer.Explorer`); its
 figure host (`workbench.widgets.figure_view.FigureImage`) blits the moving artists of the chart.
@@ -24,7 +26,7 @@ import ipywidgets as widgets
 
 from workbench.engine import Engine
 from workbench.errors import WorkbenchError
-from workbench.inventory import matrix_layers
+from workbench.inventory import matrix_layers, tied_groups
 from workbench.layers.recurrent import max_rank, recurrent_layers, rnn_kind, unsupported_reason
 from workbench.plan import LayerPlan, Plan
 from workbench.plotting.tradeoff import draw_tradeoff, update_tradeoff
@@ -38,24 +40,45 @@ REFERENCE_RATIOS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75)
 # --------------------------------------------------------------------------- knobs
 @dataclass(frozen=True)
 class Knob:
-    """A rank slider for one layer: values ``1..maximum``; ``maximum`` means "keep dense"."""
+    """A rank slider for one layer: values ``1..maximum``; ``maximum`` means "keep dense".
+
+    ``members``: for a tied group, every layer sharing the weight (``layer`` is the first); the
+    knob's choice goes to all of them (`entries`), so the group is compressed as one.
+    """
 
     layer: str
     description: str
     maximum: int
     to_choice: Callable[[int], LayerPlan | None]
     preview: bool = False   # the engine can preview this layer (a matrix layer)
+    members: tuple[str, ...] = ()
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """The plan entries this knob sets: ``members``, or ``(layer,)``."""
+        return self.members or (self.layer,)
 
     def choice(self, rank: int) -> LayerPlan | None:
         if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= self.maximum:
             raise WorkbenchError(f"rank={rank!r} for layer {self.layer!r} must be an integer in 1..{self.maximum}")
         return None if rank == self.maximum else self.to_choice(rank)
 
+    def entries(self, rank: int) -> dict[str, LayerPlan | None]:
+        """``{layer: choice}`` for every layer this knob sets (None: that layer stays dense)."""
+        return dict.fromkeys(self.layers, self.choice(rank))
+
+
+def _svd_choice(rank: int) -> LayerPlan:
+    return LayerPlan("svd", {"rank": rank})
+
 
 def _matrix_knobs(model) -> list[Knob]:
-    return [Knob(info.name, f"{info.name} {info.shape[0]}x{info.shape[1]}", min(info.shape),
-                 lambda r: LayerPlan("svd", {"rank": r}), preview=True)
-            for info in matrix_layers(model)]
+    knobs = [Knob(info.name, f"{info.name} {info.shape[0]}x{info.shape[1]}", min(info.shape), _svd_choice,
+                  preview=True) for info in matrix_layers(model)]
+    knobs += [Knob(group.info.name, f"{group.label} {group.info.shape[0]}x{group.info.shape[1]}",
+                   min(group.info.shape), _svd_choice, members=group.names)
+              for group in tied_groups(model) if group.info is not None]
+    return knobs
 
 
 def _recurrent_knobs(model) -> list[Knob]:
@@ -181,9 +204,10 @@ class Dashboard(Explorer):
         return self.settings()
 
     def plan_for(self, ranks: dict[str, int]) -> Plan:
-        """The plan the sliders describe (a slider at its maximum leaves its layer dense)."""
-        return Plan({layer: choice for layer, rank in ranks.items()
-                     if (choice := self._knobs[layer].choice(rank)) is not None})
+        """The plan the sliders describe (a slider at its maximum leaves its layer dense; a tied
+        group's slider sets every member)."""
+        return Plan({name: choice for layer, rank in ranks.items()
+                     for name, choice in self._knobs[layer].entries(rank).items() if choice is not None})
 
     def settings_for(self, plan: Plan) -> dict[str, int]:
         """The slider values showing ``plan``; `WorkbenchError` if the sliders cannot show it."""
@@ -237,7 +261,7 @@ class Dashboard(Explorer):
         self.readouts["preview"].value = (
             f"<i>{knob.layer} rank {rank}: weight error {preview['weight_error']:.1%}, "
             f"output error {preview['output_error']:.1%} (instant preview)</i>" if preview else
-            f"<i>{knob.layer} rank {rank}</i>")
+            f"<i>{' + '.join(knob.layers)} rank {rank}</i>")
         self.request()
 
     def set_rank(self, layer: str, rank: int, wait: bool = True) -> dict:

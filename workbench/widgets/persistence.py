@@ -104,15 +104,21 @@ def host_plan(host: Any) -> Plan:
 
 def slider_values_for_plan(knobs, plan: Plan) -> dict[str, int]:
     """``{layer: slider value}`` reproducing ``plan`` on rank knobs (`workbench.widgets.dashboard.Knob`:
-    ``layer``, ``maximum`` = dense, ``to_choice(value) -> LayerPlan``). Raises `WorkbenchError`
-    for a layer without a knob or a setting no slider value gives."""
+    ``layer``, ``layers`` it sets (a tied group's members), ``maximum`` = dense, ``to_choice(value)
+    -> LayerPlan``). Raises `WorkbenchError` for a layer without a knob, a setting no slider value
+    gives, or a tied group whose members the plan sets differently."""
     by_layer = {knob.layer: knob for knob in knobs}
-    unknown = [name for name in plan.layers if name not in by_layer]
+    covered = {name for knob in knobs for name in knob.layers}
+    unknown = [name for name in plan.layers if name not in covered]
     if unknown or plan.steps:
         raise WorkbenchError(f"the plan sets {unknown or [s.method for s in plan.steps]}, which these sliders "
                              f"cannot show; sliders: {', '.join(by_layer)}")
     values = {}
     for layer, knob in by_layer.items():
+        members = knob.layers
+        if len({plan.layers.get(name) for name in members}) > 1:
+            raise WorkbenchError(f"the plan gives the tied layers {list(members)} different settings "
+                                 f"({', '.join(f'{n}: {plan.layers.get(n)}' for n in members)}); one slider sets them all")
         choice = plan.layers.get(layer)
         if choice is None:
             values[layer] = knob.maximum
