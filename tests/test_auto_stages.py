@@ -261,3 +261,24 @@ def test_no_block_list_or_no_example_is_one_stage_with_the_reason():
     assert find_stages(Plain(), torch.randn(2, 4)).why == (
         "1 stage: no nn.ModuleList / nn.Sequential of two or more same-type blocks found")
     assert find_stages(ResidualCNN()).why == "1 stage: no example input to check cut points on"
+
+
+def test_compared_tensors_are_the_hidden_state_between_stages_and_the_output_leaves_at_the_end():
+    from workbench.auto_stages import compared_tensors, per_sample
+    model, x = bert().eval(), ids()
+    stages, _ = find_stages(model, x[:1])
+    with torch.no_grad():
+        state = stages[0].run(model, x)
+        after_block = stages[1].run(model, state)
+        output = run_stages(stages[2:], model, after_block)
+    hidden = after_block.hidden[0] if isinstance(after_block.hidden, tuple) else after_block.hidden
+    assert [t is hidden for t in compared_tensors(after_block)] == [True]   # not the ids, not the mask
+    assert compared_tensors(Carried(x, (hidden, torch.ones(3)), (), {})) == [hidden]
+    rows = per_sample(output)
+    assert rows.shape == (12, 10 * 32 + 32)  # last_hidden_state (12, 10, 32) and pooler_output (12, 32)
+    assert torch.equal(rows, torch.cat([output.last_hidden_state.flatten(1), output.pooler_output], dim=1))
+    plain = torch.randn(4, 3, 2)
+    assert torch.equal(per_sample(plain), plain.flatten(1))
+    assert torch.equal(per_sample((torch.tensor(0.5), plain, torch.arange(4))), plain.flatten(1))
+    with pytest.raises(wb.errors.WorkbenchError, match="no floating-point tensor"):
+        per_sample(torch.arange(4))

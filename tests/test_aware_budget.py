@@ -68,3 +68,52 @@ def test_unknown_layer_and_rule_are_refused(mlp_task):
         allocated_plan(mlp_task.model, mlp_task.calibration_inputs(), 0.5, layers=["nope"])
     with pytest.raises(wb.errors.WorkbenchError, match="weigh='magic' is not a rule; use 'measured'"):
         allocated_plan(mlp_task.model, mlp_task.calibration_inputs(), 0.5, weigh="magic")
+
+
+def test_probes_on_a_user_transformer_run_per_block_and_equal_the_whole_model_run(monkeypatch):
+    """On a BERT built from a config (stages found automatically; its output a ModelOutput) each
+    probed layer re-runs from its block only, and the losses equal those of whole-model runs."""
+    import copy
+
+    import numpy as np
+    from workbench.auto_stages import FoundStages
+    from workbench.select import aware_budget
+    from workbench.stages import model_stages
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.BertModel(transformers.BertConfig(
+        hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128, vocab_size=200,
+        max_position_embeddings=64)).eval()
+    ids = torch.randint(0, 200, (16, 12), generator=torch.Generator().manual_seed(1))
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    grams = aware_budget.layer_grams(model, names, ids)
+    decompositions = {n: aware_budget._decomposition(model.get_submodule(n).weight, *grams[n], "whiten") for n in names}
+    probe = {n: 4 for n in names}
+    staged_table = aware_budget.measured_options(copy.deepcopy(model), ids, decompositions)
+    staged_scales = aware_budget.probe_sensitivity(copy.deepcopy(model), ids, decompositions, probe)
+    assert len(aware_budget.find_stages(model, ids[:2]).stages) == 5
+    assert staged_table.layers == names and set(staged_scales) == set(names)
+    assert all(np.isfinite(row).all() and row[0] == 0 for row in staged_table.losses)
+    assert all(np.isfinite(v) and v >= 0 for v in staged_scales.values())
+    assert sum(row[1] > 0 for row in staged_table.losses) >= len(names) // 2  # rank cuts are felt
+    monkeypatch.setattr(aware_budget, "find_stages", lambda m, example: FoundStages(model_stages(m), "one"))
+    whole_table = aware_budget.measured_options(copy.deepcopy(model), ids, decompositions)
+    whole_scales = aware_budget.probe_sensitivity(copy.deepcopy(model), ids, decompositions, probe)
+    for staged, whole in zip(staged_table.losses, whole_table.losses):
+        np.testing.assert_allclose(staged, whole, rtol=1e-5, atol=1e-7)
+    assert staged_scales == pytest.approx(whole_scales, rel=1e-3, abs=1e-6)
+
+
+def test_allocated_plan_of_a_user_transformer_keeps_the_budget_and_applies():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.BertModel(transformers.BertConfig(
+        hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128, vocab_size=200,
+        max_position_embeddings=64)).eval()
+    ids = torch.randint(0, 200, (32, 12), generator=torch.Generator().manual_seed(1))
+    plan = allocated_plan(model, ids, 0.3, probe_samples=16)
+    new = wb.apply(model, plan, calibration_inputs=ids)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    weights = sum(model.get_submodule(n).weight.numel() for n in names)
+    kept = sum(count_params(new.get_submodule(n)) - model.get_submodule(n).bias.numel() for n in names)
+    assert 0 < kept <= 0.3 * weights and plan.layers

@@ -132,3 +132,36 @@ def test_quantized_layers_tune_their_codes_on_fixed_ptq_steps_and_stay_packed(ml
         changed += int(not torch.equal(tuned.codes(), before.codes()))
     assert changed > 0 and count_params(result.model) == count_params(quantized)
     assert all(p.requires_grad for p in result.model.parameters())
+
+
+def test_a_user_transformer_is_tuned_block_by_block_and_its_output_error_falls():
+    """A BERT built from a config declares no stages; its blocks are found automatically and each
+    is tuned towards the original's hidden state, the pooler after them towards its output."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.BertModel(transformers.BertConfig(
+        hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128, vocab_size=200,
+        max_position_embeddings=64)).eval()
+    generator = torch.Generator().manual_seed(1)
+    task = wb.load(model, eval_data=torch.randint(0, 200, (16, 12), generator=generator))
+    calibration = torch.randint(0, 200, (96, 12), generator=generator)
+    compressed = wb.apply(task.model, get_recipe("svd")(task.model, ratio=0.2))
+    original_before, compressed_before = state_bytes(task.model), state_bytes(compressed)
+    result = reconstruct_blocks(compressed, task.model, calibration, epochs=3, lr=1e-3, progress=False)
+    assert state_bytes(task.model) == original_before and state_bytes(compressed) == compressed_before
+    assert [s["stage"] for s in result.stages] == (["before encoder.layer"] + [f"encoder.layer.{i}" for i in range(3)]
+                                                   + ["after encoder.layer"])
+    # embeddings are not compressed; every block and the pooler (low-rank) are tuned
+    assert result.stages[0]["parameters"] == 0 and all(s["parameters"] > 0 for s in result.stages[1:])
+    assert all(s["best_loss"] <= s["start_loss"] for s in result.stages[1:])
+    assert all(s["best_epoch"] > 0 for s in result.stages[1:4])
+    for name, module in compressed.named_modules():
+        if isinstance(module, LowRankLinear):
+            assert result.model.get_submodule(name).rank == module.rank
+    assert count_params(result.model) == count_params(compressed)
+
+    def error(m):  # relative error of the judged output on the evaluation ids (never tuned on)
+        reference = task.outputs(task.model)
+        return float((task.outputs(m) - reference).norm() / reference.norm())
+
+    assert error(result.model) < 0.9 * error(compressed)

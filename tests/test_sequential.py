@@ -128,3 +128,73 @@ def test_recipe_options_and_saved_file_reloads_bit_identically_without_data(tmp_
     loaded = load_compressed(path)
     assert state_bytes(loaded.model) == state_bytes(model)
     assert loaded.plan == plan
+
+
+def _user_bert():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    return transformers.BertModel(transformers.BertConfig(
+        hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128, vocab_size=200,
+        max_position_embeddings=64)).eval()
+
+
+def test_a_user_transformer_is_calibrated_block_by_block_to_the_same_weights_in_fewer_passes(monkeypatch):
+    # Oracle: the stage cut only saves work. Sequential calibration over the stages found
+    # automatically gives the weights it gives with one stage (the whole model re-run per group).
+    from workbench import sequential
+    from workbench.auto_stages import FoundStages
+    from workbench.stages import model_stages
+    model = _user_bert()
+    ids = torch.randint(0, 200, (16, 12), generator=torch.Generator().manual_seed(1))
+    before = state_bytes(model)
+    plan = Plan({name: LayerPlan("svd_aware", {"rank": 6, "aware": "whiten", "ridge": 1e-10, "sequential": True,
+                                               "refit": True})
+                 for name, m in model.named_modules() if isinstance(m, nn.Linear)})
+    used, passes = [], []
+    found = sequential.find_stages
+
+    def spy(mod, example):
+        result = found(mod, example)
+        used.append([s.label for s in result.stages])
+        return result
+
+    def count(module, args, output):  # embeddings runs on the calibration chunk (the cut is checked on 2 rows)
+        if type(module).__name__ == "BertEmbeddings" and output.shape[0] == len(ids):
+            passes.append(1)
+
+    hook = torch.nn.modules.module.register_module_forward_hook(count)
+    try:
+        monkeypatch.setattr(sequential, "find_stages", spy)
+        staged = wb.apply(model, plan, calibration_inputs=ids)
+        staged_passes = len(passes)
+        monkeypatch.setattr(sequential, "find_stages", lambda mod, example: FoundStages(model_stages(mod), "one"))
+        passes.clear()
+        whole = wb.apply(model, plan, calibration_inputs=ids)
+    finally:
+        hook.remove()
+    assert used == [["before encoder.layer"] + [f"encoder.layer.{i}" for i in range(3)] + ["after encoder.layer"]]
+    assert state_bytes(model) == before
+    names = [n for n, m in staged.named_modules() if isinstance(m, LowRankLinear)]
+    assert len(names) == len(plan.layers) == 19
+    a, b = staged.state_dict(), whole.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=1e-5, atol=1e-7), key
+    # one stage: one (partial) forward per group of layers reading one input (4 per block, + pooler,
+    # + reference and final runs); staged: embeddings run only in the first and last stages
+    assert staged_passes < len(passes) / 2, (staged_passes, len(passes))
+
+
+def test_a_layer_of_no_automatic_stage_makes_sequential_calibration_use_one_stage():
+    # GPT-2's lm_head shares its weight with the token embeddings: it is called after the blocks
+    # but belongs to no stage, so a plan with it is calibrated over the whole model (one stage).
+    from workbench.sequential import calibration_stages
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=100, bos_token_id=0, eos_token_id=0)).eval()
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(1))
+    blocks = calibration_stages(model, ids, ["transformer.h.1.mlp.c_fc"])
+    assert [s.label for s in blocks] == ["before transformer.h", "transformer.h.0", "transformer.h.1",
+                                         "after transformer.h"]
+    assert [s.label for s in calibration_stages(model, ids, ["transformer.h.1.mlp.c_fc", "lm_head"])] == [""]

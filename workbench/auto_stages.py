@@ -209,6 +209,29 @@ def tensor_leaves(value: Any) -> list[torch.Tensor]:
     return [leaf for item in items for leaf in tensor_leaves(item)]
 
 
+def compared_tensors(value: Any) -> list[torch.Tensor]:
+    """The floating-point tensors of a stage's output that say what it computed: a `Carried`'s
+    hidden state (element 0 when the block returned a tuple; not the carried input or masks),
+    else every floating tensor leaf of ``value`` (a tensor, tuple, ``ModelOutput``, dict)."""
+    if isinstance(value, Carried):
+        value = _hidden_of(value.hidden)
+    return [t for t in tensor_leaves(value) if t.is_floating_point()]
+
+
+def per_sample(value: Any) -> torch.Tensor:
+    """``(batch, features)`` float32: the `compared_tensors` of a model's or stage's output, each
+    flattened per sample and concatenated (scalars, and leaves with another leading size than the
+    first, are left out). A plain ``(batch, ...)`` tensor gives ``value.flatten(1).float()``."""
+    tensors = compared_tensors(value)
+    if not tensors:
+        raise WorkbenchError(f"the output ({type(value).__name__}) holds no floating-point tensor to compare")
+    sized = [t for t in tensors if t.dim()]
+    if not sized:  # scalars only (a loss): one row
+        return torch.stack([t.float() for t in tensors])[None]
+    kept = [t for t in sized if t.shape[0] == sized[0].shape[0]]
+    return torch.cat([t.float().reshape(len(t), -1) for t in kept], dim=1)
+
+
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape

@@ -10,11 +10,14 @@ layers in the order the forward pass reaches them, and gives each builder:
 * ``LayerContext.reference_inputs``: the same positions' inputs ``X`` in the original model, so a
   builder can fit the ORIGINAL outputs ``W X^T`` from ``X'`` (``svd_aware`` with ``refit``).
 
-Cost. The model is cut into stages (`workbench.stages.model_stages`: MiniLM's encoder blocks;
-one stage for models that declare none). Per stage, the original runs once (recording ``X`` for
+Cost. The model is cut into stages (`workbench.auto_stages.find_stages` on the first calibration
+inputs: MiniLM's declared encoder blocks; the blocks of a user's BERT / GPT-2 / Llama or residual
+network, cut automatically; else one stage, the whole model; also one stage when a layer of the
+plan belongs to no automatic stage). Per stage, the original runs once (recording ``X`` for
 all its layers), and the compressed copy runs once per *group* of layers whose inputs do not
 depend on one another (q, k, v share one input tensor), each run stopped as soon as it reaches a
-layer whose input would be stale. For MiniLM that is about four forward passes in all.
+layer whose input would be stale. For MiniLM that is about four forward passes in all; with one
+stage, it is one (partial) forward pass per group of every block.
 
 A plan asks for this with ``"sequential": True`` in a data-aware layer's settings; `apply` then
 builds the whole plan here. The result is deterministic (same plan, model and calibration inputs
@@ -29,12 +32,14 @@ import torch
 from torch import nn
 
 from workbench.adapters import matrix_kind
+from workbench.auto_stages import find_stages
 from workbench.errors import WorkbenchError
 from workbench.inventory import set_submodule
 from workbench.registry import LayerContext
-from workbench.stages import model_stages
+from workbench.stages import Stage, model_stages
 
 BATCH = 64  # calibration samples per forward chunk
+EXAMPLE = 2  # calibration samples the automatic stage cut is checked on
 
 
 class _Stop(Exception):
@@ -104,6 +109,15 @@ def _record_fresh(stage, model: nn.Module, states: list, pending: list[str]) -> 
             if counts[name] % len(states) == 0}
 
 
+def calibration_stages(model: nn.Module, example: Any, layers: list[str]) -> list[Stage]:
+    """The stages `find_stages` gives on ``example``; the declared ones (`model_stages`: one stage,
+    the whole model, for a user's model) when a layer of ``layers`` belongs to no automatic stage."""
+    stages = find_stages(model, example).stages
+    if all(any(stage.owns(name) for stage in stages) for name in layers):
+        return stages
+    return model_stages(model)
+
+
 @torch.no_grad()
 def build_in_order(model: nn.Module, entries: list, calibration_inputs: torch.Tensor,
                    batch_size: int = BATCH) -> nn.Module:
@@ -116,7 +130,7 @@ def build_in_order(model: nn.Module, entries: list, calibration_inputs: torch.Te
     refit = any(choice.params.get("refit") for _, _, _, choice in entries)
     reference = copy.deepcopy(model).eval() if refit else None
     model.eval()
-    stages = model_stages(model)
+    stages = calibration_stages(model, calibration_inputs[:EXAMPLE], [name for name, *_ in entries])
     states = list(calibration_inputs.split(batch_size))
     ref_states = list(states)
     todo = {name: (method, choice) for name, _, method, choice in entries}
@@ -133,7 +147,7 @@ def build_in_order(model: nn.Module, entries: list, calibration_inputs: torch.Te
                 fresh = _record_fresh(stage, model, states, pending)
                 if not fresh:
                     raise WorkbenchError(f"layers {pending} were never reached by the calibration inputs "
-                                         f"in stage {stage.name!r}; they cannot be calibrated")
+                                         f"in stage {stage.label!r}; they cannot be calibrated")
                 for name in [n for n in pending if n in fresh]:
                     method, choice = todo.pop(name)
                     context = LayerContext(name, fresh[name], reference_inputs.get(name))

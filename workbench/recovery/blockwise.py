@@ -18,9 +18,15 @@ Only what the compression changed trains by default (low-rank factors; kept weig
 layers under their masks; quantized weights through their straight-through view on their PTQ
 steps, which stay fixed, as in plain fine-tuning), via the same
 training views as fine-tuning (`workbench.recovery.views`); the result is re-packed into compact
-storage, as small as before. Stages come from `workbench.stages.model_stages` (MiniLM: its six
-encoder blocks; a Sequential: one stage per layer with its activation; any other model: one stage,
-i.e. whole-model output matching).
+storage, as small as before. Stages come from `workbench.auto_stages.find_stages`, checked on the
+first calibration inputs (MiniLM: its declared six encoder blocks; a Sequential: one stage per layer
+with its activation; a user's BERT / GPT-2 / Llama or residual network: the layers before its list
+of blocks, each block, the layers after it; any other model: one stage, i.e. whole-model output
+matching). The compressed model's stages and the original's must agree in number and labels;
+they are paired in order. A stage's output is compared by the tensors it computed
+(`workbench.auto_stages.compared_tensors`: between automatic stages the hidden state, at the end
+the model output's floating tensors that the stage did not pass through unchanged). A layer that
+belongs to no automatic stage (a head tied to the embeddings) is not tuned.
 
 What it optimizes is output FIDELITY (mean squared error to the original's activations), the
 metric of an encoder such as MiniLM. A classifier's accuracy is better served by end-to-end
@@ -38,13 +44,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from workbench.auto_stages import compared_tensors, find_stages
 from workbench.errors import WorkbenchError
 from workbench.recovery import views
 from workbench.recovery.finetune import check_epochs, check_lr_and_batch
 from workbench.recovery.lsq import set_learn_scales
-from workbench.stages import model_stages
 
 TRAIN_CHOICES = ("compressed", "all")
+EXAMPLE = 2  # calibration samples the automatic stage cut is checked on
 
 
 @dataclass
@@ -57,19 +64,24 @@ class BlockwiseResult:
     stages: list[dict] = field(default_factory=list)
 
 
-def _float_tensors(state: Any) -> list[torch.Tensor]:
-    if isinstance(state, torch.Tensor):
-        return [state] if state.is_floating_point() else []
-    if isinstance(state, (tuple, list)):
-        return [t for item in state for t in _float_tensors(item)]
-    return []
-
-
 def stage_outputs(output: Any, stage_input: Any) -> list[torch.Tensor]:
-    """The floating tensors a stage computed: those of ``output`` that are not passed through
-    unchanged from ``stage_input`` (MiniLM's blocks hand on their attention mask as it came)."""
-    passed = {id(t) for t in _float_tensors(stage_input)}
-    return [t for t in _float_tensors(output) if id(t) not in passed]
+    """The floating tensors a stage computed: the `compared_tensors` of ``output`` that are not
+    passed through unchanged from ``stage_input`` (MiniLM's blocks hand on their attention mask as
+    it came; the last automatic stage hands on the last block's hidden state)."""
+    passed = {id(t) for t in compared_tensors(stage_input)}
+    return [t for t in compared_tensors(output) if id(t) not in passed]
+
+
+def paired_stages(work: nn.Module, original: nn.Module, example: Any) -> list[tuple]:
+    """``[(stage of work, stage of original)]``, in order, found on ``example``; raises
+    `WorkbenchError` when the two models' stages differ in number or labels."""
+    found, reference = find_stages(work, example), find_stages(original, example)
+    labels = [s.label for s in found.stages]
+    if labels != [s.label for s in reference.stages]:
+        raise WorkbenchError(f"the compressed model's stages {labels} ({found.why}) differ from the original's "
+                             f"{[s.label for s in reference.stages]} ({reference.why}); block-wise tuning needs "
+                             f"models with the same stages")
+    return list(zip(found.stages, reference.stages))
 
 
 def state_mse(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
@@ -131,16 +143,12 @@ def reconstruct_blocks(model: nn.Module, original: nn.Module, calibration_inputs
     set_learn_scales(work, False)  # quantized weights train through the STE on their PTQ steps
     frozen = {id(p) for p in work.parameters() if not p.requires_grad}
     original.eval()
-    reference_stages = {s.name: s for s in model_stages(original)}
     log = []
     try:
-        bar = tqdm(model_stages(work), desc="block-wise tuning", leave=False, disable=not progress)
-        for stage in bar:
+        pairs = paired_stages(work, original, calibration_inputs[:EXAMPLE])
+        bar = tqdm(pairs, desc="block-wise tuning", leave=False, disable=not progress)
+        for stage, reference in bar:
             started = time.perf_counter()
-            reference = reference_stages.get(stage.name)
-            if reference is None:
-                raise WorkbenchError(f"stage {stage.name!r} of the compressed model has no counterpart in the "
-                                     f"original; block-wise tuning needs models with the same stages")
             with torch.no_grad():
                 teacher_next = [reference.run(original, s) for s in teacher]
             targets = [stage_outputs(o, s) for o, s in zip(teacher_next, teacher)]

@@ -26,23 +26,24 @@ at the breakeven rank, half the rank of a square matrix.
 """
 from __future__ import annotations
 
+import copy
 from typing import Sequence
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from workbench.auto_stages import find_stages, per_sample
 from workbench.errors import WorkbenchError
+from workbench.hooks import feed_layers
 from workbench.inventory import matrix_layers
 from workbench.kernels import aware as aware_kernels
 from workbench.kernels import svd as svd_kernels
 from workbench.plan import LayerPlan, Plan
-from workbench.hooks import feed_layers
-import torch.nn.functional as F
-from workbench.stages import model_stages
-import numpy as np
-from workbench.select._allocate import OptionTable
-import copy
-from workbench.select._allocate import convex_picks
+from workbench.select._allocate import OptionTable, convex_picks
+
+EXAMPLE = 2  # probe samples the automatic stage cut is checked on
 
 
 def layer_grams(model: nn.Module, names: Sequence[str], inputs: torch.Tensor,
@@ -106,31 +107,38 @@ def _decomposition(weight: torch.Tensor, g: torch.Tensor, tokens: int, mode: str
     return u, sig, torch.linalg.solve_triangular(s.T, vh.T, upper=True).T
 
 
+def _probe_run(model: nn.Module, inputs: torch.Tensor) -> tuple[list, list, torch.Tensor]:
+    """``(stages, entering, reference)``: the stages `find_stages` gives on the first inputs,
+    ``entering[i]`` the input of stage ``i`` on ``inputs`` (original weights), and the model's
+    output as `per_sample` rows ``(n, features)``."""
+    stages = find_stages(model, inputs[:EXAMPLE]).stages
+    entering = [inputs]
+    for stage in stages:
+        entering.append(stage.run(model, entering[-1]))
+    return stages, entering, per_sample(entering[-1])
+
+
+def _rerun(model: nn.Module, stages: list, entering: list, name: str) -> torch.Tensor:
+    """The model's output rows ``(n, features)``, re-run from the stage owning layer ``name``
+    (from the first stage when none owns it)."""
+    first = next((i for i, stage in enumerate(stages) if stage.owns(name)), 0)
+    x = entering[first]
+    for stage in stages[first:]:
+        x = stage.run(model, x)
+    return per_sample(x)
+
+
 @torch.no_grad()
 def probe_sensitivity(model: nn.Module, inputs: torch.Tensor, decompositions: dict, ranks: dict[str, int]
                       ) -> dict[str, float]:
     """``{name: loss per unit of relative output error}`` measured one layer at a time.
 
     Each layer alone gets its rank-``ranks[name]`` aware approximation (the dense product, swapped
-    in for the measurement only); the loss is ``1 - mean cosine`` (outputs flattened per sample) of
+    in for the measurement only); the loss is ``1 - mean cosine`` (`per_sample` rows of the outputs) of
     the model's outputs on ``inputs`` to the original's, divided by the relative output error
     ``tail(r) / total`` the whitened spectrum predicts. ``decompositions``: ``{name: (u, sig, bt)}``.
     """
-
-
-    stages = model_stages(model)
-    entering = [inputs]                         # entering[i]: the input of stage i (original model)
-    for stage in stages:
-        entering.append(stage.run(model, entering[-1]))
-    reference = entering[-1].flatten(1).float()
-
-    def run_from(name):
-        k = next(i for i, stage in enumerate(stages) if stage.owns(name))
-        x = entering[k]
-        for stage in stages[k:]:
-            x = stage.run(model, x)
-        return x.flatten(1).float()
-
+    stages, entering, reference = _probe_run(model, inputs)
     scales = {}
     for name, (u, sig, bt) in decompositions.items():
         module = model.get_submodule(name)
@@ -138,7 +146,7 @@ def probe_sensitivity(model: nn.Module, inputs: torch.Tensor, decompositions: di
         r = ranks[name]
         module.weight.data = ((u[:, :r] * sig[:r]) @ bt[:r]).to(saved.dtype)
         try:
-            loss = 1.0 - float(F.cosine_similarity(run_from(name), reference, dim=-1).mean())
+            loss = 1.0 - float(F.cosine_similarity(_rerun(model, stages, entering, name), reference, dim=-1).mean())
         finally:
             module.weight.data = saved
         energy = sig.double().pow(2)
@@ -157,27 +165,18 @@ def measured_options(model: nn.Module, inputs: torch.Tensor, decompositions: dic
     ``max(1, int(f * breakeven))`` for ``f`` in ``fractions``; costs in weights, losses
     ``1 - mean cosine`` of the model's outputs on ``inputs`` with that layer alone truncated
     (the dense product swapped in for the measurement; `probe_sensitivity` does the same)."""
-
-
-    stages = model_stages(model)
-    entering = [inputs]
-    for stage in stages:
-        entering.append(stage.run(model, entering[-1]))
-    reference = entering[-1].flatten(1).float()
+    stages, entering, reference = _probe_run(model, inputs)
     names, choices, costs, losses = [], [], [], []
     for name, (u, sig, bt) in decompositions.items():
         module = model.get_submodule(name)
         m, n = module.weight.shape
-        first = next(i for i, stage in enumerate(stages) if stage.owns(name))
         ranks = sorted({max(1, int(f * svd_kernels.breakeven_rank((m, n)))) for f in fractions})
         saved, row_loss = module.weight.data, [0.0]
         try:
             for r in ranks:
                 module.weight.data = ((u[:, :r] * sig[:r]) @ bt[:r]).to(saved.dtype)
-                x = entering[first]
-                for stage in stages[first:]:
-                    x = stage.run(model, x)
-                row_loss.append(max(0.0, 1.0 - float(F.cosine_similarity(x.flatten(1).float(), reference).mean())))
+                x = _rerun(model, stages, entering, name)
+                row_loss.append(max(0.0, 1.0 - float(F.cosine_similarity(x, reference).mean())))
         finally:
             module.weight.data = saved
         names.append(name)
