@@ -1,8 +1,8 @@
 """Stages found automatically (`workbench.auto_stages`): models built from `transformers` configs
 (random weights, nothing downloaded) and hand-written networks are cut at their list of blocks;
 the staged run equals the forward; a change in the last block re-runs only that block and what
-follows, with the metric of `wb.apply`; models whose blocks do not form a chain are one stage,
-with the reason."""
+follows, with the metric of `wb.apply`; models whose blocks do not form a chain are cut in their
+`torch.fx` graph instead (`workbench.graph_stages`), with the reason."""
 import pytest
 import torch
 from torch import nn
@@ -226,22 +226,22 @@ def test_layers_before_and_after_the_blocks_belong_to_their_stages():
     assert tied[0].owns("transformer.wte") and not tied[-1].owns("lm_head")
 
 
-@pytest.mark.parametrize("cls, reason", [
-    (CalledTwice, r"block blocks\.0 is called 2 times in one forward pass"),
-    (DenseSkip, r"block blocks\.2 does not take the output of block blocks\.1"),
+@pytest.mark.parametrize("cls, reason, stages, owner", [
+    (CalledTwice, r"block blocks\.0 is called 2 times in one forward pass", 8, None),  # blocks.0 runs in 2 stages
+    (DenseSkip, r"block blocks\.2 does not take the output of block blocks\.1", 5, 3),
 ])
-def test_blocks_that_are_no_chain_fall_back_to_one_stage(cls, reason):
+def test_blocks_that_are_no_chain_fall_back_to_the_graph_cut(cls, reason, stages, owner):
     model = cls().eval()
-    stages, why = find_stages(model, images()[:1])
-    assert [s.name for s in stages] == [""] and stages[0].owns("blocks.2.mix")
-    assert why.startswith("1 stage: blocks: ")
-    assert __import__("re").search(reason, why)
+    found, why = find_stages(model, images()[:1])
+    assert len(found) == stages and why.startswith(f"{stages} stages: segments of the torch.fx graph")
+    assert __import__("re").search("blocks: " + reason, why)       # the block list's reason is kept
+    assert [i for i, s in enumerate(found) if s.owns("blocks.2.mix")] == ([] if owner is None else [owner])
     task = wb.load(model, eval_data=images())
     engine = wb.Engine(task, preview=False)
     assert engine.report()["stages_found"] == why
     plan = Plan({"blocks.2.mix": LayerPlan("svd", {"rank": 2})})
     result = engine.evaluate(plan)
-    assert result["from_stage"] == 0
+    assert result["from_stage"] == (owner or 0)
     assert result["metric"] == pytest.approx(task.evaluate(wb.apply(model, plan)), rel=1e-6)
 
 
@@ -258,8 +258,14 @@ def test_no_block_list_or_no_example_is_one_stage_with_the_reason():
         def forward(self, x):
             return self.b(self.a(x))
 
-    assert find_stages(Plain(), torch.randn(2, 4)).why == (
-        "1 stage: no nn.ModuleList / nn.Sequential of two or more same-type blocks found")
+    class Branching(Plain):
+        def forward(self, x):
+            return self.b(self.a(x) if x.sum() > 0 else x)
+
+    assert find_stages(Branching(), torch.randn(2, 4)).why == (
+        "1 stage: no nn.ModuleList / nn.Sequential of two or more same-type blocks found; torch.fx: "
+        "cannot trace the forward (TraceError: symbolically traced variables cannot be used as inputs to control flow)")
+    assert find_stages(Plain(), torch.randn(2, 4)).why.startswith("2 stages: segments of the torch.fx graph")
     assert find_stages(ResidualCNN()).why == "1 stage: no example input to check cut points on"
 
 

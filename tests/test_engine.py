@@ -160,11 +160,15 @@ def test_stage_protocol_and_fallback():
         def compression_stages(self):
             return [Stage("body", lambda m, x: torch.relu(m(x))), ("head", self.head)]
 
-    class Opaque(Declared):
+    class Opaque(Declared):  # no stages declared: cut in its torch.fx graph (workbench.graph_stages)
         compression_stages = None
 
+    class Branching(Opaque):  # not traceable either: one stage, a full evaluation
+        def forward(self, x):
+            return self.head(torch.relu(self.body(x)) if x.sum() > 0 else torch.tanh(self.body(x)))
+
     x = torch.randn(10, 4)
-    for cls, names in ((Declared, ["body", "head"]), (Opaque, [""])):
+    for cls, names, first in ((Declared, ["body", "head"], 1), (Opaque, [""], 1), (Branching, [""], 0)):
         model = cls().eval()
         assert [s.name for s in model_stages(model)] == names
         task = wb.Task("toy", model, x, torch.zeros(10, dtype=torch.long),
@@ -173,7 +177,7 @@ def test_stage_protocol_and_fallback():
         plan = Plan({"head": LayerPlan("svd", {"rank": 2})})
         result = engine.evaluate(plan)
         assert result["metric"] == task.evaluate(wb.apply(model, plan))
-        assert result["from_stage"] == (1 if cls is Declared else 0)
+        assert result["from_stage"] == first
 
 
 def test_bad_plan_changes_nothing(mlp_task):

@@ -17,7 +17,9 @@ Between stages flows `Carried` (the model input, the hidden state, the recorded 
 hooks and stubs exist only during a stage's run (removed in ``finally``). The cut is checked once
 on an example input: every block is called once, in order, each on the previous one's output, the
 same arguments for every block, and the staged outputs equal the forward's (`torch.allclose`,
-``rtol=1e-5, atol=1e-6``); otherwise the model is one stage and `FoundStages.why` says why.
+``rtol=1e-5, atol=1e-6``); otherwise (or when the model has no such list) its `torch.fx` graph is
+cut where one tensor carries the state (`workbench.graph_stages`), checked the same way; when that
+fails too the model is one stage and `FoundStages.why` gives the reasons of both.
 
 A layer belongs to stage 0 when it is called before the first block, to the last stage when it is
 called only after the last block (and shares no parameter with an earlier stage's layers), to
@@ -34,6 +36,7 @@ import torch
 from torch import nn
 
 from workbench.errors import WorkbenchError
+from workbench.graph_stages import graph_stages
 from workbench.stages import Stage, model_stages
 
 RTOL, ATOL = 1e-5, 1e-6
@@ -76,9 +79,7 @@ def find_stages(model: nn.Module, example: Any = None) -> FoundStages:
     if example is None:
         return FoundStages(declared, "1 stage: no example input to check cut points on")
     candidates = block_lists(model)
-    if not candidates:
-        return FoundStages(declared, "1 stage: no nn.ModuleList / nn.Sequential of two or more same-type blocks found")
-    reasons = []
+    reasons = [] if candidates else ["no nn.ModuleList / nn.Sequential of two or more same-type blocks found"]
     # the outermost lists in the model's order (layer1, layer2, ... of a ResNet), tried as one chain first
     order = {name: index for index, (name, _) in enumerate(model.named_modules())}
     outer = tuple(sorted((name for name in candidates if not any(name.startswith(other + ".") for other in candidates)),
@@ -97,6 +98,16 @@ def find_stages(model: nn.Module, example: Any = None) -> FoundStages:
         blocks = len(stages) - 2
         return FoundStages(stages, f"{len(stages)} stages: {stages[0].title} + {blocks} blocks of {name} + {stages[-1].title}"
                                    " (found automatically, checked on an example input)")
+    try:  # else the points of the torch.fx graph where one tensor carries the state
+        stages = _checked_graph_stages(model, example)
+    except WorkbenchError as error:
+        reasons.append(f"torch.fx: {error}")
+    except Exception as error:
+        reasons.append(f"torch.fx: the staged run fails ({type(error).__name__}: {error})")
+    else:
+        return FoundStages(stages, f"{len(stages)} stages: segments of the torch.fx graph cut where one tensor carries "
+                                   "the state (found automatically, checked on an example input; "
+                                   + "; ".join(reasons) + ")")
     return FoundStages(declared, "1 stage: " + "; ".join(reasons))
 
 
@@ -328,6 +339,25 @@ def _checked_stages(model: nn.Module, containers: tuple[str, ...], example: Any)
     state = example
     for stage in stages:
         state = stage.run(model, state)
+    _check_equal(reference, state)
+    before, after = _owned(model, blocks, stages, example)
+    return ([Stage("", stages[0].call, owned=before, title=stages[0].title)] + stages[1:-1]
+            + [Stage("", stages[-1].call, owned=after, title=stages[-1].title)])
+
+
+@torch.no_grad()
+def _checked_graph_stages(model: nn.Module, example: Any) -> list[Stage]:
+    """`workbench.graph_stages.graph_stages`, their run on ``example`` checked against the forward."""
+    stages = graph_stages(model, example)
+    state = example
+    for stage in stages:
+        state = stage.run(model, state)
+    _check_equal(model(example), state)
+    return stages
+
+
+def _check_equal(reference: Any, state: Any) -> None:
+    """`WorkbenchError` unless the staged output ``state`` equals the forward's ``reference``."""
     want, got = tensor_leaves(reference), tensor_leaves(state)
     if len(want) != len(got) or not want:
         raise WorkbenchError(f"the staged run returns {len(got)} tensors, the forward {len(want)}")
@@ -335,6 +365,3 @@ def _checked_stages(model: nn.Module, containers: tuple[str, ...], example: Any)
         if a.shape != b.shape or not torch.allclose(a, b, rtol=RTOL, atol=ATOL):
             error = float((a - b).abs().max()) if a.shape == b.shape else f"shape {tuple(b.shape)} vs {tuple(a.shape)}"
             raise WorkbenchError(f"the staged run differs from the forward (output tensor {index}: max |difference| {error})")
-    before, after = _owned(model, blocks, stages, example)
-    return ([Stage("", stages[0].call, owned=before, title=stages[0].title)] + stages[1:-1]
-            + [Stage("", stages[-1].call, owned=after, title=stages[-1].title)])

@@ -5,7 +5,7 @@ only; sequential calibration and block-wise reconstruction walk the same stages.
 come from (first match wins) its own ``compression_stages()`` method, a provider registered with
 `register_stages` for its type, the children of an ``nn.Sequential``, or else one stage: the whole
 model. `workbench.auto_stages.find_stages` adds stages found automatically (a forward pass cut at
-its list of blocks) for the other models, checked on an example input.
+its list of blocks, else in its `torch.fx` graph) for the other models, checked on an example input.
 """
 from __future__ import annotations
 

@@ -9,7 +9,8 @@ same numbers as ``task.evaluate(workbench.apply(task.model, plan))`` but without
   the rank it was computed for; asking for more recomputes a full SVD (``report()["svd_recomputes"]``).
 * **Activations.** The model is cut into top-level *stages* (`workbench.stages.model_stages`: the children of an
   ``nn.Sequential``, a model's own ``compression_stages()`` method, or a function registered with
-  `register_stages`; else cut automatically at a list of blocks, `workbench.auto_stages`; models
+  `register_stages`; else cut automatically at a list of blocks, `workbench.auto_stages`, or in
+  the model's `torch.fx` graph, `workbench.graph_stages`; models
   that cannot be cut are one stage = full evaluation, ``report()["stages_found"]`` says why). The input entering each
   stage is cached per *prefix* (the plan choices of all earlier stages), so changing one layer
   re-runs the network from that layer's stage onward. The cache is an LRU bounded by

@@ -166,7 +166,7 @@ class Engine:
     def report(self) -> dict:
         """Memory and work counters: activation cache bytes used / bound, factor bytes, hits; the
         stages' labels and ``stages_found``: how they were found (declared, cut automatically at a
-        list of blocks, or one stage with the reason)."""
+        list of blocks or in the torch.fx graph, or one stage with the reasons)."""
         return {"cache_bytes": self.cache.bytes_used, "cache_limit_bytes": self.cache.max_bytes,
                 "cache_entries": len(self.cache), "cache_evictions": self.cache.evictions,
                 "factor_bytes": self.factors.nbytes(), "svd_recomputes": self.factors.recomputes,
