@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from workbench.device import model_device, to_device
 from workbench.errors import WorkbenchError
 from workbench.graph_stages import graph_stages
 from workbench.stages import Stage, model_stages
@@ -78,6 +79,7 @@ def find_stages(model: nn.Module, example: Any = None) -> FoundStages:
         return FoundStages(declared, f"{len(declared)} stages declared by the model: {', '.join(s.label for s in declared)}")
     if example is None:
         return FoundStages(declared, "1 stage: no example input to check cut points on")
+    example = to_device(example, model_device(model))
     candidates = block_lists(model)
     reasons = [] if candidates else ["no nn.ModuleList / nn.Sequential of two or more same-type blocks found"]
     # the outermost lists in the model's order (layer1, layer2, ... of a ResNet), tried as one chain first

@@ -11,20 +11,23 @@ import torch
 from torch import nn
 
 from workbench.adapters import matrix_kind
+from workbench.device import model_device, to_device
 
 
 @torch.no_grad()
 def feed_layers(model: nn.Module, names: list[str], inputs: torch.Tensor,
                 on_input: Callable[[str, nn.Module, torch.Tensor], None], batch_size: int = 256) -> None:
     """Run ``model`` (in eval mode) on ``inputs`` in batches, calling ``on_input(name, module, x)``
-    with the input ``x`` entering each named layer. Hooks are removed and the mode restored after."""
+    with the input ``x`` entering each named layer. Hooks are removed and the mode restored after.
+    Each batch runs on the model's device (so ``x`` is there too)."""
     handles = [model.get_submodule(name).register_forward_pre_hook(
         lambda mod, args, _name=name: on_input(_name, mod, args[0].detach())) for name in names]
     was_training = model.training
+    device = model_device(model)
     model.eval()
     try:
         for start in range(0, len(inputs), batch_size):
-            model(inputs[start:start + batch_size])
+            model(to_device(inputs[start:start + batch_size], device))
     finally:
         for handle in handles:
             handle.remove()
@@ -36,7 +39,7 @@ def collect_layer_inputs(model: nn.Module, names: list[str], inputs: torch.Tenso
     """Inputs entering each named layer when ``model`` runs on ``inputs``.
 
     Returns ``{name: (tokens, in_features)}`` for Linear and ``transformers`` Conv1D layers (leading
-    dims flattened) and the raw ``(n, c, h, w)`` input for convolutions.
+    dims flattened) and the raw ``(n, c, h, w)`` input for convolutions, on the model's device.
     """
     seen: dict[str, list[torch.Tensor]] = {name: [] for name in names}
 

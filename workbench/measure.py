@@ -1,4 +1,4 @@
-"""Measures of any model: parameters, bytes really written, FLOPs, CPU latency, task metric."""
+"""Measures of any model: parameters, bytes really written, FLOPs, latency (on the model's device), task metric."""
 from __future__ import annotations
 
 import os
@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import workbench.flop_formulas  # noqa: F401  (LSTM and int8 kernels counted too)
+from workbench.device import model_device, synchronize, to_device
 from workbench.results import Measurement
 
 
@@ -58,8 +59,10 @@ def saved_bytes(model: nn.Module) -> int:
 
 @torch.no_grad()
 def count_flops(model: nn.Module, example: torch.Tensor) -> int:
-    """FLOPs of one forward pass on ``example`` (counted by ``torch.utils.flop_counter``)."""
+    """FLOPs of one forward pass on ``example`` (counted by ``torch.utils.flop_counter``), run on
+    the model's device."""
     was_training = model.training
+    example = to_device(example, model_device(model))
     model.eval()
     counter = FlopCounterMode(display=False)
     try:
@@ -72,16 +75,23 @@ def count_flops(model: nn.Module, example: torch.Tensor) -> int:
 
 @torch.no_grad()
 def latency_ms(model: nn.Module, example: torch.Tensor, repeats: int = 50, warmup: int = 5) -> float:
-    """Median wall time in ms of ``model(example)`` over ``repeats`` runs, on the current threads."""
+    """Median wall time in ms of ``model(example)`` over ``repeats`` runs, on the current threads.
+
+    Runs on the model's device (``example`` moved there once, before timing); on CUDA the device
+    is synchronized before each clock read, so a time covers the kernels, not their queueing."""
     was_training = model.training
+    device = model_device(model)
+    example = to_device(example, device)
     model.eval()
     try:
         for _ in range(warmup):
             model(example)
         times = []
         for _ in range(repeats):
+            synchronize(device)
             start = time.perf_counter()
             model(example)
+            synchronize(device)
             times.append((time.perf_counter() - start) * 1e3)
     finally:
         model.train(was_training)

@@ -33,6 +33,7 @@ from torch import nn
 
 from workbench.adapters import matrix_kind
 from workbench.auto_stages import find_stages
+from workbench.device import model_device, to_device
 from workbench.errors import WorkbenchError
 from workbench.inventory import set_submodule
 from workbench.registry import LayerContext
@@ -125,11 +126,12 @@ def build_in_order(model: nn.Module, entries: list, calibration_inputs: torch.Te
 
     ``model`` is the caller's working copy (modified in place and returned); a second copy keeps
     the original weights for the reference inputs. ``calibration_inputs``: ``(n, ...)`` model
-    inputs, run in chunks of ``batch_size``.
+    inputs, run in chunks of ``batch_size`` on the model's device.
     """
     refit = any(choice.params.get("refit") for _, _, _, choice in entries)
     reference = copy.deepcopy(model).eval() if refit else None
     model.eval()
+    calibration_inputs = to_device(calibration_inputs, model_device(model))
     stages = calibration_stages(model, calibration_inputs[:EXAMPLE], [name for name, *_ in entries])
     states = list(calibration_inputs.split(batch_size))
     ref_states = list(states)

@@ -6,6 +6,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from workbench.device import model_device, to_device
 from workbench.errors import WorkbenchError
 
 
@@ -30,7 +31,7 @@ def runs_channels_last(model: nn.Module, example: Any) -> bool:
     forward that needs contiguous NCHW activations (``x.view(n, -1)`` after a conv) keeps NCHW."""
     model.to(memory_format=torch.channels_last)
     try:
-        model(example)
+        model(to_device(example, model_device(model)))
         return True
     except RuntimeError:
         model.to(memory_format=torch.contiguous_format)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from workbench.compress import apply, build_tied_group, check_layer_choice, tied_choices
+from workbench.device import model_device, to_device
 from workbench.engine.activations import ActivationCache
 from workbench.engine.batching import evaluation_batches, runs_channels_last
 from workbench.engine.factors import FactorCache
@@ -64,8 +65,9 @@ class Engine:
         self.tied_groups = tied_module_groups(self.original)
         self.factors = FactorCache(self.original, randomized_min_dim=randomized_min_dim)
         self.cache = ActivationCache(max_cache_bytes)
-        self.working = copy.deepcopy(self.original).eval()
-        self.channels_last = any(isinstance(m, nn.Conv2d) for m in self.working.modules())
+        self.working = copy.deepcopy(self.original).eval()  # on the original's device, as every copy
+        self.device = model_device(self.working)
+        self.channels_last = any(isinstance(m, nn.Conv2d) for m in self.working.modules()) and self.device.type == "cpu"
         if self.channels_last:  # oneDNN's CPU convolutions and pooling run faster in NHWC
             self.channels_last = runs_channels_last(self.working, task.example_input)
         self.stages, self.stages_found = find_stages(self.working, task.example_input)
@@ -79,7 +81,9 @@ class Engine:
         self._calibration: dict[str, torch.Tensor] = {}
         self._example_inputs: dict[str, torch.Tensor] | None = None
         self.stats = {"evaluations": 0, "full_evaluations": 0, "stages_run": 0, "stages_skipped": 0}
-        self._batches, self._order = evaluation_batches(self.original, task.eval_inputs, batch_size)
+        batches, order = evaluation_batches(self.original, task.eval_inputs, batch_size)
+        # moved to the model's device once, here: a slider move then copies no data
+        self._batches, self._order = to_device(batches, self.device), to_device(order, self.device)
         self.base = {"params": count_params(self.original), "bytes": state_bytes(self.original),
                      "flops": count_flops(self.original, task.example_input)}
         self._preview: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -116,7 +120,8 @@ class Engine:
             tied = {name for group, _ in groups for name in group}
             sizes = [self._layer_size(name, choice) for name, choice in plan.layers.items() if name not in tied]
             sizes += [self._group_size(group, choice) for group, choice in groups]
-            result = {"metric": self.task.metric(outputs, self.task.eval_targets),
+            targets = self.task.eval_targets  # judged where the data are, as `Task.outputs` does
+            result = {"metric": self.task.metric(to_device(outputs, targets.device), targets),
                       "params": self.base["params"] + sum(s[0] for s in sizes),
                       "bytes": self.base["bytes"] + sum(s[1] for s in sizes),
                       "flops": self.base["flops"] + sum(s[2] for s in sizes),

@@ -50,12 +50,10 @@ class FactorCache:
         k = min(m, n)
         weight_sq = float(w.double().pow(2).sum())
         if upto is not None and k >= self.randomized_min_dim and upto + self.oversample <= k // 4:
-            generator_state = torch.random.get_rng_state()
-            torch.manual_seed(self.seed)
-            try:
+            # seeded, on the weight's device; the global generators (CPU, and that GPU's) are restored
+            with torch.random.fork_rng(devices=[w.device] if w.device.type == "cuda" else []):
+                torch.manual_seed(self.seed)
                 u, s, v = torch.svd_lowrank(w.double(), q=upto + self.oversample, niter=self.niter)
-            finally:
-                torch.random.set_rng_state(generator_state)
             result = _Factors(u.to(w.dtype), s.to(w.dtype), v.T.to(w.dtype), upto, weight_sq, True)
         else:
             full = cached_svd(w)

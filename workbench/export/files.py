@@ -314,6 +314,7 @@ def save_compressed(path: str | os.PathLike, model: nn.Module, plan: Plan, model
     check_writable_dir(path.parent if str(path.parent) else Path("."))
     tensors, encoded = _encode_state(model.state_dict())
     tensors, tied = store_once(tensors)  # a tied tensor once, under its first key
+    tensors = {key: tensor.cpu() for key, tensor in tensors.items()}  # a file holds CPU tensors
     header = {"format_version": EXPORT_FORMAT_VERSION, "model": model_name, "source": source,
               "original": None if original is None else {
                   "fingerprint": fingerprint(original), "shapes": plan_layer_shapes(original, plan)},
@@ -330,7 +331,6 @@ def save_compressed(path: str | os.PathLike, model: nn.Module, plan: Plan, model
 # --------------------------------------------------------------------------- load
 def read_header(path: str | os.PathLike) -> dict:
     """The workbench header of a saved file, validated (format version, required keys)."""
-
     if not Path(path).is_file():
         raise WorkbenchError(f"no such file {str(path)!r}")
     try:

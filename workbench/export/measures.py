@@ -19,6 +19,7 @@ cares about; every number is measured on real files and real runs, never estimat
 """
 from __future__ import annotations
 
+import copy
 import ctypes
 import gc
 import os
@@ -31,6 +32,7 @@ from torch import nn
 
 from safetensors.torch import save_file
 
+from workbench.device import model_device, synchronize, to_device
 from workbench.errors import WorkbenchError
 from workbench.export.files import _encode_state
 from workbench.export.onnx_format import export_onnx
@@ -55,6 +57,7 @@ def threads(n: int | None):
 def safetensors_bytes(model: nn.Module) -> int:
     """Bytes of ``model``'s state written as safetensors (quantized tensors as int8 codes)."""
     tensors, _ = _encode_state(model.state_dict())
+    tensors = {key: tensor.cpu() for key, tensor in tensors.items()}
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "m.safetensors")
         save_file(tensors, path)
@@ -62,7 +65,10 @@ def safetensors_bytes(model: nn.Module) -> int:
 
 
 def onnx_bytes(model: nn.Module, example: torch.Tensor) -> tuple[int | None, str]:
-    """``(bytes, exporter)`` of the ONNX file of ``model``; ``(None, reason)`` if it cannot export."""
+    """``(bytes, exporter)`` of the ONNX file of ``model``; ``(None, reason)`` if it cannot export.
+    A model on another device is exported from a CPU copy (the file holds the same tensors)."""
+    if model_device(model).type != "cpu":
+        model, example = copy.deepcopy(model).cpu(), to_device(example, "cpu")
     with tempfile.TemporaryDirectory() as folder:
         try:
             written = export_onnx(model, example, os.path.join(folder, "m.onnx"))
@@ -127,7 +133,12 @@ def _trim_heap() -> None:
 
 @torch.no_grad()
 def peak_memory_bytes(model: nn.Module, inputs: torch.Tensor, runs: int = 3) -> int | None:
-    """Extra resident bytes one ``model(inputs)`` needs (see module docstring); None if unsupported."""
+    """Extra resident bytes one ``model(inputs)`` needs (see module docstring); None if unsupported.
+    On a CUDA device: the peak of the device's allocated bytes during the run above those before."""
+    device = model_device(model)
+    inputs = to_device(inputs, device)
+    if device.type == "cuda":
+        return _cuda_peak_bytes(model, inputs, device)
     if not (os.path.exists("/proc/self/clear_refs") and os.access("/proc/self/clear_refs", os.W_OK)):
         return None
     was_training = model.training
@@ -150,6 +161,24 @@ def peak_memory_bytes(model: nn.Module, inputs: torch.Tensor, runs: int = 3) -> 
     finally:
         model.train(was_training)
     return int(statistics.median(peaks))
+
+
+@torch.no_grad()
+def _cuda_peak_bytes(model: nn.Module, inputs: torch.Tensor, device: torch.device) -> int:
+    was_training = model.training
+    model.eval()
+    try:
+        model(inputs)
+        synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        out = model(inputs)
+        synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        del out
+    finally:
+        model.train(was_training)
+    return max(0, peak - before)
 
 
 def shipping_measures(model: nn.Module, task, large_batch: int = LARGE_BATCH, n_threads: int | None = None,

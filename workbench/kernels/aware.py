@@ -30,7 +30,7 @@ def gram(x: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
     """``X^T X`` of ``x: (tokens, in)`` as ``(in, in)`` float64, accumulated in float32 chunks."""
     if x.dim() != 2:
         raise WorkbenchError(f"calibration inputs must be (tokens, in_features); got shape {tuple(x.shape)}")
-    total = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+    total = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
     for start in range(0, len(x), chunk):
         part = x[start:start + chunk].float()
         total += (part.T @ part).double()
@@ -54,7 +54,7 @@ def whitening_factor(g: torch.Tensor, ridge: float = DEFAULT_RIDGE) -> torch.Ten
     """
     g = g.double()
     base = float(g.diagonal().mean()) or 1.0
-    eye = torch.eye(len(g), dtype=torch.float64)
+    eye = torch.eye(len(g), dtype=torch.float64, device=g.device)
     lam = ridge
     for _ in range(6):
         factor, info = torch.linalg.cholesky_ex(g + lam * base * eye)
@@ -176,7 +176,7 @@ def cross_gram(x_ref: torch.Tensor, x: torch.Tensor, chunk: int = 8192) -> torch
     if x_ref.shape != x.shape or x.dim() != 2:
         raise WorkbenchError(f"reference and calibration inputs must both be (tokens, in) and aligned; "
                              f"got {tuple(x_ref.shape)} and {tuple(x.shape)}")
-    total = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+    total = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
     for start in range(0, len(x), chunk):
         total += (x_ref[start:start + chunk].float().T @ x[start:start + chunk].float()).double()
     return total
@@ -213,7 +213,7 @@ def refit_second(w: torch.Tensor, b: torch.Tensor, gram_matrix: torch.Tensor, cr
     """
     wd, bd = w.detach().double(), b.double()
     inner = bd @ gram_matrix.double() @ bd.T                              # (r, r)
-    inner = inner + ridge * float(inner.diagonal().mean() or 1.0) * torch.eye(len(inner), dtype=torch.float64)
+    inner = inner + ridge * float(inner.diagonal().mean() or 1.0) * torch.eye(len(inner), dtype=torch.float64, device=inner.device)
     rhs = wd @ cross.double() @ bd.T                                      # (out, r)
     return torch.linalg.solve(inner, rhs.T).T.to(w.dtype)
 

@@ -69,14 +69,14 @@ def constrained_refit(x: torch.Tensor, y: torch.Tensor, constraint: str = "l1", 
         raise WorkbenchError(f"constrained refit: the solver failed ({exc})") from None
     if problem.status not in ("optimal", "optimal_inaccurate") or wt.value is None:
         raise WorkbenchError(f"constrained refit: the solver stopped with status {problem.status!r}")
-    return torch.from_numpy(np.ascontiguousarray(wt.value.T)).to(x.dtype)
+    return torch.from_numpy(np.ascontiguousarray(wt.value.T)).to(device=x.device, dtype=x.dtype)
 
 
 def magnitude_mask(w: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Boolean mask keeping the ``round((1 - sparsity) * numel)`` largest ``|w|`` (ties: lowest index)."""
     _check_sparsity(sparsity)
     keep = int(round((1 - sparsity) * w.numel()))
-    mask = torch.zeros(w.numel(), dtype=torch.bool)
+    mask = torch.zeros(w.numel(), dtype=torch.bool, device=w.device)
     if keep:
         mask[torch.argsort(w.detach().abs().flatten(), descending=True, stable=True)[:keep]] = True
     return mask.reshape(w.shape)
@@ -87,10 +87,10 @@ def refit_on_support(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> to
     xs, ys = _as_numpy(x), _as_numpy(y)
     w = np.zeros(tuple(mask.shape))
     for row in range(mask.shape[0]):
-        kept = mask[row].numpy()
+        kept = mask[row].cpu().numpy()
         if kept.any():
             w[row, kept] = np.linalg.lstsq(xs[:, kept], ys[:, row], rcond=None)[0]
-    return torch.from_numpy(w).to(x.dtype)
+    return torch.from_numpy(w).to(device=x.device, dtype=x.dtype)
 
 
 def constrained_prune(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, sparsity: float, *,

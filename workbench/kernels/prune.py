@@ -57,7 +57,7 @@ def mask_by_ratio(w: torch.Tensor, ratio: float, name: str = "") -> torch.Tensor
     check_ratio(ratio, name)
     flat = w.detach().abs().reshape(-1)
     k = kept_count(flat.numel(), ratio)
-    mask = torch.zeros(flat.numel(), dtype=torch.bool)
+    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
     mask[torch.topk(flat, k, sorted=False).indices] = True
     return mask.reshape(w.shape)
 

@@ -119,7 +119,7 @@ def kmeans_codebook(w: torch.Tensor, bits: int, per_channel: bool = False,
 
     check_bits(bits)
     k = 2 ** bits
-    rows = _rows(w, per_channel).double().numpy()
+    rows = _rows(w, per_channel).detach().double().cpu().numpy()  # scikit-learn runs on the CPU
     codes = np.empty(rows.shape, dtype=np.uint8)
     books = np.empty((rows.shape[0], k), dtype=np.float64)
     for i, row in enumerate(rows):
@@ -146,8 +146,8 @@ def kmeans_codebook(w: torch.Tensor, bits: int, per_channel: bool = False,
         books[i, :len(centroids)] = centroids
         books[i, len(centroids):] = centroids[-1]
         codes[i] = labels
-    codebook = torch.from_numpy(books).float()
-    return (torch.from_numpy(codes).reshape(w.shape),
+    codebook = torch.from_numpy(books).float().to(w.device)
+    return (torch.from_numpy(codes).reshape(w.shape).to(w.device),
             codebook if per_channel else codebook.reshape(k))
 
 
@@ -179,15 +179,15 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return flat.to(torch.uint8)
     if bits == 1:  # bitmaps: numpy's packbits is a single C loop
-        return torch.from_numpy(np.packbits(flat.to(torch.uint8).numpy(), bitorder="little"))
+        return torch.from_numpy(np.packbits(flat.to(torch.uint8).cpu().numpy(), bitorder="little")).to(flat.device)
     if 8 % bits == 0:  # 1, 2, 4 bits: whole codes per byte
         per = 8 // bits
         flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % per)]).reshape(-1, per)
-        return (flat << (bits * torch.arange(per))).sum(dim=1).to(torch.uint8)
-    stream = ((flat[:, None] >> torch.arange(bits)) & 1).reshape(-1)
+        return (flat << (bits * torch.arange(per, device=flat.device))).sum(dim=1).to(torch.uint8)
+    stream = ((flat[:, None] >> torch.arange(bits, device=flat.device)) & 1).reshape(-1)
     pad = (-stream.numel()) % 8
     stream = torch.cat([stream, stream.new_zeros(pad)]).reshape(-1, 8)
-    return (stream << torch.arange(8)).sum(dim=1).to(torch.uint8)
+    return (stream << torch.arange(8, device=flat.device)).sum(dim=1).to(torch.uint8)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
@@ -199,13 +199,13 @@ def unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     if bits == 8:
         return packed.reshape(-1).clone()
     if bits == 1:
-        return torch.from_numpy(np.unpackbits(packed.numpy(), count=count, bitorder="little"))
+        return torch.from_numpy(np.unpackbits(packed.cpu().numpy(), count=count, bitorder="little")).to(packed.device)
     if 8 % bits == 0:
         per = 8 // bits
-        codes = (packed.to(torch.int32)[:, None] >> (bits * torch.arange(per, dtype=torch.int32))) & (2 ** bits - 1)
+        codes = (packed.to(torch.int32)[:, None] >> (bits * torch.arange(per, dtype=torch.int32, device=packed.device))) & (2 ** bits - 1)
         return codes.reshape(-1)[:count].to(torch.uint8)
-    stream = ((packed.to(torch.int64)[:, None] >> torch.arange(8)) & 1).reshape(-1)[:count * bits]
-    return (stream.reshape(count, bits) << torch.arange(bits)).sum(dim=1).to(torch.uint8)
+    stream = ((packed.to(torch.int64)[:, None] >> torch.arange(8, device=packed.device)) & 1).reshape(-1)[:count * bits]
+    return (stream.reshape(count, bits) << torch.arange(bits, device=packed.device)).sum(dim=1).to(torch.uint8)
 
 
 def weight_mse(w: torch.Tensor, w_hat: torch.Tensor) -> float:

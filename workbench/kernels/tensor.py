@@ -151,7 +151,7 @@ def tucker2(w: torch.Tensor, ranks: tuple[int, int], name: str = "") -> Tucker2:
     with tl.backend_context("numpy"):
         (core, factors), _ = partial_tucker(_numpy(w), rank=[r_out, r_in], modes=[0, 1], init="svd",
                                             n_iter_max=100, tol=1e-8)
-    as_torch = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(w.dtype)  # noqa: E731
+    as_torch = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device=w.device, dtype=w.dtype)  # noqa: E731
     return Tucker2(as_torch(core), as_torch(factors[0]), as_torch(factors[1]))
 
 
@@ -167,7 +167,7 @@ def cp(w: torch.Tensor, rank: int, name: str = "", n_iter_max: int = 200, seed: 
         warnings.filterwarnings("ignore", message="Trying to compute SVD with n_eigenvecs")
         weights, factors = parafac(_numpy(w), rank=rank, init="svd", n_iter_max=n_iter_max, tol=1e-10,
                                    random_state=seed, normalize_factors=False)
-    as_torch = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(w.dtype)  # noqa: E731
+    as_torch = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device=w.device, dtype=w.dtype)  # noqa: E731
     out = factors[0] * np.asarray(weights)[None, :]
     return CP(as_torch(out), as_torch(factors[1]), as_torch(factors[2]), as_torch(factors[3]))
 
@@ -212,7 +212,7 @@ def vbmf_rank(matrix: torch.Tensor) -> int:
     if y.shape[0] > y.shape[1]:
         y = y.T
     l_dim, m_dim = y.shape  # l <= m
-    s = torch.linalg.svdvals(y).numpy()
+    s = torch.linalg.svdvals(y).cpu().numpy()
     alpha = l_dim / m_dim
     tau_bar = 2.5129 * math.sqrt(alpha)
     x_bar = (1 + tau_bar) * (1 + alpha / tau_bar)

@@ -43,7 +43,7 @@ class ConvSpec:
     def to_conv(self, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Conv2d:
         """A dense ``nn.Conv2d`` with these settings holding copies of ``weight`` and ``bias``."""
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                         self.dilation, self.groups, bias is not None, self.padding_mode)
+                         self.dilation, self.groups, bias is not None, self.padding_mode).to(weight.device)
         with torch.no_grad():
             conv.weight.copy_(weight)
             if bias is not None:

@@ -81,7 +81,7 @@ class _PackedWeight(nn.Module):
         """Representable values ``(2^bits,)`` (per-tensor) or ``(out, 2^bits)`` (per channel)."""
         if self.scheme == "kmeans":
             return self.codebook
-        levels = torch.arange(2 ** self.bits, dtype=torch.float32)
+        levels = torch.arange(2 ** self.bits, dtype=torch.float32, device=self.scale.device)
         scale, zero = self.scale.reshape(-1, 1), self.zero_point.reshape(-1, 1)
         values = scale * (levels - zero)
         return values if self.per_channel else values.reshape(-1)
@@ -138,7 +138,7 @@ class QuantLinear(_PackedWeight):
 
     def to_float(self) -> nn.Linear:
         """A dense ``nn.Linear`` holding the dequantized weights (for fine-tuning through the STE)."""
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None).to(self.packed.device)
         with torch.no_grad():
             linear.weight.copy_(self.dequantized_weight())
             if self.bias is not None:

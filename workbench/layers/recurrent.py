@@ -157,7 +157,7 @@ class LowRankRNN(nn.Module):
             if rnn.bias:
                 layer.bias_ih.copy_(rnn.bias_ih_l0.detach())
                 layer.bias_hh.copy_(rnn.bias_hh_l0.detach())
-        return layer.to(rnn.weight_ih_l0.dtype)
+        return layer.to(device=rnn.weight_ih_l0.device, dtype=rnn.weight_ih_l0.dtype)
 
     # ------------------------------------------------------------------ compute
     def project(self, x: torch.Tensor, side: str) -> torch.Tensor:

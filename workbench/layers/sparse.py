@@ -76,7 +76,7 @@ class _SparseWeight(nn.Module):
         else:
             index_dtype = torch.int16 if cols < 2 ** 15 else torch.int32
             counts = matrix_mask.sum(dim=1)
-            crow = torch.zeros(rows + 1, dtype=torch.int32)
+            crow = torch.zeros(rows + 1, dtype=torch.int32, device=weight.device)
             crow[1:] = counts.cumsum(0).to(torch.int32)
             cols_idx = matrix_mask.nonzero()[:, 1].to(index_dtype)
             self.register_buffer("crow_indices", crow)
@@ -96,8 +96,9 @@ class _SparseWeight(nn.Module):
     def _csr_mask(self) -> torch.Tensor:
         rows = self.weight_shape[0]
         counts = (self.crow_indices[1:] - self.crow_indices[:-1]).long()
-        row_of = torch.repeat_interleave(torch.arange(rows), counts)
-        matrix = torch.zeros(rows, self._cols(), dtype=torch.bool)
+        device = self.crow_indices.device
+        row_of = torch.repeat_interleave(torch.arange(rows, device=device), counts)
+        matrix = torch.zeros(rows, self._cols(), dtype=torch.bool, device=device)
         matrix[row_of, self.col_indices.long()] = True
         return matrix.reshape(self.weight_shape)
 
@@ -117,7 +118,7 @@ class _SparseWeight(nn.Module):
         """The ``weight_shape`` weight with zeros at pruned entries, rebuilt from the sparse storage."""
         if self.format == "bitmap":
             keep = self.mask()
-            return torch.zeros(self.weight_shape, dtype=self.values.dtype).masked_scatter_(keep, self.values)
+            return torch.zeros(self.weight_shape, dtype=self.values.dtype, device=self.values.device).masked_scatter_(keep, self.values)
         return self._csr().to_dense().reshape(self.weight_shape)
 
     def kept(self) -> int:
@@ -155,7 +156,7 @@ class SparseLinear(_SparseWeight):
 
     def to_masked(self) -> tuple[nn.Linear, torch.Tensor]:
         """``(dense nn.Linear with zeros at pruned entries, bool mask (out, in))`` for fine-tuning."""
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None).to(self.values.device)
         with torch.no_grad():
             linear.weight.copy_(self.dense_weight())
             if self.bias is not None:

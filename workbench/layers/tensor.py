@@ -77,7 +77,7 @@ class TuckerConv2d(nn.Module):
         w = conv.weight.detach()
         r_out, r_in = tk.check_tucker_ranks(tuple(w.shape), ranks, name)
         f = factors if factors is not None else tk.tucker2(w, (r_out, r_in), name)
-        layer = cls(conv, r_out, r_in).to(w.dtype)
+        layer = cls(conv, r_out, r_in).to(device=w.device, dtype=w.dtype)
         with torch.no_grad():
             layer.first.weight.copy_(f.u_in.T.reshape(r_in, -1, 1, 1))
             layer.core.weight.copy_(f.core)
@@ -112,7 +112,7 @@ class CPConv2d(nn.Module):
         w = conv.weight.detach()
         rank = tk.check_cp_rank(tuple(w.shape), rank, name)
         f = factors if factors is not None else tk.cp(w, rank, name)
-        layer = cls(conv, rank).to(w.dtype)
+        layer = cls(conv, rank).to(device=w.device, dtype=w.dtype)
         with torch.no_grad():
             layer.first.weight.copy_(f.inp.T.reshape(rank, -1, 1, 1))
             layer.vertical.weight.copy_(f.h.T.reshape(rank, 1, -1, 1))
@@ -146,7 +146,7 @@ class SpatialSVDConv2d(nn.Module):
         w = conv.weight.detach()
         rank = tk.check_spatial_rank(tuple(w.shape), rank, name)
         f = factors if factors is not None else tk.spatial_svd(w, rank, name)
-        layer = cls(conv, rank).to(w.dtype)
+        layer = cls(conv, rank).to(device=w.device, dtype=w.dtype)
         with torch.no_grad():
             layer.vertical.weight.copy_(f.vertical)
             layer.horizontal.weight.copy_(f.horizontal)

@@ -14,6 +14,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from workbench.device import model_device
 from workbench.errors import UnsupportedLayerError, WorkbenchError
 from workbench.inventory import get_submodule, matrix_layers
 from workbench.kernels import prune as prune_kernels
@@ -99,7 +100,7 @@ def build_structured(model: nn.Module, params: Mapping[str, Any], context: Layer
         raise WorkbenchError("prune_structured needs input_shape (an example input's shape, e.g. [1, 64])")
     removals = structured_removals(model, ratio, layers)
     try:
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(tuple(shape)))
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(tuple(shape), device=model_device(model)))
     except Exception as exc:  # tracing failures come from arbitrary user models
         raise WorkbenchError(f"cannot trace the model with an input of shape {tuple(shape)} "
                              f"for structured pruning: {exc}") from None
@@ -223,6 +224,7 @@ def sparse_latency_rows(model: nn.Module, batch: int = 64, repeats: int = 30) ->
             x = torch.randn(batch, module.in_features)
         else:
             x = torch.randn(batch, module.spec.in_channels, 8, 8)
+        x = x.to(module.values.device)
         sparse_ms, dense_ms = latency_ms(module, x, repeats, warmup=3), latency_ms(dense, x, repeats, warmup=3)
         rows.append({"name": name, "sparsity": round(1 - module.density(), 4), "format": module.format,
                      "sparse_ms": round(sparse_ms, 4), "dense_ms": round(dense_ms, 4),

@@ -63,7 +63,7 @@ def _repack_int8(codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | 
 def _int8_view(module: nn.Module) -> nn.Module:
     """Float weights on the int8 per-row grid (codes in [-127, 127]); activations stay float while
     training (the dynamic int8 kernel has no gradient), as in weight-only QAT."""
-    linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+    linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None).to(module.weight_int8.device)
     with torch.no_grad():
         linear.weight.copy_(module.dequantized_weight())
         if module.bias is not None:

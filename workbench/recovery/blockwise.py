@@ -44,7 +44,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+<<<<<<< HEAD
 from workbench.auto_stages import compared_tensors, find_stages
+=======
+from workbench.device import model_device, to_device
+>>>>>>> device
 from workbench.errors import WorkbenchError
 from workbench.recovery import views
 from workbench.recovery.finetune import check_epochs, check_lr_and_batch
@@ -134,7 +138,8 @@ def reconstruct_blocks(model: nn.Module, original: nn.Module, calibration_inputs
     order = torch.randperm(len(calibration_inputs), generator=generator)
     n_val = max(1, round(holdout * len(order)))
     fit_idx, val_idx = order[n_val:].sort().values, order[:n_val].sort().values
-    # One list of chunks: the first ``n_fit`` train, the rest are held out.
+    # One list of chunks, on the model's device: the first ``n_fit`` train, the rest are held out.
+    calibration_inputs = to_device(calibration_inputs, model_device(model))
     fit_chunks = list(calibration_inputs[fit_idx].split(batch_size))
     student = fit_chunks + list(calibration_inputs[val_idx].split(batch_size))
     teacher, n_fit = list(student), len(fit_chunks)

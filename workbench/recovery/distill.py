@@ -182,12 +182,13 @@ class FeatureMatcher(nn.Module):
             if key not in self.adapters:
                 width_s, width_t = h_s.shape[-1], h_t.shape[-1]
                 self.adapters[key] = (nn.Identity() if width_s == width_t
-                                      else nn.Linear(width_s, width_t, bias=False))
+                                      else nn.Linear(width_s, width_t, bias=False).to(h_s.device))
 
     def loss(self) -> torch.Tensor:
-        total = torch.zeros(())
+        total = None
         for s_name, t_name in self.pairs.items():
             h_s = _channels_last(self._student.outputs[s_name])
+            total = torch.zeros((), device=h_s.device) if total is None else total
             h_t = _channels_last(self._teacher.outputs[t_name]).detach()
             total = total + F.mse_loss(self.adapter(s_name)(h_s), h_t)
         return total

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from workbench.device import model_device, to_device
 from workbench.errors import WorkbenchError
 from workbench.recovery import views
 from workbench.recovery.distill import (Distillation, FeatureMatcher, check_shapes, distillation_loss,
@@ -207,6 +208,8 @@ def _finetune(model, task, epochs, lr, batch_size, distill, learn_scales, patien
               weight_decay, seed, cancel, on_epoch, progress, desc, scale_lr) -> Recovery:
     x_fit, y_fit, x_val, y_val = validation_split(task.train_inputs, task.train_targets, val_fraction, seed)
     work = views.trainable(copy.deepcopy(model))
+    # training data on the model's device, once; the metric judges outputs where the data were
+    x_fit, y_fit, x_val, y_val_here = to_device((x_fit, y_fit, x_val, y_val), model_device(work))
     set_learn_scales(work, learn_scales)
     result = Recovery(model=model, untrained_layers=_untrained_layers(work))
     select, causal = _select(task), is_causal_lm(task)
@@ -232,7 +235,8 @@ def _finetune(model, task, epochs, lr, batch_size, distill, learn_scales, patien
         def evaluate() -> dict:
             work.eval()
             out = _outputs(work, x_val, select=select)
-            return {"val_loss": float(hard_loss(out, y_val, causal)), "metric": float(task.metric(out, y_val))}
+            return {"val_loss": float(hard_loss(out, y_val_here, causal)),
+                    "metric": float(task.metric(to_device(out, y_val.device), y_val))}
 
         result.start = evaluate()
         best_key = quality_key(task, result.start["metric"], result.start["val_loss"])

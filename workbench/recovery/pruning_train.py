@@ -15,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from workbench.compress import apply
+from workbench.device import model_device, to_device
 from workbench.errors import WorkbenchError
 from workbench.inventory import matrix_layers
 from workbench.kernels import prune as prune_kernels
@@ -59,7 +60,7 @@ def train_epochs(model: nn.Module, task, epochs: int, lr: float = 1e-3, l1: floa
     ``masks``: ``{layer: bool keep-mask}``; pruned weights are held at exactly zero (their
     gradient is zeroed and they are re-zeroed after every step).
     """
-    x, y = task.train_inputs, task.train_targets
+    x, y = to_device((task.train_inputs, task.train_targets), model_device(model))
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     loss_fn = nn.CrossEntropyLoss()

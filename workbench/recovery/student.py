@@ -66,7 +66,7 @@ def narrowed(model: nn.Module, factor: float) -> nn.Sequential:
                 layer = nn.Conv2d(new_in, new_out, child.kernel_size, stride=child.stride,
                                   padding=child.padding, dilation=child.dilation,
                                   bias=child.bias is not None, padding_mode=child.padding_mode)
-            layers.append((name, layer))
+            layers.append((name, layer.to(child.weight.device)))
             old_width, new_width = old_out, new_out
         else:
             layers.append((name, copy.deepcopy(child)))

@@ -58,7 +58,7 @@ def layer_grams(model: nn.Module, names: Sequence[str], inputs: torch.Tensor,
 
     def accumulate(name: str, module: nn.Module, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1])
-        entry = grams.setdefault(name, [torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64), 0])
+        entry = grams.setdefault(name, [torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device), 0])
         entry[0] += aware_kernels.gram(x)
         entry[1] += len(x)
 

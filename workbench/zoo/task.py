@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from workbench.device import model_device, to_device
 from workbench.errors import WorkbenchError
 from workbench.zoo.outputs import OutputChoice, select_output
 
@@ -139,12 +140,17 @@ class Task:
     def outputs(self, model: nn.Module | None = None, batch_size: int = 4096,
                 inputs: torch.Tensor | None = None) -> torch.Tensor:
         """Judged outputs ``(n, ...)`` of ``model`` (default: the original) on ``inputs`` (default:
-        the evaluation inputs), batch by batch, in eval mode; the model's modes are restored."""
+        the evaluation inputs), batch by batch, in eval mode; the model's modes are restored.
+
+        Each batch runs on the model's device (`workbench.device.model_device`); the outputs come
+        back on the inputs' device, where the targets are, so the metric sees the data's device."""
         model = self.model if model is None else model
         inputs = self.eval_inputs if inputs is None else inputs
+        device = model_device(model)
         with evaluation_mode(model):
-            chunks = [self.select(model(inputs[i:i + batch_size])) for i in range(0, len(inputs), batch_size)]
-        return torch.cat(chunks)
+            chunks = [self.select(model(to_device(inputs[i:i + batch_size], device)))
+                      for i in range(0, len(inputs), batch_size)]
+        return to_device(torch.cat(chunks), inputs.device)
 
     def evaluate(self, model: nn.Module | None = None) -> float:
         """The task metric of ``model`` (default: the original) on the evaluation data, a finite

@@ -38,6 +38,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from workbench.device import model_device, to_device
 from workbench.errors import WorkbenchError
 from workbench.inventory import inventory
 from workbench.layers.recurrent import unsupported_reason
@@ -219,7 +220,7 @@ def _probe(model: nn.Module, inputs: torch.Tensor, what: str) -> Any:
         raise WorkbenchError(f"{what} holds no samples")
     try:
         with torch.no_grad(), evaluation_mode(model):
-            return model(inputs[:1])
+            return model(to_device(inputs[:1], model_device(model)))
     except Exception as exc:  # the user's model decides what fails; report it with the shape
         raise WorkbenchError(f"{what} of shape {tuple(inputs.shape)} ({inputs.dtype}) does not fit the model: "
                              f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
