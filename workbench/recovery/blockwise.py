@@ -44,11 +44,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-<<<<<<< HEAD
 from workbench.auto_stages import compared_tensors, find_stages
-=======
 from workbench.device import model_device, to_device
->>>>>>> device
 from workbench.errors import WorkbenchError
 from workbench.recovery import views
 from workbench.recovery.finetune import check_epochs, check_lr_and_batch
