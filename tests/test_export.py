@@ -17,7 +17,8 @@ from workbench.plan import LayerPlan, Plan
 from workbench.registry import get_recipe, methods, recipes
 
 #: Options tried, in order, to make a plan from each registered recipe on a small model.
-RECIPE_OPTIONS = ({"ratio": 0.3}, {"bits": 8}, {"bits": 4}, {"ratio": 0.5, "structured": True}, {})
+RECIPE_OPTIONS = ({"ratio": 0.3}, {"bits": 8}, {"bits": 4}, {"ratio": 0.5, "structured": True},
+                  {"ratio": 0.3, "bits": 4}, {})
 
 
 def outputs(model, inputs):
