@@ -3,9 +3,10 @@
 The explicit table of built-ins (Torch-Pruning's ``PrunerBox`` pattern): each module below calls
 `register_method` / `register_recipe` for its family; `workbench/__init__` imports this package once.
 """
-from workbench.methods import aware, fusion, lowrank, pruning, quantization, recurrent, tensor
+from workbench.methods import aware, fusion, gptq, lowrank, pruning, quantization, recurrent, tensor
 
 FAMILIES = {"lowrank": lowrank, "aware": aware, "recurrent": recurrent, "tensor": tensor, "pruning": pruning,
-            "quantization": quantization, "fusion": fusion}
+            "quantization": quantization, "gptq": gptq,
+            "fusion": fusion}
 
 __all__ = ["FAMILIES"]
