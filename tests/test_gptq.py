@@ -213,3 +213,28 @@ def test_transformers_conv1d_becomes_the_same_linear_layer():
     assert torch.equal(built.dequantized_weight(), G.dequantize_groups(codes, scale, zero))
     with torch.no_grad():
         assert torch.allclose(built(x), x @ built.dequantized_weight().T + model[0].bias)
+
+
+def test_awq_never_worse_than_gptq_on_calibration_and_identity_at_alpha_zero(mlp_task):
+    calib = layer_inputs(mlp_task, mlp_task.calibration_inputs())
+    for name in ("fc1", "fc2"):
+        w, h = mlp_task.model.get_submodule(name).weight, gram(calib[name])
+        plain = G.gptq_quantize(w, h, 3, 32)
+        codes, scale, zero, s = G.awq_quantize(w, h, 3, 32)
+        assert s.shape == (w.shape[1],) and torch.equal(s.half().float(), s)
+        awq_error = G.calibration_error(w, G.dequantize_groups(codes, scale, zero) / s, h)
+        assert awq_error <= G.calibration_error(w, G.dequantize_groups(*plain), h)
+        unscaled = G.awq_quantize(w, h, 3, 32, alphas=(0.0,))
+        assert all(torch.equal(a, b) for a, b in zip(unscaled[:3], plain)) and torch.equal(unscaled[3], torch.ones(len(s)))
+
+
+def test_awq_layer_bytes_and_file_round_trip(mlp_task, tmp_path):
+    plan = wb.recipe("gptq")(mlp_task.model, bits=3, group_size=64, awq=True)
+    model = wb.apply(mlp_task.model, plan, calibration_inputs=mlp_task.calibration_inputs())
+    fc2 = model.fc2
+    assert fc2.input_scale.dtype == torch.float16
+    assert state_bytes(fc2) == 256 * 256 * 3 // 8 + 256 * 4 * 3 + 2 * 256 + 4 * 256
+    loaded = wb.load_compressed(wb.save_compressed(tmp_path / "a.safetensors", model, plan, "digits-mlp")).model
+    with torch.no_grad():
+        assert torch.equal(loaded(mlp_task.eval_inputs), model(mlp_task.eval_inputs))
+    assert mlp_task.evaluate(model) >= mlp_task.evaluate(mlp_task.model) - 0.02

@@ -6,9 +6,11 @@
   (`workbench.kernels.quant.pack_codes`): ``ceil(out * in * bits / 8)`` bytes;
 - ``scale``: float16 ``(out, groups)``; ``zero_point``: uint8 ``(out, groups)`` (integer zero
   points in ``[0, 2^bits)``), ``groups = in // group_size`` (1: per output channel);
+- ``input_scale`` (only when ``input_scaled``, AWQ): float16 ``(in,)``, the weight's columns
+  were multiplied by it before quantizing and are divided by it after;
 - ``bias``: float, as the original's.
 
-So ``bytes = ceil(out * in * bits / 8) + 3 * out * groups (+ bias)``. ``forward`` unpacks,
+So ``bytes = ceil(out * in * bits / 8) + 3 * out * groups (+ 2 * in) (+ bias)``. ``forward`` unpacks,
 dequantizes ``w = scale * (code - zero_point)`` per group and runs ``F.linear``: the saving is in
 bytes, not in time. The codes come from any quantizer on that grid (GPTQ:
 `workbench.kernels.gptq.gptq_quantize`; round-to-nearest: `rtn_quantize`).
@@ -32,7 +34,7 @@ class GroupQuantLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int | None = None,
-                 bias: bool = True, asymmetric: bool = True, name: str = ""):
+                 bias: bool = True, asymmetric: bool = True, name: str = "", input_scaled: bool = False):
         super().__init__()
         gptq_kernels.check_gptq_bits(bits, name)
         self.group_size = gptq_kernels.check_group_size(group_size, in_features, name)
@@ -42,19 +44,25 @@ class GroupQuantLinear(nn.Module):
                                                    dtype=torch.uint8))
         self.register_buffer("scale", torch.ones(out_features, groups, dtype=torch.float16))
         self.register_buffer("zero_point", torch.zeros(out_features, groups, dtype=torch.uint8))
+        self.register_buffer("input_scale", torch.ones(in_features, dtype=torch.float16) if input_scaled else None)
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
-                   bias: torch.Tensor | None, bits: int, asymmetric: bool = True, name: str = "") -> "GroupQuantLinear":
+                   bias: torch.Tensor | None, bits: int, asymmetric: bool = True, name: str = "",
+                   input_scale: torch.Tensor | None = None) -> "GroupQuantLinear":
         """Pack ``codes: (out, in)`` (ints in ``[0, 2^bits)``) with ``scale, zero_point: (out, groups)``.
 
-        ``scale`` must hold float16 values and ``zero_point`` integers (what the kernels return).
+        ``scale`` (and ``input_scale: (in,)``, AWQ) must hold float16 values and ``zero_point``
+        integers (what the kernels return).
         """
         out, width = codes.shape
         group = width // scale.shape[1]
-        layer = cls(width, out, bits, None if group == width else group, bias is not None, asymmetric, name)
+        layer = cls(width, out, bits, None if group == width else group, bias is not None, asymmetric, name,
+                    input_scaled=input_scale is not None)
         with torch.no_grad():
+            if input_scale is not None:
+                layer.input_scale.copy_(input_scale.half())
             layer.packed.copy_(quant_kernels.pack_codes(codes, bits))
             layer.scale.copy_(scale.half())
             layer.zero_point.copy_(zero_point.round().to(torch.uint8))
@@ -73,7 +81,8 @@ class GroupQuantLinear(nn.Module):
 
     def dequantized_weight(self) -> torch.Tensor:
         """float32 ``(out, in)``: the weights the codes stand for."""
-        return gptq_kernels.dequantize_groups(self.codes(), self.scale, self.zero_point)
+        weight = gptq_kernels.dequantize_groups(self.codes(), self.scale, self.zero_point)
+        return weight if self.input_scale is None else weight / self.input_scale.float()
 
     def to_float(self) -> nn.Linear:
         """A dense ``nn.Linear`` holding the dequantized weights."""
@@ -94,5 +103,6 @@ class GroupQuantLinear(nn.Module):
     def extra_repr(self) -> str:
         grid = "per-channel" if self.groups == 1 else f"group_size={self.group_size}"
         kind = "asymmetric" if self.asymmetric else "symmetric"
+        awq = ", input-scaled (AWQ)" if self.input_scale is not None else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"{kind} {grid}")
+                f"{kind} {grid}{awq}")
