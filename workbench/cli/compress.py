@@ -35,7 +35,7 @@ def parse_ranks(items: list[str] | None) -> dict[str, int | tuple[int, int]] | N
 
 # CLI flag of each recipe option, for the message when a flag does not apply to the method
 FLAGS = {"ratio": "--ratio", "energy": "--energy", "ranks": "--rank", "layers": "--layers", "bits": "--bits",
-         "scheme": "--scheme", "per_channel": "--per-channel", "asymmetric": "--asymmetric",
+         "scheme": "--scheme", "per_channel": "--per-channel", "group_size": "--group-size", "awq": "--awq", "asymmetric": "--asymmetric",
          "structured": "--structured", "activation_aware": "--activation-aware", "estimate": "--estimate"}
 
 
@@ -60,7 +60,8 @@ def recipe_options(args) -> dict:
         "layers": args.layers, "bits": args.bits, "scheme": args.scheme,
         "per_channel": args.per_channel or None, "asymmetric": args.asymmetric or None,
         "structured": args.structured or None, "activation_aware": args.activation_aware,
-        "estimate": args.estimate,
+        "estimate": args.estimate, "group_size": args.group_size,
+        "awq": args.awq or None,
     }
     return {k: v for k, v in options.items() if v is not None}
 
@@ -157,7 +158,7 @@ def run(args) -> int:
 def register(subparsers) -> None:
     parser = subparsers.add_parser("compress", help="compress a model with one method and measure it")
     add_model_arguments(parser)
-    parser.add_argument("--method", required=True, help="svd, prune, quant, int8, tucker, cp, ...")
+    parser.add_argument("--method", required=True, help="svd, prune, quant, gptq, int8, tucker, cp, ...")
     parser.add_argument("--ratio", type=float, help="kept fraction (parameters for svd, weights for prune)")
     parser.add_argument("--energy", type=float, help="svd: keep this fraction of sigma^2 per layer")
     parser.add_argument("--rank", action="append", metavar="LAYER=R",
@@ -166,6 +167,8 @@ def register(subparsers) -> None:
     parser.add_argument("--layers", nargs="+", help="restrict to these layers")
     parser.add_argument("--bits", type=int, help="quantization bit width")
     parser.add_argument("--scheme", help="quantization scheme (uniform, kmeans)")
+    parser.add_argument("--group-size", type=int, help="gptq: inputs sharing one scale (a divisor of each layer's input width)")
+    parser.add_argument("--awq", action="store_true", help="gptq: activation-aware input scaling (AWQ) first")
     parser.add_argument("--per-channel", action="store_true", help="quantize per output channel")
     parser.add_argument("--asymmetric", action="store_true", help="asymmetric quantization (zero point)")
     parser.add_argument("--structured", action="store_true", help="prune whole channels/neurons")

@@ -3,10 +3,9 @@
 The explicit table of built-ins (Torch-Pruning's ``PrunerBox`` pattern): each module below calls
 `register_method` / `register_recipe` for its family; `workbench/__init__` imports this package once.
 """
-from workbench.methods import aware, fusion, lowrank, pruning, quant_lowrank, quantization, recurrent, tensor
+from workbench.methods import aware, fusion, gptq, lowrank, pruning, quant_lowrank, quantization, recurrent, tensor
 
 FAMILIES = {"lowrank": lowrank, "aware": aware, "recurrent": recurrent, "tensor": tensor, "pruning": pruning,
-            "quantization": quantization, "fusion": fusion,
-            "quant_lowrank": quant_lowrank}
+            "quantization": quantization, "gptq": gptq, "quant_lowrank": quant_lowrank, "fusion": fusion}
 
 __all__ = ["FAMILIES"]

@@ -16,6 +16,7 @@ from workbench.hooks import collect_layer_inputs
 from workbench.errors import UnsupportedLayerError, WorkbenchError
 from workbench.inventory import get_submodule, matrix_layers
 from workbench.kernels import quant as quant_kernels
+from workbench.layers.grouped import GroupQuantLinear
 from workbench.layers.quantized import Int8Linear, QuantConv2d, QuantLinear, quantized_from_layer
 from workbench.measure import latency_ms
 from workbench.methods.units import unit_names, unit_of, unit_table
@@ -109,7 +110,7 @@ def quantization_errors(original: nn.Module, compressed: nn.Module, inputs: torc
     ``[{"name", "bits", "weight_mse", "output_rel_error"}]`` (``||y_q - y|| / ||y||``).
     """
     names = [name for name, m in compressed.named_modules()
-             if isinstance(m, (QuantLinear, QuantConv2d, Int8Linear))]
+             if isinstance(m, (QuantLinear, QuantConv2d, Int8Linear, GroupQuantLinear))]
     if not names:
         return []
     cached = collect_layer_inputs(original, names, inputs)
