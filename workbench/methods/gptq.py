@@ -89,7 +89,7 @@ def gptq_plan(model: nn.Module, *, bits: int | None = None, group_size: int | No
     if bits is None:
         raise WorkbenchError("gptq needs bits (2..8), e.g. --bits 4")
     gptq_kernels.check_gptq_bits(bits)
-    names = _chosen(model, layers, ("linear",), "gptq")
+    names, dense = _chosen(model, layers, ("linear",), "gptq")
     if not names:
         raise WorkbenchError("gptq handles Linear layers (and transformers Conv1D) and this model has none")
     params: dict[str, Any] = {"bits": bits}
@@ -104,7 +104,7 @@ def gptq_plan(model: nn.Module, *, bits: int | None = None, group_size: int | No
     widths = {info.name: info.shape[1] for info in matrix_layers(model)}
     for name in names:  # every layer's settings checked before the plan is made
         check_settings(params, widths[name], name)
-    return Plan({name: LayerPlan("gptq", params) for name in names})
+    return Plan({name: LayerPlan("gptq", params) for name in names}, left_dense=dense)
 
 
 def gptq_report(original: nn.Module, compressed: nn.Module, task=None) -> dict:
