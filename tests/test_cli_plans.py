@@ -54,6 +54,15 @@ def test_allocate_style_wrapper_and_compress_json_are_plan_files(capsys, tmp_pat
     assert again["after"]["bytes"] == result["after"]["bytes"]
 
 
+def test_widget_configuration_is_a_plan_file(capsys, tmp_path, mlp_task, svd_half_plan):
+    pytest.importorskip("ipywidgets")
+    from workbench.widgets.persistence import save_configuration
+
+    path = save_configuration(tmp_path / "config.json", svd_half_plan, mlp_task.model, "digits-mlp", {"layer": "fc2"})
+    result = run_json(capsys, "compress", "digits-mlp", "--plan", str(path), "--json")
+    assert result["plan"] == svd_half_plan.to_dict() and result["plan_made_for"] == "digits-mlp"
+
+
 def test_plan_for_another_model_is_refused_naming_both_and_the_layer(capsys, tmp_path, cnn_task):
     path = tmp_path / "cnn.json"
     path.write_text(json.dumps({"model": "digits-cnn", "plan": wb.recipe("svd")(cnn_task.model, ratio=0.5).to_dict()}))
