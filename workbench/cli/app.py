@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,11 +94,9 @@ def run(args) -> int:
     if args.dry_run:
         print(" ".join(plan.argv))
         return 0
-    process = subprocess.Popen(plan.argv, env={**os.environ, **plan.env}, cwd=plan.cwd)
-    try:
-        return process.wait()
-    except KeyboardInterrupt:  # Ctrl-C reaches Voilà too: let it shut its kernels down
-        return process.wait()
+    os.chdir(plan.cwd)
+    # Voilà replaces this process (same pid, signals go straight to it; torch is not kept loaded)
+    os.execve(plan.argv[0], plan.argv, {**os.environ, **plan.env})
 
 
 def register(subparsers) -> None:
