@@ -14,7 +14,8 @@ from workbench.plan import LayerPlan, Plan
 from workbench.recovery import distill_finetune, finetune, qat, reconstruct_blocks, train_student
 from workbench.registry import Recipe, get_recipe, methods, recipe, recipes
 from workbench.report import write_report
-from workbench.select import advise, allocate, collect_points, pareto_front, search, sensitivity
+from workbench.select import (advise, allocate, collect_points, joint_allocate, joint_fronts, pareto_front, search,
+                              sensitivity)
 from workbench.spectra import model_spectra
 from workbench.stages import Stage, register_stages
 from workbench.version import __version__
@@ -25,9 +26,9 @@ _EXPLORERS = ("Dashboard", "GateRankExplorer", "PruningExplorer", "QuantizationE
 
 __all__ = ["Engine", "LayerPlan", "Plan", "Recipe", "Stage", "Task", "UnsupportedLayerError", "WorkbenchError",
            "advise", "allocate", "apply", "available_models", "collect_points", "distill_finetune", "export_onnx",
-           "finetune", "get_recipe", "load", "load_compressed", "measure", "methods", "model_spectra",
-           "pareto_front", "qat", "recipe", "recipes", "reconstruct_blocks", "register_stages", "save_compressed",
-           "search", "sensitivity", "train_student", "write_report", "__version__", *_EXPLORERS]
+           "finetune", "get_recipe", "joint_allocate", "joint_fronts", "load", "load_compressed", "measure", "methods",
+           "model_spectra", "pareto_front", "qat", "recipe", "recipes", "reconstruct_blocks", "register_stages",
+           "save_compressed", "search", "sensitivity", "train_student", "write_report", "__version__", *_EXPLORERS]
 
 
 def __getattr__(name: str):

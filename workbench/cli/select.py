@@ -86,15 +86,41 @@ def run_sensitivity(args) -> int:
 def run_allocate(args) -> int:
     from workbench.select import allocate
 
+    if args.families is not None:
+        return run_joint_allocate(args)
     task = load_task(args)
-    result = allocate(task, args.budget, args.by, args.allocator, method=args.method, loss=args.loss,
-                      progress=not args.json)
+    result = allocate(task, args.budget, args.by, args.allocator or "greedy", method=args.method,
+                      loss=args.loss or "sensitivity", progress=not args.json)
     data = {"model": args.model, "metric_name": task.metric_name, "original_metric": task.evaluate(),
             **result.to_dict()}
     text = (f"{args.model} {args.allocator} at {args.budget} of {args.by}: used {result.used:,} of "
             f"{result.total:,} ({result.fraction_used:.1%}); {task.metric_name} {data['original_metric']:.4f} -> "
             f"{result.metric:.4f}; ranks " + ", ".join(f"{k}={v if v is not None else 'dense'}"
                                                     for k, v in result.ranks.items()))
+    emit(data, args.json, text)
+    return 0
+
+
+def run_joint_allocate(args) -> int:
+    """``allocate --families F1,F2,...``: one option per layer across those families (multiple-choice
+    knapsack); the JSON holds ``fraction_used``, ``metric``, ``choices`` and ``plan``."""
+    from workbench.select import check_families, joint_allocate
+
+    families = check_families(args.families)  # an unknown family: refused before the model loads
+    if args.method != "svd":
+        raise WorkbenchError(f"--method {args.method} and --families cannot be combined: --families chooses "
+                             "the methods (one family per layer)")
+    if args.allocator not in (None, "convex", "greedy"):
+        raise WorkbenchError(f"--allocator {args.allocator} does not apply to --families; use convex (default) or greedy")
+    task = load_task(args)
+    result = joint_allocate(task, args.budget, args.by, families, loss=args.loss or "proxy",
+                            relative_to=args.relative_to, allocator=args.allocator or "convex")
+    data = {"model": args.model, "metric_name": task.metric_name, **result}
+    picks = ", ".join(f"{name}={c['method']}" + (f"({', '.join(f'{k}={v}' for k, v in c['params'].items())})"
+                                                  if c["params"] else "") for name, c in result.choices.items())
+    text = (f"{args.model} joint allocation ({','.join(families)}) at {args.budget} of {args.by}: used "
+            f"{result.used:,} of {result.total:,} ({result.fraction_used:.1%}); {task.metric_name} "
+            f"{result.original_metric:.4f} -> {result.metric:.4f}; {picks}")
     emit(data, args.json, text)
     return 0
 
@@ -176,10 +202,16 @@ def register(subparsers) -> None:
     add_model_arguments(p)
     p.add_argument("--budget", type=_budget, required=True, help="fraction of the original kept, e.g. 0.3")
     p.add_argument("--by", default="params", choices=["params", "bytes", "flops"])
-    p.add_argument("--allocator", default="greedy", choices=["uniform", "energy", "greedy", "convex"])
+    p.add_argument("--allocator", choices=["uniform", "energy", "greedy", "convex"],
+                   help="default greedy (convex with --families)")
     p.add_argument("--method", default="svd", help="recipe whose settings are allocated")
-    p.add_argument("--loss", default="sensitivity", choices=["sensitivity", "proxy"],
-                   help="predicted loss: measured sensitivity, or sigma^2 x activation energy")
+    p.add_argument("--families", help="joint mode: comma-separated families to choose from per layer "
+                                      "(quant, kmeans, gptq, svd, svd_aware, svd_quant, svd_residual, prune)")
+    p.add_argument("--relative-to", default="model", choices=["model", "layers"],
+                   help="with --families: the budget is a fraction of the whole model or of the candidate layers")
+    p.add_argument("--loss", choices=["sensitivity", "proxy"],
+                   help="predicted loss: measured sensitivity (default), or a proxy (sigma^2 x activation "
+                        "energy; with --families, the default: each layer's relative output error)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run_allocate)
 

@@ -268,7 +268,9 @@ def convex_picks(table: OptionTable, limit: float, solver: str = "auto") -> tupl
     problem = cp.Problem(cp.Minimize(loss @ x), constraints)
     try:
         with _quiet_native_stdout():
-            problem.solve(solver="HIGHS" if have_highs else None)
+            # HiGHS stops at a relative gap of 1e-4 by default: gaps of 0 make the MILP exact
+            gaps = {"mip_rel_gap": 0.0, "mip_abs_gap": 0.0} if milp else {}
+            problem.solve(solver="HIGHS", **gaps) if have_highs else problem.solve()
     except cp.error.SolverError as exc:
         raise WorkbenchError(f"convex allocation: the solver failed ({exc}); try allocator='greedy'") from None
     if problem.status in ("infeasible", "infeasible_inaccurate"):
