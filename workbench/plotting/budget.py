@@ -10,12 +10,13 @@ from typing import Mapping, Sequence
 
 def draw_budget_fronts(ax, fronts: Mapping[str, tuple[Sequence[float], Sequence[float]]],
                        baseline: float | None = None, joint: str = "joint",
-                       xlabel: str = "fraction of the original bytes", ylabel: str = "accuracy") -> dict:
+                       xlabel: str = "fraction of the original bytes", ylabel: str = "accuracy",
+                       with_pick: bool = True) -> dict:
     """One line per family ``{label: (x, y)}`` (x: fraction of the budget measure used, y: metric);
     the ``joint`` label drawn on top, thick and black; a dashed line at ``baseline`` (the original).
 
     Returns ``{"lines": {label: Line2D}, "baseline": Line2D or None, "pick": Line2D}``; ``pick``
-    starts empty (see `update_budget_pick`).
+    starts empty (see `update_budget_pick`); None when not ``with_pick`` (a static chart).
     """
     lines = {}
     for label, (x, y) in fronts.items():
@@ -30,7 +31,7 @@ def draw_budget_fronts(ax, fronts: Mapping[str, tuple[Sequence[float], Sequence[
     if baseline is not None:
         line = ax.axhline(baseline, color="0.4", linestyle="--", linewidth=1, label="original")
     pick = ax.plot([], [], marker="D", markersize=9, linestyle="none", color="crimson", label="current pick",
-                   zorder=6)[0]
+                   zorder=6)[0] if with_pick else None
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title("one budget, every family: which wins where")
