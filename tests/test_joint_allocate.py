@@ -5,6 +5,8 @@ import json
 import matplotlib
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
 import workbench as wb
 from workbench.cli import main
@@ -180,3 +182,33 @@ def test_cli_joint_allocate(capsys, mlp_task):
     assert "'nope' not known" in capsys.readouterr().err
     assert main(["allocate", "digits-mlp", "--by", "bytes", "--budget", "0.001", "--families", "quant"]) == 2
     assert "below the smallest model" in capsys.readouterr().err
+
+
+class Lookup(nn.Module):
+    """An embedding table, then two Linears: tables compete with matrix layers for the bytes."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.hidden, self.out = nn.Embedding(300, 32), nn.Linear(32, 64), nn.Linear(64, 5)
+
+    def forward(self, ids):
+        return self.out(torch.relu(self.hidden(self.emb(ids).mean(1))))
+
+
+def test_embeddings_included_on_request():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 300, (64, 12), generator=torch.Generator().manual_seed(0))
+    task = wb.load(Lookup().eval(), eval_data=ids)
+    without = joint_allocate(task, 0.5, "bytes", ["quant"], relative_to="layers")
+    assert set(without.choices) == {"hidden", "out"} and without.total == payload_bytes(task.model) - 300 * 32 * 4
+    result = joint_allocate(task, 0.2, "bytes", ["quant"], relative_to="layers", include_embeddings=True)
+    assert result.choices["emb"]["method"] == "quant_embedding" and result.total == payload_bytes(task.model)
+    model = wb.apply(task.model, result.as_plan())
+    assert result.bytes == payload_bytes(model) <= 0.2 * payload_bytes(task.model)
+    assert task.evaluate(model) == pytest.approx(result.metric, abs=1e-6)
+    # the table's proxy: relative error of the rows looked up
+    table = model.emb(ids).detach().double()
+    reference = task.model.emb(ids).detach().double()
+    expected = float(((table - reference) ** 2).sum() / (reference ** 2).sum())
+    assert result.choices["emb"]["loss"] == pytest.approx(expected, rel=1e-3, abs=1e-6)
+    assert main(["allocate", "digits-mlp", "--budget", "0.5", "--include-embeddings"]) == 2

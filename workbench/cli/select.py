@@ -88,6 +88,8 @@ def run_allocate(args) -> int:
 
     if args.families is not None:
         return run_joint_allocate(args)
+    if args.include_embeddings:
+        raise WorkbenchError("--include-embeddings needs --families (the joint allocator)")
     task = load_task(args)
     result = allocate(task, args.budget, args.by, args.allocator or "greedy", method=args.method,
                       loss=args.loss or "sensitivity", progress=not args.json)
@@ -114,7 +116,8 @@ def run_joint_allocate(args) -> int:
         raise WorkbenchError(f"--allocator {args.allocator} does not apply to --families; use convex (default) or greedy")
     task = load_task(args)
     result = joint_allocate(task, args.budget, args.by, families, loss=args.loss or "proxy",
-                            relative_to=args.relative_to, allocator=args.allocator or "convex")
+                            relative_to=args.relative_to, allocator=args.allocator or "convex",
+                            include_embeddings=args.include_embeddings)
     data = {"model": args.model, "metric_name": task.metric_name, **result}
     picks = ", ".join(f"{name}={c['method']}" + (f"({', '.join(f'{k}={v}' for k, v in c['params'].items())})"
                                                   if c["params"] else "") for name, c in result.choices.items())
@@ -206,7 +209,10 @@ def register(subparsers) -> None:
                    help="default greedy (convex with --families)")
     p.add_argument("--method", default="svd", help="recipe whose settings are allocated")
     p.add_argument("--families", help="joint mode: comma-separated families to choose from per layer "
-                                      "(quant, kmeans, gptq, svd, svd_aware, svd_quant, svd_residual, prune)")
+                                      "(quant, kmeans, gptq, svd, svd_aware, svd_quant, svd_residual, prune, "
+                                      "quant_embedding)")
+    p.add_argument("--include-embeddings", action="store_true",
+                   help="with --families: also choose for the embedding tables (row-wise b-bit codes)")
     p.add_argument("--relative-to", default="model", choices=["model", "layers"],
                    help="with --families: the budget is a fraction of the whole model or of the candidate layers")
     p.add_argument("--loss", choices=["sensitivity", "proxy"],

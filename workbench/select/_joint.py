@@ -53,7 +53,7 @@ class JointAllocation(Record):
     solver: str             # "milp (HiGHS)", "lp relaxation + rounding" or "greedy"
     solve_ms: float         # time of the knapsack solve alone
     families: list          # the families offered
-    choices: dict           # {layer: {"family", "method", "params", "cost", "loss"}}
+    choices: dict           # {layer: {"family", "method", "params", "cost", "loss"}} (loss: + tie-break < 1e-6)
     plan: dict              # `Plan.to_dict()` (`compress --plan` reads this key)
 
     def as_plan(self) -> Plan:
@@ -124,7 +124,8 @@ def menu_table(menu: JointMenu, by: str, families: Sequence[str] | None = None,
 def joint_allocate(task: Task, budget: float, by: str = "bytes", families: Sequence[str] | None = None, *,
                    pinned: Pins | None = None, loss: str = "proxy", relative_to: str = "model",
                    allocator: str = "convex", solver: str = "auto", layers: Sequence[str] | None = None,
-                   engine: Engine | None = None, menu: JointMenu | None = None) -> JointAllocation:
+                   engine: Engine | None = None, menu: JointMenu | None = None,
+                   include_embeddings: bool = False) -> JointAllocation:
     """One option per layer across ``families`` so that the model keeps ``budget`` of its ``by``.
 
     Parameters
@@ -140,6 +141,8 @@ def joint_allocate(task: Task, budget: float, by: str = "bytes", families: Seque
     relative_to : "model" (the budget counts the whole model) or "layers" (only the candidates).
     allocator : "convex" (multiple-choice knapsack, exact MILP with HiGHS) or "greedy".
     engine, menu : reuse an `Engine` on ``task`` and a menu built on it (a slider re-solves only).
+    include_embeddings : also choose for the embedding tables (``quant_embedding`` codes); with
+        ``relative_to="layers"`` the budget is then a fraction of their bytes as well.
 
     Raises
     ------
@@ -149,6 +152,8 @@ def joint_allocate(task: Task, budget: float, by: str = "bytes", families: Seque
     """
     _check_budget(budget, by)
     families = check_families(families)
+    if include_embeddings:
+        families = tuple(dict.fromkeys([*families, "quant_embedding"]))
     if relative_to not in RELATIVE_TO:
         raise WorkbenchError(f"relative_to={relative_to!r} must be one of {', '.join(RELATIVE_TO)}")
     if allocator not in JOINT_ALLOCATORS:
@@ -158,7 +163,8 @@ def joint_allocate(task: Task, budget: float, by: str = "bytes", families: Seque
         engine = Engine(task, preview=False, freeze_gc=False)
     if menu is None:
         menu = build_menu(task, families, layers=layers, loss=loss, engine=engine,
-                          extra={name: [c] for name, c in pins.items() if c is not None})
+                          extra={name: [c] for name, c in pins.items() if c is not None},
+                          include_embeddings=include_embeddings)
         _check_pins(pins, menu.layers)
     table, fams = menu_table(menu, by, families, pins, relative_to)
     limit = budget * table.total + table.fixed
@@ -193,15 +199,19 @@ def joint_allocate(task: Task, budget: float, by: str = "bytes", families: Seque
 
 def joint_fronts(task: Task, budgets: Sequence[float], by: str = "bytes", families: Sequence[str] | None = None,
                  *, loss: str = "proxy", relative_to: str = "model", layers: Sequence[str] | None = None,
-                 engine: Engine | None = None, menu: JointMenu | None = None) -> BudgetFronts:
+                 engine: Engine | None = None, menu: JointMenu | None = None,
+                 include_embeddings: bool = False) -> BudgetFronts:
     """Every single family and the joint allocator at each of ``budgets`` (one shared menu).
 
     A budget a family cannot reach gives a point with ``metric`` None and the ``reason``.
     ``winners[i]``: the single family with the best metric at ``budgets[i]``.
     """
     families = check_families(families)
+    if include_embeddings:
+        families = tuple(dict.fromkeys([*families, "quant_embedding"]))
     engine = engine or Engine(task, preview=False, freeze_gc=False)
-    menu = menu or build_menu(task, families, layers=layers, loss=loss, engine=engine)
+    menu = menu or build_menu(task, families, layers=layers, loss=loss, engine=engine,
+                              include_embeddings=include_embeddings)
     fronts: dict[str, list[dict]] = {}
     for label, offered in [*((f, [f]) for f in families), ("joint", families)]:
         fronts[label] = []

@@ -4,7 +4,8 @@ A *family* is a way to compress one layer (``FAMILIES``): round-to-nearest b-bit
 (``quant``), k-means codebooks (``kmeans``), error-compensated codes (``gptq``), truncated SVD
 (``svd``), activation-aware SVD (``svd_aware``), SVD factors in b-bit codes (``svd_quant``), fp32
 factors plus a b-bit residual (``svd_residual``), magnitude pruning into sparse storage
-(``prune``). `family_options` gives a small default grid of settings per family and layer.
+(``prune``); and for embedding tables, row-wise b-bit codes (``quant_embedding``, with
+``include_embeddings``). `family_options` gives a small default grid of settings per family and layer.
 
 `build_menu` builds every option of every layer through the engine (`workbench.engine.Engine`,
 whose factor cache the SVD families share) and records, per option:
@@ -22,7 +23,7 @@ whose factor cache the SVD families share) and records, per option:
 
 Options the method refuses for a layer (a type it does not take, a rank above break-even, a group
 size that does not divide the width) are left out and counted in ``JointMenu.refused``. Layers of
-tied groups are not offered (they stay dense).
+tied groups (a table tied to an LM head included) are not offered: they stay dense.
 """
 from __future__ import annotations
 
@@ -37,16 +38,18 @@ from torch import nn
 from workbench.adapters import canonical
 from workbench.engine import Engine
 from workbench.errors import WorkbenchError
-from workbench.inventory import get_submodule
+from workbench.inventory import embedding_units, get_submodule
 from workbench.plan import LayerPlan, Plan
 from workbench.registry import get_method
 from workbench.select._sensitivity import COSTS, quality_loss, selection_task
 from workbench.zoo.task import Task
 
-FAMILIES = ("quant", "kmeans", "gptq", "svd", "svd_aware", "svd_quant", "svd_residual", "prune")
+FAMILIES = ("quant", "kmeans", "gptq", "svd", "svd_aware", "svd_quant", "svd_residual", "prune", "quant_embedding")
 #: What ``families=None`` offers: all but k-means, whose per-channel codebooks are ~50x slower to
-#: fit than the rest of the menu together (name it to have it).
-DEFAULT_FAMILIES = tuple(f for f in FAMILIES if f != "kmeans")
+#: fit than the rest of the menu together (name it to have it), and the embedding family (offered
+#: with ``include_embeddings``).
+DEFAULT_FAMILIES = tuple(f for f in FAMILIES if f not in ("kmeans", "quant_embedding"))
+EMBEDDING_BITS = (2, 3, 4, 8)
 LOSSES = ("proxy", "sensitivity")
 QUANT_BITS = (2, 3, 4, 8)
 KMEANS_BITS = (2, 3, 4)
@@ -83,8 +86,12 @@ def _ranks(fractions: Sequence[float], of: int) -> list[int]:
 def family_options(family: str, module: nn.Module) -> list[LayerPlan]:
     """The default grid of ``family``'s settings for ``module`` (weight ``(out, in)``; a conv's
     ``in`` = in_channels x kernel). Settings the layer cannot take are left to the method's check."""
+    if isinstance(module, nn.Embedding) != (family == "quant_embedding"):
+        return []  # tables take quant_embedding only, and only tables take it
     weight = canonical(module).weight
     out, width = weight.shape[0], weight[0].numel()
+    if family == "quant_embedding":
+        return [LayerPlan("quant_embedding", {"bits": b}) for b in EMBEDDING_BITS]
     if family == "quant":
         return [LayerPlan("quant", {"bits": b, "scheme": "uniform", "per_channel": True, "asymmetric": True})
                 for b in QUANT_BITS]
@@ -173,7 +180,8 @@ def _loss_function(engine: Engine, task: Task, loss: str):
 
 def build_menu(task: Task, families: Sequence[str] | None = None, *, layers: Sequence[str] | None = None,
                loss: str = "proxy", engine: Engine | None = None,
-               extra: Mapping[str, Sequence[LayerPlan | None]] | None = None) -> JointMenu:
+               extra: Mapping[str, Sequence[LayerPlan | None]] | None = None,
+               include_embeddings: bool = False) -> JointMenu:
     """Every option of ``families`` for every candidate layer, built, sized and scored.
 
     Parameters
@@ -184,6 +192,8 @@ def build_menu(task: Task, families: Sequence[str] | None = None, *, layers: Seq
     loss : "proxy" (relative output error on calibration inputs) or "sensitivity" (measured).
     engine : an `Engine` on ``task`` to reuse (its factor and build caches).
     extra : ``{layer: [choice, ...]}`` added to those layers' menus (pins), family "pinned".
+    include_embeddings : also offer the model's embedding tables (untied ones; family
+        ``quant_embedding``, added to ``families``), after the matrix layers.
     """
     families = check_families(families)
     if loss not in LOSSES:
@@ -193,6 +203,9 @@ def build_menu(task: Task, families: Sequence[str] | None = None, *, layers: Seq
     names = [n for n in engine.layers if n not in tied] if layers is None else list(layers)
     for name in names:
         engine._info(name)  # an unknown layer: the engine's error listing the layers
+    if include_embeddings:
+        families = tuple(dict.fromkeys([*families, "quant_embedding"]))
+        names += [unit[0] for unit, _ in embedding_units(engine.original)[0] if len(unit) == 1 and unit[0] not in names]
     missing = [n for n in names if n not in engine._calibration]
     if missing:  # one forward pass for every layer's calibration inputs
         engine._collect_calibration(missing)
