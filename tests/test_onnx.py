@@ -129,7 +129,7 @@ def test_model_that_cannot_export_is_a_clear_error_and_leaves_no_file(tmp_path):
 
 HONEST_CASES = [("svd", {"ratio": 0.5}), ("prune", {"ratio": 0.5}), ("quant", {"bits": 4}), ("int8", {}),
                 ("gptq", {"bits": 4}), ("gptq", {"bits": 3, "group_size": 32}), ("gptq", {"bits": 4, "awq": True}),
-                ("svd_quant", {"ratio": 0.25, "bits": 4})]
+                ("svd_quant", {"ratio": 0.25, "bits": 4}), ("svd_residual", {"ratio": 0.25, "bits": 4})]
 
 
 @pytest.mark.parametrize("method,options", HONEST_CASES, ids=lambda v: str(v))
@@ -149,12 +149,13 @@ def test_compressed_mlp_export_is_never_larger_than_the_original(mlp_task, tmp_p
         assert any("stored dense" in note and "fc1" in note for note in written.notes)
         assert written.bytes >= written.original_bytes * 0.99
         assert sorted(len(i.dims) for i in graph.initializer) == [1, 1, 1, 2, 2, 2]
-    if method in ("quant", "gptq", "svd_quant"):  # codes in UINT4 initializers behind DequantizeLinear
+    if method in ("quant", "gptq", "svd_quant", "svd_residual"):  # codes in UINT4 initializers behind DequantizeLinear
         codes = [i for i in graph.initializer if i.data_type == onnx.TensorProto.UINT4 and len(i.dims) == 2
                  and i.name.endswith("_codes")]
         assert len(codes) == len([n for n in graph.node if n.op_type == "DequantizeLinear"]) >= 3
         # half a byte per code, plus float32 scales (one per row, or per 32 inputs: 1/8 byte a weight)
-        assert written.bytes < written.original_bytes / (4 if method == "svd_quant" else 5 if "group_size" in options else 6)
+        assert written.bytes < written.original_bytes / (3 if method == "svd_residual" else 4 if method == "svd_quant"
+                                                         else 5 if "group_size" in options else 6)
     if options.get("bits") == 3:
         assert any("3-bit codes are widened to 4 bits" in note for note in written.notes)
 
