@@ -5,6 +5,9 @@ PY      := $(VENV)/bin/python
 PIP     := $(PY) -m pip
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
+# `make app` serves NOTEBOOK as a web app (Voila, safe settings); APP_ARGS e.g. "--port 8900 --public".
+NOTEBOOK ?= notebooks/01_quickstart.ipynb
+APP_ARGS ?=
 # Extra `jupyter lab` options, e.g. make lab LAB_ARGS="--port=8899 --ServerApp.token=secret".
 LAB_ARGS ?=
 
@@ -14,7 +17,7 @@ CI_SET    := $(filter-out false 0,$(CI))
 NO_SCREEN := $(and $(filter Linux,$(shell uname -s)),$(if $(DISPLAY)$(WAYLAND_DISPLAY),,yes))
 LAB_FLAGS := $(if $(filter 0,$(shell id -u)),--allow-root,) $(if $(CI_SET)$(NO_SCREEN),--no-browser,)
 
-.PHONY: lab test lint test-package test-notebooks report bench venv clean
+.PHONY: lab app test lint test-package test-notebooks report bench venv clean
 
 venv: $(STAMP)
 
@@ -28,6 +31,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 lab: $(STAMP)
 	$(PY) -m jupyter lab notebooks/01_quickstart.ipynb $(LAB_FLAGS) $(LAB_ARGS)
+
+app: $(STAMP)
+	$(PY) -m workbench app $(NOTEBOOK) $(APP_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests

@@ -17,11 +17,16 @@ from workbench.widgets.quantization import QuantizationExplorer  # noqa: E402
 from workbench.widgets.recovery import RecoveryExplorer  # noqa: E402
 
 
+def point(bar, path):
+    """Aim a save / load bar at ``path``: its folder and the file name typed in its box."""
+    bar.folder, bar.path.value = path.parent, path.name
+
+
 def reload(make, path):
     """A fresh explorer from ``make()`` with its bar loading ``path``; asserts the load succeeded."""
     fresh = make()
     assert fresh.children[-1] is fresh.persistence
-    fresh.persistence.path.value = str(path)
+    point(fresh.persistence, path)
     assert fresh.persistence.load(), fresh.persistence.status.value
     return fresh
 
@@ -30,7 +35,7 @@ def refuse(explorer, path, plan, controls, match, task=None):
     """Write ``plan`` to ``path``, load it: refused with ``match`` in the status, ``controls`` unchanged."""
     save_configuration(path, plan, task.model if task is not None else None)
     before = [c.value for c in controls]
-    explorer.persistence.path.value = str(path)
+    point(explorer.persistence, path)
     assert not explorer.persistence.load()
     status = explorer.persistence.status.value
     assert "not loaded" in status and match in status, status
@@ -44,7 +49,7 @@ def test_pruning_explorer_round_trip(mlp_task, tmp_path):
     explorer = make()
     explorer.threshold.value = 0.04
     explorer.layer.value = "fc2"
-    explorer.persistence.path.value = str(tmp_path / "p.json")
+    point(explorer.persistence, tmp_path / "p.json")
     assert explorer.persistence.save(), explorer.persistence.status.value
     saved = json.loads((tmp_path / "p.json").read_text())
     assert LayerPlan.from_dict(saved["plan"]["layers"]["fc1"]) == LayerPlan("prune", {"threshold": 0.04})
@@ -73,7 +78,7 @@ def test_quantization_explorer_round_trip(mlp_task, tmp_path):
     explorer = make()
     explorer.bits.value = 2
     explorer.scheme.value = "kmeans"
-    explorer.persistence.path.value = str(tmp_path / "q.json")
+    point(explorer.persistence, tmp_path / "q.json")
     assert explorer.persistence.save(), explorer.persistence.status.value
     fresh = reload(make, tmp_path / "q.json")
     assert (fresh.bits.value, fresh.scheme.value) == (2, "kmeans")
@@ -85,7 +90,7 @@ def test_quantization_explorer_round_trip(mlp_task, tmp_path):
     from workbench.registry import get_recipe
     recipe_plan = get_recipe("quant")(mlp_task.model, bits=1, scheme="kmeans")
     save_configuration(tmp_path / "r.json", recipe_plan, mlp_task.model)
-    fresh.persistence.path.value = str(tmp_path / "r.json")
+    point(fresh.persistence, tmp_path / "r.json")
     assert fresh.persistence.load(), fresh.persistence.status.value
     assert fresh.bits.value == 1 and fresh.state["bits"] == 1
 
@@ -104,7 +109,7 @@ def test_tucker_explorer_round_trip(cnn_task, tmp_path):
 
     explorer = make()
     explorer.rank_in.value = 4
-    explorer.persistence.path.value = str(tmp_path / "t.json")
+    point(explorer.persistence, tmp_path / "t.json")
     assert explorer.persistence.save(), explorer.persistence.status.value
     fresh = reload(make, tmp_path / "t.json")
     assert (fresh.rank_out.value, fresh.rank_in.value) == (8, 4)
@@ -124,7 +129,7 @@ def test_gate_rank_explorer_round_trip(gru_task, tmp_path):
 
     explorer = make()
     explorer.rank_ih.value, explorer.rank_hh.value, explorer.per_gate.value = 3, 16, False
-    explorer.persistence.path.value = str(tmp_path / "g.json")
+    point(explorer.persistence, tmp_path / "g.json")
     assert explorer.persistence.save(), explorer.persistence.status.value
     fresh = reload(make, tmp_path / "g.json")
     assert (fresh.rank_ih.value, fresh.rank_hh.value, fresh.per_gate.value) == (3, 16, False)
@@ -137,7 +142,7 @@ def test_gate_rank_explorer_round_trip(gru_task, tmp_path):
     refuse(fresh, tmp_path / "bad.json", Plan({"rnn": LayerPlan("svd_rnn", {"rank_ih": 2, "per_gate": "yes"})}),
            controls, "must be true or false", gru_task)
     (tmp_path / "empty.json").write_text(Plan().to_json())  # the original model: both sliders at 0
-    fresh.persistence.path.value = str(tmp_path / "empty.json")
+    point(fresh.persistence, tmp_path / "empty.json")
     assert fresh.persistence.load() and (fresh.rank_ih.value, fresh.rank_hh.value) == (0, 0)
     assert fresh.after["params"] == fresh.before["params"]
 
@@ -152,7 +157,7 @@ def test_recovery_explorer_round_trip(mlp_task, tmp_path):
     explorer = make()
     explorer.choice.value = "fc1 rank 8"
     explorer.epochs.value, explorer.alpha.value = 7, 0.5
-    explorer.persistence.path.value = str(tmp_path / "r.json")
+    point(explorer.persistence, tmp_path / "r.json")
     assert explorer.persistence.save(), explorer.persistence.status.value
     fresh = reload(make, tmp_path / "r.json")
     assert (fresh.choice.value, fresh.epochs.value, fresh.alpha.value) == ("fc1 rank 8", 7, 0.5)
@@ -171,7 +176,7 @@ def test_recovery_explorer_round_trip(mlp_task, tmp_path):
 def test_recovery_compression_given_as_a_model_is_not_saved(mlp_task, tmp_path):
     from torch import nn
     explorer = RecoveryExplorer(mlp_task, {"ready-made": nn.Linear(64, 10)}, epochs=1, background=False)
-    explorer.persistence.path.value = str(tmp_path / "m.json")
+    point(explorer.persistence, tmp_path / "m.json")
     assert not explorer.persistence.save()
     assert "not saved" in explorer.persistence.status.value and "not a plan" in explorer.persistence.status.value
     assert not (tmp_path / "m.json").exists()
@@ -190,7 +195,7 @@ def test_minilm_explorer_round_trip(tmp_path, stand_in_aware_basis):
 
     explorer = make()
     explorer.ratio.value, explorer.mode.value = 0.5, "scale"
-    explorer.persistence.path.value = str(tmp_path / "m.json")
+    point(explorer.persistence, tmp_path / "m.json")
     assert explorer.persistence.save(), explorer.persistence.status.value
     assert LayerPlan.from_dict(json.loads((tmp_path / "m.json").read_text())["plan"]["layers"][explorer.names[0]]) \
         == LayerPlan("svd_aware", {"rank": explorer.plan.layers[explorer.names[0]]["rank"], "aware": "scale"})

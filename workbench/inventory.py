@@ -78,8 +78,11 @@ def skip_reason(module: nn.Module) -> str | None:
     if adapter_for(module) is not None:
         return None
     kind = type(module).__name__
-    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
-        return "embedding: a lookup table (one row read per token), not a matrix product; left dense"
+    if isinstance(module, nn.Embedding):
+        return ("embedding: a lookup table (one row read per token), not a matrix product; left dense by the "
+                "matrix methods (quant_embedding stores its rows as b-bit codes)")
+    if isinstance(module, nn.EmbeddingBag):
+        return "embedding bag: a lookup table (rows read and pooled per bag), not a matrix product; left dense"
     if isinstance(module, nn.RNNBase):
         return (f"recurrent layer ({kind}): several gate matrices, not one; the svd_rnn method (and the svd "
                 "recipe) factor its weight_ih / weight_hh")
@@ -195,6 +198,39 @@ def offered_units(model: nn.Module) -> list[tuple[tuple[str, ...], LayerInfo]]:
     units = [((info.name,), info) for info in matrix_layers(model)]
     units += [(group.names, group.info) for group in tied_groups(model) if group.info is not None]
     return sorted(units, key=lambda unit: order[unit[0][0]])
+
+
+def embedding_units(model: nn.Module) -> tuple[list[tuple[tuple[str, ...], LayerInfo]], dict[tuple[str, ...], str]]:
+    """``(units, left_dense)``: the tables row-wise quantization (``quant_embedding``) may compress.
+
+    ``units``: ``((name,), info)`` for each ``nn.Embedding`` alone and ``(members, info)`` for an
+    embedding with the bias-free LM heads tied to it (one table, one choice), in module order;
+    ``info``: kind "embedding", ``shape`` ``(vocab, dim)``, ``params`` the table once.
+    ``left_dense``: ``{members: reason}`` for tables that cannot be compressed (``max_norm``: rows
+    rewritten in forward) and tied groups holding one that cannot be compressed as one table.
+    """
+    modules = dict(model.named_modules(remove_duplicate=False))
+    grouped = {name: names for names in tied_module_groups(model) for name in names}
+    units, dense, seen = [], {}, set()
+    for name, module in model.named_modules():
+        if type(module) is not nn.Embedding or name in seen:
+            continue
+        names = grouped.get(name, (name,))
+        seen.update(names)
+        members = {n: modules[n] for n in names}
+        reason = None
+        if module.max_norm is not None:
+            reason = f"{name} has max_norm={module.max_norm} (rows rescaled in place during forward)"
+        elif len(names) > 1:
+            try:
+                check_shareable(members)  # embeddings alike, or one table with its bias-free heads
+            except WorkbenchError as exc:
+                reason = str(exc)
+        if reason is not None:
+            dense[names] = f"{'tied group ' if len(names) > 1 else ''}{' + '.join(names)} stays dense: {reason}"
+            continue
+        units.append((names, LayerInfo(names[0], "embedding", tuple(module.weight.shape), module.weight.numel())))
+    return units, dense
 
 
 def inventory(model: nn.Module) -> list[InventoryEntry]:

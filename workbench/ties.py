@@ -174,15 +174,32 @@ def _channel_dim(module: nn.Module) -> int:
     return -1
 
 
+def _embedding_with_heads(members: Mapping[str, nn.Module]) -> bool:
+    """An embedding table tied to LM heads: ``nn.Embedding`` members configured alike and bias-free
+    ``nn.Linear`` heads, all holding the one ``(vocab, dim)`` weight (the head's ``(out, in)``).
+    One row-wise replacement serves both (`workbench.layers.quant_embedding`)."""
+    modules = list(members.values())
+    tables = [m for m in modules if type(m) is nn.Embedding]
+    heads = [m for m in modules if type(m) is nn.Linear]
+    if not tables or not heads or len(tables) + len(heads) != len(modules):
+        return False
+    weight = tables[0].weight
+    return (all(m.weight is weight for m in modules) and all(h.bias is None for h in heads)
+            and len({m.extra_repr() for m in tables}) == 1)
+
+
 def check_shareable(members: Mapping[str, nn.Module]) -> None:
     """Raise `WorkbenchError` unless the modules of one tied group can share one replacement.
 
     ``members``: ``{name: module}`` of the group. They must be the same type with the same
     configuration (``extra_repr`` without the bias: features, kernel, stride, ...) and hold the
-    same tensors, except that each may have its own bias.
+    same tensors, except that each may have its own bias; or be an embedding table with the
+    bias-free LM heads tied to it (one weight: `_embedding_with_heads`).
     """
     names = list(members)
     first_name, first = names[0], members[names[0]]
+    if _embedding_with_heads(members):
+        return
     for name in names[1:]:
         module = members[name]
         if type(module) is not type(first):

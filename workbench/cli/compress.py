@@ -1,11 +1,13 @@
-"""``python -m workbench compress MODEL --method M ...``: apply one method, measure before/after."""
+"""``python -m workbench compress MODEL --method M ... | --plan FILE``: apply one method (or a saved
+plan), optionally recover, measure before/after."""
 from __future__ import annotations
 
 from torch import nn
 
 from workbench.cli.model_source import add_model_arguments, is_embedded, load_task
 from workbench.cli.output import emit
-from workbench.cli.recovery_options import add_recovery_arguments, reconstruct, recover
+from workbench.cli.plan_file import check_fits, read_plan_file
+from workbench.cli.recovery_options import add_recovery_arguments, check_recovery_arguments, reconstruct, recover
 from workbench.compress import apply
 from workbench.errors import WorkbenchError
 from workbench.inventory import offered_units
@@ -36,7 +38,8 @@ def parse_ranks(items: list[str] | None) -> dict[str, int | tuple[int, int]] | N
 # CLI flag of each recipe option, for the message when a flag does not apply to the method
 FLAGS = {"ratio": "--ratio", "energy": "--energy", "ranks": "--rank", "layers": "--layers", "bits": "--bits",
          "scheme": "--scheme", "per_channel": "--per-channel", "group_size": "--group-size", "awq": "--awq", "asymmetric": "--asymmetric",
-         "structured": "--structured", "activation_aware": "--activation-aware", "estimate": "--estimate"}
+         "structured": "--structured", "activation_aware": "--activation-aware", "estimate": "--estimate",
+         "sequential": "--sequential"}
 
 
 def check_options_apply(method: str, recipe, options: dict) -> None:
@@ -61,7 +64,7 @@ def recipe_options(args) -> dict:
         "per_channel": args.per_channel or None, "asymmetric": args.asymmetric or None,
         "structured": args.structured or None, "activation_aware": args.activation_aware,
         "estimate": args.estimate, "group_size": args.group_size,
-        "awq": args.awq or None,
+        "awq": args.awq or None, "sequential": args.sequential or None,
     }
     return {k: v for k, v in options.items() if v is not None}
 
@@ -115,18 +118,62 @@ def left_dense(original, plan) -> list[dict]:
     return rows
 
 
+def allocated(task, options: dict):
+    """``--allocate``: the ``svd`` ranks of ``--ratio`` share ONE budget over the Linear layers
+    (`workbench.select.aware_budget.allocated_plan`, data-aware: ``--activation-aware``, else whiten)."""
+    from workbench.select.aware_budget import allocated_plan
+
+    return allocated_plan(task.model, task.calibration_inputs(), options["ratio"],
+                          mode=options.get("activation_aware", "whiten"), layers=options.get("layers"),
+                          sequential=bool(options.get("sequential")))
+
+
+def check_plan_or_method(args, options: dict) -> None:
+    """Before any work: exactly one of ``--method`` and ``--plan`` (a plan holds its own methods
+    and settings); ``--allocate`` only as ``--method svd --ratio R`` (+ ``--layers``,
+    ``--activation-aware``, ``--sequential``)."""
+    if args.plan is None and args.method is None:
+        raise WorkbenchError("give --method M (with its options) or --plan FILE (a saved plan)")
+    given = (["--method"] if args.method is not None else []) + [FLAGS.get(k, k) for k in options]
+    given += ["--allocate"] if args.allocate else []
+    if args.plan is not None and given:
+        raise WorkbenchError(f"--plan FILE holds the methods and settings; it cannot be combined with {', '.join(given)}")
+    if args.allocate:
+        if args.method != "svd":
+            raise WorkbenchError(f"--allocate shares an svd budget across layers; it does not apply to --method {args.method}")
+        others = [FLAGS[k] for k in options if k not in ("ratio", "layers", "activation_aware", "sequential")]
+        if "ratio" not in options or others:
+            raise WorkbenchError("--allocate takes --ratio R (the kept fraction of all the Linear weights) and optionally "
+                                 f"--layers, --activation-aware, --sequential; got {', '.join(others) or 'no --ratio'}")
+
+
 def run(args) -> int:
-    task = load_task(args)
-    recipe = get_recipe(args.method)
     options = recipe_options(args)
-    check_options_apply(args.method, recipe, options)
-    plan = recipe(task.model, task=task, **options)
+    check_plan_or_method(args, options)
+    check_recovery_arguments(args)
+    plan_file = read_plan_file(args.plan) if args.plan is not None else None  # before loading the model
+    task = load_task(args)
+    recipe = None
+    if plan_file is not None:
+        check_fits(plan_file, task.model, args.model)
+        plan = plan_file.plan
+    elif args.allocate:
+        plan = allocated(task, options)
+    else:
+        recipe = get_recipe(args.method)
+        check_options_apply(args.method, recipe, options)
+        plan = recipe(task.model, task=task, **options)
     compressed = apply(task.model, plan, calibration_inputs=task.calibration_inputs())
     compressed, blockwise = reconstruct(args, task, compressed)  # --blockwise; else unchanged
     compressed, history = recover(args, task, compressed)  # --finetune / --distill / qat; else unchanged
-    result = {"model": args.model, "method": args.method, "plan": plan.to_dict(),
+    label = args.method if plan_file is None else "plan"
+    result = {"model": args.model, "method": label, "plan": plan.to_dict(),
               "before": measure(task.model, task), "after": measure(compressed, task),
               "layers": layer_rows(task.model, compressed, plan), "left_dense": left_dense(task.model, plan)}
+    if plan_file is not None:
+        result.update(plan_file=plan_file.path, plan_made_for=plan_file.made_for)
+    if args.allocate:
+        result["allocated"] = True
     report = getattr(recipe, "report", None)  # a family's extra figures and notes (e.g. sparse latency)
     if report is not None:
         result.update(report(task.model, compressed, task))
@@ -140,7 +187,8 @@ def run(args) -> int:
         result["out"] = str(save_compressed(args.out, compressed, plan, args.model if is_embedded(args) else task.name,
                                             **mine))
     before, after = result["before"], result["after"]
-    text = (f"{args.model} {args.method}: {task.metric_name} {before['metric']:.4f} -> {after['metric']:.4f}, "
+    name = f"plan {plan_file.path}" if plan_file is not None else label + (" allocated" if args.allocate else "")
+    text = (f"{args.model} {name}: {task.metric_name} {before['metric']:.4f} -> {after['metric']:.4f}, "
             f"params {before['params']} -> {after['params']} ({after['params'] / before['params']:.1%}), "
             f"bytes {before['bytes']} -> {after['bytes']}, flops {before['flops']} -> {after['flops']}")
     if blockwise is not None:
@@ -156,9 +204,12 @@ def run(args) -> int:
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("compress", help="compress a model with one method and measure it")
+    parser = subparsers.add_parser("compress", help="compress a model with one method (or a saved plan) and measure it")
     add_model_arguments(parser)
-    parser.add_argument("--method", required=True, help="svd, prune, quant, gptq, int8, tucker, cp, ...")
+    parser.add_argument("--method", help="svd, prune, quant, gptq, int8, tucker, cp, ...")
+    parser.add_argument("--plan", metavar="FILE",
+                        help="apply a saved plan instead of --method: Plan.to_json, allocate/compress --json "
+                             "output, or a widget configuration")
     parser.add_argument("--ratio", type=float, help="kept fraction (parameters for svd, weights for prune)")
     parser.add_argument("--energy", type=float, help="svd: keep this fraction of sigma^2 per layer")
     parser.add_argument("--rank", action="append", metavar="LAYER=R",
@@ -173,6 +224,11 @@ def register(subparsers) -> None:
     parser.add_argument("--asymmetric", action="store_true", help="asymmetric quantization (zero point)")
     parser.add_argument("--structured", action="store_true", help="prune whole channels/neurons")
     parser.add_argument("--activation-aware", choices=["whiten", "scale"], help="data-aware SVD")
+    parser.add_argument("--sequential", action="store_true",
+                        help="data-aware svd: calibrate layer by layer in forward order on the partly compressed model")
+    parser.add_argument("--allocate", action="store_true",
+                        help="svd --ratio R: R of ALL the Linear weights, ranks allocated per layer from measured "
+                             "losses (data-aware; whiten unless --activation-aware scale)")
     add_recovery_arguments(parser)
     parser.add_argument("--out", help="save the compressed model here (.safetensors)")
     parser.add_argument("--json", action="store_true", help="print JSON")

@@ -1,13 +1,18 @@
 """Recovery flags of ``compress``: ``--blockwise EPOCHS``, ``--finetune EPOCHS [--distill
---temperature T --alpha A]`` and ``--method qat --bits B --epochs N``. Not a command itself (no ``register``): `workbench.cli.compress`
-adds these flags and calls `recover` on the compressed model before measuring it."""
+--temperature T --alpha A]`` and ``--method qat --bits B --epochs N`` (these three at ``--lr``).
+Not a command itself (no ``register``): `workbench.cli.compress` adds these flags and calls
+`recover` on the compressed model before measuring it."""
 from __future__ import annotations
+
+import math
 
 from torch import nn
 
 from workbench.errors import WorkbenchError
 
 QAT_DEFAULT_EPOCHS = 10
+#: Adam learning rate of fine-tuning, distillation and QAT without ``--lr`` (`finetune`'s default).
+DEFAULT_LR = 1e-3
 
 
 def add_recovery_arguments(parser) -> None:
@@ -21,6 +26,21 @@ def add_recovery_arguments(parser) -> None:
     group.add_argument("--distill", action="store_true", help="fine-tune with the original model as teacher")
     group.add_argument("--temperature", type=float, help="distillation temperature T > 0 (default 4)")
     group.add_argument("--alpha", type=float, help="weight of the soft teacher loss in [0, 1] (default 0.9)")
+    group.add_argument("--lr", type=float, metavar="LR",
+                       help=f"Adam learning rate of fine-tuning, distillation and QAT (default {DEFAULT_LR:g}; "
+                            "cosine schedule over the epochs)")
+
+
+def check_recovery_arguments(args) -> None:
+    """Refuse, before any work, an ``--lr`` that is not a finite number > 0, or one with nothing
+    to train (block-wise reconstruction keeps its own rate, 3e-4)."""
+    if args.lr is None:
+        return
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise WorkbenchError(f"--lr {args.lr!r} must be a finite number > 0, e.g. 1e-3")
+    if args.finetune is None and args.epochs is None and args.method != "qat":
+        raise WorkbenchError(f"--lr {args.lr:g} sets the rate of --finetune EPOCHS, --distill or --method qat; "
+                             "give one of them")
 
 
 def reconstruct(args, task, compressed: nn.Module) -> tuple[nn.Module, list | None]:
@@ -53,7 +73,8 @@ def recover(args, task, compressed: nn.Module) -> tuple[nn.Module, dict | None]:
         return compressed, None
     if not args.distill and (args.temperature is not None or args.alpha is not None):
         raise WorkbenchError("--temperature and --alpha set distillation; add --distill")
-    options = {"epochs": epochs, "learn_scales": is_qat, "desc": "QAT" if is_qat else "fine-tuning"}
+    lr = DEFAULT_LR if args.lr is None else args.lr
+    options = {"epochs": epochs, "lr": lr, "learn_scales": is_qat, "desc": "QAT" if is_qat else "fine-tuning"}
     if args.distill:
         options["desc"] = "distilling"
         result = distill_finetune(compressed, task, temperature=4.0 if args.temperature is None else args.temperature,
@@ -62,7 +83,7 @@ def recover(args, task, compressed: nn.Module) -> tuple[nn.Module, dict | None]:
         result = finetune(compressed, task, **options)
     kind = "distill" if args.distill else ("qat" if is_qat else "finetune")
     history = {"kind": kind, "epoch": [h["epoch"] for h in result.history], **result.history_dict(),
-               "metric_split": "validation (carved from the training split)"}
+               "lr": lr, "metric_split": "validation (carved from the training split)"}
     if args.distill:
         history.update(temperature=4.0 if args.temperature is None else args.temperature,
                        alpha=0.9 if args.alpha is None else args.alpha)

@@ -19,6 +19,7 @@ from workbench.kernels import quant as quant_kernels
 from workbench.layers.grouped import GroupQuantLinear
 from workbench.layers.quantized import Int8Linear, QuantConv2d, QuantLinear, quantized_from_layer
 from workbench.measure import latency_ms
+from workbench.methods.quant_embedding import embedding_entries
 from workbench.methods.units import unit_names, unit_of, unit_table
 from workbench.plan import LayerPlan, Plan
 from workbench.registry import LayerContext, Method, register_method, register_recipe
@@ -65,13 +66,14 @@ def _chosen(model: nn.Module, layers: Sequence[str] | None, kinds: tuple[str, ..
 
 def quant_plan(model: nn.Module, *, bits: int | None = None, scheme: str | None = None,
                per_channel: bool | None = None, asymmetric: bool | None = None,
-               layers: Sequence[str] | None = None, seed: int = 0) -> Plan:
+               layers: Sequence[str] | None = None, seed: int = 0, include_embeddings: bool = False) -> Plan:
     """Quantize every Linear/Conv2d (or ``layers``) to ``bits`` bits.
 
     ``scheme``: "uniform" (default; symmetric unless ``asymmetric``) or "kmeans" (codebook of
     ``2^bits`` centroids); ``per_channel``: one scale (or codebook) per output channel.
     ``bits`` 16/32 give an empty plan (float weights kept). A tied group gets one choice on every
-    member (its codes packed once).
+    member (its codes packed once). ``include_embeddings``: the embedding tables too (and an LM
+    head tied to one), as row-wise ``bits``-bit codes (`workbench.methods.quant_embedding`, 2..8 bits).
     """
     if bits is None:
         raise WorkbenchError("quant needs bits (1..8; 16/32 mean no quantization)")
@@ -89,7 +91,14 @@ def quant_plan(model: nn.Module, *, bits: int | None = None, scheme: str | None 
         params["asymmetric"] = True
     if scheme == "kmeans":
         params["seed"] = seed
-    return Plan({name: LayerPlan("quant", params) for name in names}, left_dense=dense)
+    entries = {name: LayerPlan("quant", params) for name in names}
+    if include_embeddings:
+        if bits == 1:
+            raise WorkbenchError("include_embeddings needs bits from 2 to 8 (row-wise tables); got bits=1")
+        tables, held = embedding_entries(model, bits)
+        dense = {group: reason for group, reason in dense.items() if not set(group) & set(tables)} | held
+        entries.update(tables)
+    return Plan(entries, left_dense=dense)
 
 
 def int8_plan(model: nn.Module, *, layers: Sequence[str] | None = None) -> Plan:

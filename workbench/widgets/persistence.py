@@ -10,18 +10,24 @@ The host widget exposes
 * optionally ``widget_state() -> dict`` / ``set_widget_state(dict)``: extra view state
   (selected layer, toggles) that is not part of the plan.
 
-The compute half (``save_configuration`` / ``load_configuration``) knows no widgets and is
-tested alone. A configuration file is JSON::
+Where files go
+--------------
+* In JupyterLab the bar takes a file NAME, kept in a ``configurations`` folder beside the
+  notebook (the kernel's working folder): paths, ``..``, links out of the folder and
+  non-``.json`` names are refused with a message.
+* In a web app (Voilà, `workbench.widgets.configuration.in_app`), nothing is written on the
+  server: "Save" offers a download link and "Load" takes a file the visitor uploads.
 
-    {"kind": "workbench-configuration", "format_version": 1, "model": "digits-mlp",
-     "layer_shapes": {"fc1": [256, 64], ...}, "plan": Plan.to_dict(), "state": {...}}
-
-Loading refuses (with a message, never a traceback in the widget) a file that is not JSON, is
-of a newer format, or was made for another model (layer names or shapes differ).
+The compute half (`workbench.widgets.configuration`: ``save_configuration``,
+``load_configuration``, ``parse_configuration``, ``configuration_file``) knows no widgets and is
+tested alone. Loading refuses (with a message, never a traceback in the widget) a file that is
+too big, not strict configuration JSON, of a newer format, or made for another model; the
+host's sliders are then left as they were.
 """
 from __future__ import annotations
 
-import json
+import base64
+import html
 import os
 from pathlib import Path
 from typing import Any
@@ -30,59 +36,14 @@ import ipywidgets as widgets
 from torch import nn
 
 from workbench.errors import WorkbenchError
-from workbench.widgets.throttle import error_message
-from workbench.export import atomic_write, check_plan_fits, plan_layer_shapes
 from workbench.plan import Plan
+from workbench.widgets.configuration import (CONFIG_FOLDER, CONFIG_FORMAT_VERSION, CONFIG_KIND,  # noqa: F401
+                                             DEFAULT_NAME, MAX_CONFIGURATION_BYTES, check_name,
+                                             configuration_file, configuration_text, in_app,
+                                             load_configuration, parse_configuration, save_configuration)
+from workbench.widgets.throttle import error_message
 
-CONFIG_KIND = "workbench-configuration"
-CONFIG_FORMAT_VERSION = 1
-DEFAULT_PATH = "workbench-configuration.json"
-
-
-def save_configuration(path: str | os.PathLike, plan: Plan, model: nn.Module | None = None,
-                       model_name: str | None = None, state: dict | None = None) -> Path:
-    """Write ``plan`` (with the shapes of its layers in ``model`` and the view ``state``) to ``path``.
-
-    Written to a temporary name, then renamed; raises `WorkbenchError` if the folder is not writable.
-    """
-    if not isinstance(plan, Plan):
-        raise WorkbenchError(f"a configuration holds a workbench.Plan, got {type(plan).__name__}")
-    data = {"kind": CONFIG_KIND, "format_version": CONFIG_FORMAT_VERSION, "model": model_name,
-            "layer_shapes": plan_layer_shapes(model, plan) if model is not None else {},
-            "plan": plan.to_dict(), "state": state or {}}
-    text = json.dumps(data, indent=1, default=str)
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def load_configuration(path: str | os.PathLike, model: nn.Module | None = None) -> tuple[Plan, dict, dict]:
-    """``(plan, state, data)`` from a file written by `save_configuration`.
-
-    With ``model``, every layer the plan names must exist there with the recorded weight shape.
-    A bare plan file (``Plan.to_json``) is accepted too (no shapes to check, empty state).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise WorkbenchError(f"no configuration file {str(path)!r}")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise WorkbenchError(f"{str(path)!r} is not valid JSON (truncated or corrupted?): {exc}") from None
-    if not isinstance(data, dict):
-        raise WorkbenchError(f"{str(path)!r} holds a {type(data).__name__}, not a configuration object")
-    if data.get("kind") != CONFIG_KIND:
-        if "layers" in data:  # a bare plan
-            data = {"kind": CONFIG_KIND, "format_version": CONFIG_FORMAT_VERSION, "plan": data}
-        else:
-            raise WorkbenchError(f"{str(path)!r} is not a workbench configuration (kind={data.get('kind')!r})")
-    version = data.get("format_version")
-    if not isinstance(version, int) or version > CONFIG_FORMAT_VERSION:
-        raise WorkbenchError(f"{str(path)!r} has format_version={version!r}, newer than this workbench reads "
-                             f"(up to {CONFIG_FORMAT_VERSION}); upgrade compression-workbench")
-    plan = Plan.from_dict(data.get("plan") or {})
-    if model is not None:
-        check_plan_fits(model, plan, data.get("layer_shapes"),
-                        what=f"configuration (saved for {data.get('model') or 'another model'})")
-    return plan, dict(data.get("state") or {}), data
+DEFAULT_PATH = DEFAULT_NAME  # the former name of the default
 
 
 def _host_model(host: Any) -> tuple[nn.Module | None, str | None]:
@@ -174,52 +135,106 @@ def check_slider_value(slider: widgets.Widget, value: Any, what: str) -> Any:
 
 
 class SaveLoadBar(widgets.VBox):
-    """A path box, "Save this configuration" and "Load" buttons, and a status line.
+    """A file name box, "Save this configuration" and "Load" buttons, and a status line.
 
-    ``host``: a widget following the protocol in the module docstring. ``save()`` / ``load()``
-    are what the buttons call; they return True on success and put any error in ``status``.
+    ``save()`` / ``load()`` are what the buttons (and an upload) call; they return True on success
+    and put any error in ``status``, the host left as it was.
+
+    Parameters
+    ----------
+    host : a widget following the protocol in the module docstring.
+    name : the file name first shown (a name, not a path).
+    folder : where files are kept in ``"folder"`` mode; default ``configurations`` in the working
+        folder (beside the notebook), made on the first save.
+    mode : ``"folder"`` (JupyterLab) or ``"browser"`` (a web app: a download link and an upload
+        button, nothing written on the server); default: ``"browser"`` when `in_app()`.
     """
 
-    def __init__(self, host: Any, path: str | os.PathLike = DEFAULT_PATH):
+    def __init__(self, host: Any, name: str = DEFAULT_NAME, folder: str | os.PathLike | None = None,
+                 mode: str | None = None):
         # a `plan` property is looked up on the class, not evaluated (it may raise for the current view)
         has_plan = hasattr(type(host), "plan") or hasattr(host, "plan")
         if not has_plan or not callable(getattr(host, "set_plan", None)):
             raise WorkbenchError(f"{type(host).__name__} cannot be saved: it needs a `plan` property "
                                  "and a `set_plan(plan)` method")
-        self.host = host
-        self.path = widgets.Text(value=str(path), description="file", layout=widgets.Layout(width="360px"))
+        mode = mode or ("browser" if in_app() else "folder")
+        if mode not in ("folder", "browser"):
+            raise WorkbenchError(f"mode={mode!r} must be 'folder' or 'browser'")
+        self.host, self.mode = host, mode
+        self.folder = Path(CONFIG_FOLDER if folder is None else folder).absolute()
+        self.path = widgets.Text(value=check_name(str(name)), description="file name",
+                                 layout=widgets.Layout(width="360px"))
         self.save_button = widgets.Button(description="Save this configuration", icon="save",
                                           layout=widgets.Layout(width="220px"))
         self.load_button = widgets.Button(description="Load", icon="folder-open")
+        self.upload = widgets.FileUpload(accept=".json,application/json", multiple=False, description="Load")
+        self.download = widgets.HTML(value="")  # browser mode: the link to the configuration just made
         self.status = widgets.HTML(value="")
         self.save_button.on_click(lambda _: self.save())
         self.load_button.on_click(lambda _: self.load())
-        super().__init__([widgets.HBox([self.path, self.save_button, self.load_button]), self.status])
+        self.upload.observe(lambda change: self.load() if change["new"] else None, names="value")
+        load = self.upload if mode == "browser" else self.load_button
+        rows = [widgets.HBox([self.path, self.save_button, load]), self.download, self.status]
+        super().__init__(rows if mode == "browser" else [rows[0], self.status])
+        self.add_class("wb-save-load")
 
     def _report(self, ok: bool, text: str) -> bool:
         color = "#2a7" if ok else "#c33"
-        self.status.value = f"<span style='color:{color}'>{text}</span>"
+        self.status.value = f"<span style='color:{color}'>{html.escape(text, quote=False)}</span>"
         return ok
 
+    def _shown(self, name: str) -> str:
+        return f"{self.folder.name}/{name}"
+
     def save(self) -> bool:
-        """Write the host's current plan and view state to ``self.path.value``."""
-        model, name = _host_model(self.host)
+        """Folder mode: write the host's plan and view state to ``folder / name``. Browser mode:
+        offer them as a download link (``download``); nothing is written on the server."""
+        model, model_name = _host_model(self.host)
         state = self.host.widget_state() if callable(getattr(self.host, "widget_state", None)) else None
         try:
             plan = host_plan(self.host)
-            written = save_configuration(self.path.value, plan, model, name, state)
+            if self.mode == "browser":
+                name = check_name(self.path.value)
+                text = configuration_text(plan, model, model_name, state)
+                href = "data:application/json;base64," + base64.b64encode(text.encode()).decode("ascii")
+                self.download.value = (f"<a class='wb-config-download' download=\"{html.escape(name)}\" href=\"{href}\">"
+                                       f"&#x2B07; download {html.escape(name)}</a>")
+                return self._report(True, f"{len(plan.layers)} layer setting(s) ready: click the link to keep "
+                                          f"{name} on your computer (nothing is kept on the server)")
+            path = configuration_file(self.folder, self.path.value)
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise WorkbenchError(f"cannot make the folder {str(self.folder)!r}: {exc.strerror or exc}") from None
+            save_configuration(path, plan, model, model_name, state)
         except Exception as exc:  # noqa: BLE001 - a message in the widget, never a traceback
             return self._report(False, f"not saved: {error_message(exc)}")
-        return self._report(True, f"saved {len(plan.layers)} layer setting(s) to {written}")
+        return self._report(True, f"saved {len(plan.layers)} layer setting(s) to {self._shown(path.name)}")
 
     def load(self) -> bool:
-        """Restore the host's sliders from ``self.path.value``; the host is untouched on error."""
+        """Restore the host's sliders from ``folder / name`` (folder mode) or from the uploaded
+        file (browser mode, which is then dropped); the host is untouched on error."""
         model, _ = _host_model(self.host)
         try:
-            plan, state, _ = load_configuration(self.path.value, model)
+            if self.mode == "browser":
+                files = self.upload.value
+                if not files:
+                    raise WorkbenchError("choose a configuration file (.json) with the Load button")
+                self.upload.value = ()  # drop the content; the same file can be chosen again
+                name, content = str(files[0].get("name", "upload")), files[0].get("content", b"")
+                size = int(files[0].get("size") or len(content))
+                if size > MAX_CONFIGURATION_BYTES:
+                    raise WorkbenchError(f"{name!r} is {size:,} bytes; a configuration is at most "
+                                         f"{MAX_CONFIGURATION_BYTES:,} bytes")
+                plan, state, _ = parse_configuration(bytes(content), model, source=name)
+                where = name
+            else:
+                path = configuration_file(self.folder, self.path.value)
+                plan, state, _ = load_configuration(path, model)
+                where = self._shown(path.name)
             self.host.set_plan(plan)
             if state and callable(getattr(self.host, "set_widget_state", None)):
                 self.host.set_widget_state(state)
         except Exception as exc:  # noqa: BLE001 - a message in the widget, never a traceback
             return self._report(False, f"not loaded: {error_message(exc)}")
-        return self._report(True, f"loaded {len(plan.layers)} layer setting(s) from {self.path.value}")
+        return self._report(True, f"loaded {len(plan.layers)} layer setting(s) from {where}")
