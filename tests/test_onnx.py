@@ -254,3 +254,28 @@ def test_kmeans_codebooks_say_they_are_stored_float(mlp_task, tmp_path):
     assert any(note.startswith("fc2: k-means codebook weights are stored as float32") for note in written.notes)
     assert written.bytes <= written.original_bytes
     assert onnx_max_error(written.path, model, mlp_task.eval_inputs[:64]) < TOLERANCE
+
+
+class TiedLM(nn.Module):
+    """ids ``(n, T)`` -> logits ``(n, T, 300)``, the head tied to the embedding table."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.mix = nn.Embedding(300, 32), nn.Linear(32, 32)
+        self.head = nn.Linear(32, 300, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.mix(self.emb(ids))))
+
+
+def test_quantized_tied_embedding_exports_its_codes_once(tmp_path):
+    model = TiedLM().eval()
+    quantized = wb.apply(model, wb.recipe("quant_embedding")(model, bits=4, layers=["emb", "head"]))
+    ids = torch.randint(0, 300, (4, 7))
+    written = export_onnx(quantized, ids[:1], tmp_path / "lm.onnx", original=model)
+    assert onnx_max_error(written.path, quantized, ids) < TOLERANCE
+    graph = onnx.load(str(written.path)).graph
+    tables = [i for i in graph.initializer if tuple(i.dims) == (300, 32)]
+    assert [t.data_type for t in tables] == [onnx.TensorProto.UINT4]  # one table, 4-bit codes, no float copy
+    assert written.bytes < written.original_bytes / 3

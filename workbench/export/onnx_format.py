@@ -118,9 +118,13 @@ def _prepare(model: nn.Module) -> tuple[nn.Module, dict[str, Packing], list[str]
     model = copy.deepcopy(model).eval()
     dynamic = _dynamic_linear_types()
     swaps, packings, dense, notes = [], {}, [], []
-    for name, module in model.named_modules():
+    twins: dict[int, nn.Module] = {}  # a module shared by several names (tied weights) gets one twin
+    for name, module in model.named_modules(remove_duplicate=False):
         if not name or any(name.startswith(done + ".") for done, _ in swaps):
             continue  # the model itself, or inside a module already swapped
+        if id(module) in twins:
+            swaps.append((name, twins[id(module)]))
+            continue
         twin = onnx_twin(module)
         if twin is not None:
             swaps.append((name, twin.module))
@@ -133,6 +137,8 @@ def _prepare(model: nn.Module) -> tuple[nn.Module, dict[str, Packing], list[str]
             swaps.append((name, Int8WeightLinear.from_dynamic(module)))
         elif _is_int8_linear(module):
             swaps.append((name, Int8WeightLinear.from_int8_linear(module)))
+        if swaps and swaps[-1][0] == name:
+            twins[id(module)] = swaps[-1][1]
     for name, twin in swaps:
         set_submodule(model, name, twin)
     return model, packings, dense, notes

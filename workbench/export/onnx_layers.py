@@ -12,6 +12,8 @@ The exporters trace float modules, so each compressed layer is swapped (for expo
 - unstructured sparsity (`SparseLinear` / `SparseConv2d`): onnxruntime's CPU kernels have no
   compact sparse matmul, so the layer is stored once, dense, zeros included (never weight + mask);
   the file then equals the dense model's. Said in the notes.
+- row-wise quantized embeddings (`QuantEmbedding`, a tied LM head too): ``DequantizeLinear`` per
+  row, then ``Gather`` (or the head's ``MatMul``); a table shared by two names is stored once.
 - low-rank GRU/LSTM (`LowRankRNN`): one ONNX ``GRU`` / ``LSTM`` node whose weights are the factor
   products computed in the graph; only the factors are stored.
 
@@ -29,6 +31,7 @@ from torch import nn
 
 from workbench.kernels import quant as quant_kernels
 from workbench.layers.grouped import GroupQuantLinear
+from workbench.layers.quant_embedding import QuantEmbedding
 from workbench.layers.quant_lowrank import LowRankResidualLinear, QuantLowRankLinear
 from workbench.layers.quantized import QuantConv2d, QuantLinear
 from workbench.layers.recurrent import LowRankRNN
@@ -142,6 +145,24 @@ class _RecurrentTwin(nn.Module):
         return (out[:, 0], (h[:, 0], c[:, 0])) if unbatched else (out, (h, c))
 
 
+class _EmbeddingTwin(nn.Module):
+    """`QuantEmbedding` on its dequantized table ``weight: (V, d)``: ids -> lookup, floats -> tied head."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().float(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype.is_floating_point:
+            return torch.nn.functional.linear(x, self.weight.to(x.dtype))
+        return torch.nn.functional.embedding(x, self.weight)
+
+
+def _embedding_twin(module: QuantEmbedding) -> Twin:
+    twin = _EmbeddingTwin(module.dequantized_weight())
+    return Twin(twin, {"weight": _packing(module.codes(), module.scale, module.zero_point, module.bits, twin.weight)})
+
+
 def _quant_twin(module: QuantLinear | QuantConv2d) -> Twin:
     plain = module.to_float()
     if module.scheme != "uniform":
@@ -198,6 +219,8 @@ def onnx_twin(module: nn.Module) -> Twin | None:
         return _quant_lowrank_twin(module)
     if isinstance(module, LowRankResidualLinear):
         return _residual_twin(module)
+    if isinstance(module, QuantEmbedding):
+        return _embedding_twin(module)
     if isinstance(module, LowRankRNN) and not module.fused_input:
         return Twin(_RecurrentTwin(module))
     return None
