@@ -12,6 +12,9 @@ import workbench as wb
 from workbench.errors import WorkbenchError
 from workbench.export.onnx_format import (Int8WeightLinear, export_onnx, onnx_max_error, onnx_outputs,
                                    prepare_for_onnx)
+from workbench.export.onnx_layers import onnx_twin
+from workbench.export.onnx_qdq import integer_kernels
+from workbench.layers.recurrent import LowRankRNN
 from workbench.plan import LayerPlan, Plan
 
 TOLERANCE = 1e-4
@@ -120,3 +123,159 @@ def test_model_that_cannot_export_is_a_clear_error_and_leaves_no_file(tmp_path):
     with pytest.raises(WorkbenchError, match="ONNX export of Opaque failed; dynamo: .*; legacy: "):
         export_onnx(Opaque(), torch.randn(1, 3), tmp_path / "o.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+# -- exports stay honest: compact forms, never larger than the original's ONNX file ----------------
+
+HONEST_CASES = [("svd", {"ratio": 0.5}), ("prune", {"ratio": 0.5}), ("quant", {"bits": 4}), ("int8", {}),
+                ("gptq", {"bits": 4}), ("gptq", {"bits": 3, "group_size": 32}), ("gptq", {"bits": 4, "awq": True}),
+                ("svd_quant", {"ratio": 0.25, "bits": 4}), ("svd_residual", {"ratio": 0.25, "bits": 4})]
+
+
+@pytest.mark.parametrize("method,options", HONEST_CASES, ids=lambda v: str(v))
+def test_compressed_mlp_export_is_never_larger_than_the_original(mlp_task, tmp_path, method, options):
+    plan = wb.recipe(method)(mlp_task.model, task=mlp_task, **options)
+    model = wb.apply(mlp_task.model, plan, calibration_inputs=mlp_task.calibration_inputs())
+    written = export_onnx(model, mlp_task.example_input, tmp_path / "m.onnx", original=mlp_task.model)
+    assert written.original_bytes > 300_000  # 84,490 float32 weights
+    assert written.bytes <= written.original_bytes
+    assert not any("LARGER" in note for note in written.notes)
+    x = mlp_task.eval_inputs[:128]
+    # int8 runs PyTorch's dynamic int8 kernel (activations rounded too): compare with its weight-only twin
+    reference = prepare_for_onnx(model) if method == "int8" else model
+    assert onnx_max_error(written.path, reference, x) < TOLERANCE
+    graph = onnx.load(str(written.path)).graph
+    if method == "prune":  # stored dense, once: three weight matrices, no mask, and said so
+        assert any("stored dense" in note and "fc1" in note for note in written.notes)
+        assert written.bytes >= written.original_bytes * 0.99
+        assert sorted(len(i.dims) for i in graph.initializer) == [1, 1, 1, 2, 2, 2]
+    if method in ("quant", "gptq", "svd_quant", "svd_residual"):  # codes in UINT4 initializers behind DequantizeLinear
+        codes = [i for i in graph.initializer if i.data_type == onnx.TensorProto.UINT4 and len(i.dims) == 2
+                 and i.name.endswith("_codes")]
+        assert len(codes) == len([n for n in graph.node if n.op_type == "DequantizeLinear"]) >= 3
+        # half a byte per code, plus float32 scales (one per row, or per 32 inputs: 1/8 byte a weight)
+        assert written.bytes < written.original_bytes / (3 if method == "svd_residual" else 4 if method == "svd_quant"
+                                                         else 5 if "group_size" in options else 6)
+    if options.get("bits") == 3:
+        assert any("3-bit codes are widened to 4 bits" in note for note in written.notes)
+
+
+def test_quantized_cnn_exports_codes_per_channel(cnn_task, tmp_path):
+    plan = wb.recipe("quant")(cnn_task.model, task=cnn_task, bits=4, per_channel=True)
+    model = wb.apply(cnn_task.model, plan)
+    written = export_onnx(model, cnn_task.example_input, tmp_path / "q.onnx", original=cnn_task.model)
+    assert written.bytes < written.original_bytes / 4
+    assert onnx_max_error(written.path, model, cnn_task.eval_inputs[:32]) < TOLERANCE
+    graph = onnx.load(str(written.path)).graph
+    axes = [a.i for n in graph.node if n.op_type == "DequantizeLinear" for a in n.attribute if a.name == "axis"]
+    assert axes and set(axes) == {0}  # per output channel, convolutions included
+
+
+def test_low_rank_gru_exports_factors_only_as_one_gru_node(gru_task, tmp_path):
+    plan = wb.recipe("svd_rnn")(gru_task.model, task=gru_task, ratio=0.5)
+    model = wb.apply(gru_task.model, plan)
+    written = export_onnx(model, gru_task.example_input, tmp_path / "gru.onnx", original=gru_task.model)
+    assert written.bytes <= written.original_bytes
+    assert onnx_max_error(written.path, model, gru_task.eval_inputs[:64]) < TOLERANCE
+    graph = onnx.load(str(written.path)).graph
+    assert [n.op_type for n in graph.node].count("GRU") == 1  # not unrolled over the time steps
+    stored = sum(int(torch.tensor(list(i.dims)).prod()) for i in graph.initializer if len(i.dims) >= 2)
+    factors = sum(p.numel() for n, p in model.rnn.named_parameters() if n.startswith(("a_", "b_")))
+    assert stored == factors + model.head.weight.numel()  # no dense weight_ih / weight_hh beside the factors
+
+
+def test_guard_says_loudly_when_the_export_is_larger(mlp_task, tmp_path):
+    smaller = structurally_pruned(mlp_task.model, 96)
+    with pytest.warns(UserWarning, match="LARGER THAN THE ORIGINAL"):
+        written = export_onnx(mlp_task.model, mlp_task.example_input, tmp_path / "m.onnx", original=smaller)
+    assert written.bytes > written.original_bytes
+    assert any(note.startswith("LARGER THAN THE ORIGINAL") for note in written.notes)
+
+
+def test_int8_qdq_graph_runs_on_integer_kernels_within_a_point(mlp_task, tmp_path):
+    written = export_onnx(mlp_task.model, mlp_task.example_input, tmp_path / "qdq.onnx", original=mlp_task.model,
+                          quantize="qdq", calibration=mlp_task.calibration_inputs())
+    assert written.bytes < written.original_bytes * 0.3  # int8 weights: about 1/4 of float32, plus graph
+    assert integer_kernels(written.path)  # onnxruntime fuses the Q/DQ pairs into an integer GEMM (QGemm)
+    x, labels = mlp_task.eval_inputs, mlp_task.eval_targets
+    onnx_accuracy = float((onnx_outputs(written.path, x).argmax(1) == labels).float().mean())
+    float_accuracy = float((predictions(mlp_task.model, x) == labels).float().mean())
+    assert onnx_accuracy >= float_accuracy - 0.01
+
+
+def test_bad_quantize_options_are_refused(mlp_task, tmp_path):
+    with pytest.raises(WorkbenchError, match="quantize='fp16' must be None or 'qdq'"):
+        export_onnx(mlp_task.model, mlp_task.example_input, tmp_path / "m.onnx", quantize="fp16")
+    with pytest.raises(WorkbenchError, match="quantize='qdq' needs calibration inputs"):
+        export_onnx(mlp_task.model, mlp_task.example_input, tmp_path / "m.onnx", quantize="qdq")
+    assert list(tmp_path.iterdir()) == []
+
+
+class LastState(nn.Module):
+    """``(n, T, in) -> (n, 10)``: an RNN then a head on the last output."""
+
+    def __init__(self, rnn: nn.Module):
+        super().__init__()
+        self.rnn, self.head = rnn, nn.Linear(rnn.hidden_size, 10)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+@pytest.mark.parametrize("kind", [nn.GRU, nn.LSTM])
+@pytest.mark.parametrize("ranks,per_gate", [((3, 4), True), ((None, 4), False), ((2, None), True)])
+def test_recurrent_twin_equals_the_low_rank_loop(kind, ranks, per_gate):
+    for batch_first in (True, False):
+        low = LowRankRNN.from_rnn(kind(5, 12, batch_first=batch_first), *ranks, per_gate=per_gate)
+        twin = onnx_twin(low).module
+        for x in (torch.randn(3, 7, 5), torch.randn(7, 5)):  # batched and unbatched
+            states = torch.randn(1, x.shape[0 if batch_first else 1], 12) if x.dim() == 3 else torch.randn(1, 12)
+            hx = states if kind is nn.GRU else (states, torch.randn_like(states))
+            for h in (None, hx):
+                with torch.no_grad():
+                    expected, got = low(x, h), twin(x, h)
+                torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_low_rank_lstm_exports_smaller_than_the_dense_one(tmp_path):
+    model = LastState(nn.LSTM(16, 48, batch_first=True)).eval()
+    plan = Plan({"rnn": LayerPlan("svd_rnn", {"rank_ih": 4, "rank_hh": 8})})
+    low = wb.apply(model, plan)
+    written = export_onnx(low, torch.randn(1, 6, 16), tmp_path / "lstm.onnx", original=model)
+    assert written.bytes < written.original_bytes
+    assert onnx_max_error(written.path, low, torch.randn(5, 6, 16)) < TOLERANCE
+    assert [n.op_type for n in onnx.load(str(written.path)).graph.node].count("LSTM") == 1
+
+
+def test_kmeans_codebooks_say_they_are_stored_float(mlp_task, tmp_path):
+    plan = Plan({"fc2": LayerPlan("quant", {"bits": 4, "scheme": "kmeans"})})
+    model = wb.apply(mlp_task.model, plan)
+    written = export_onnx(model, mlp_task.example_input, tmp_path / "k.onnx", original=mlp_task.model)
+    assert any(note.startswith("fc2: k-means codebook weights are stored as float32") for note in written.notes)
+    assert written.bytes <= written.original_bytes
+    assert onnx_max_error(written.path, model, mlp_task.eval_inputs[:64]) < TOLERANCE
+
+
+class TiedLM(nn.Module):
+    """ids ``(n, T)`` -> logits ``(n, T, 300)``, the head tied to the embedding table."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.mix = nn.Embedding(300, 32), nn.Linear(32, 32)
+        self.head = nn.Linear(32, 300, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.mix(self.emb(ids))))
+
+
+def test_quantized_tied_embedding_exports_its_codes_once(tmp_path):
+    model = TiedLM().eval()
+    quantized = wb.apply(model, wb.recipe("quant_embedding")(model, bits=4, layers=["emb", "head"]))
+    ids = torch.randint(0, 300, (4, 7))
+    written = export_onnx(quantized, ids[:1], tmp_path / "lm.onnx", original=model)
+    assert onnx_max_error(written.path, quantized, ids) < TOLERANCE
+    graph = onnx.load(str(written.path)).graph
+    tables = [i for i in graph.initializer if tuple(i.dims) == (300, 32)]
+    assert [t.data_type for t in tables] == [onnx.TensorProto.UINT4]  # one table, 4-bit codes, no float copy
+    assert written.bytes < written.original_bytes / 3

@@ -76,13 +76,16 @@ def export_models(study: Study, models_dir: Path, onnx: bool = True) -> dict:
             error = onnx_max_error(written.path, model, inputs)
             files.append({"file": f"models/{name}", "bytes": written.bytes,
                           "note": f"{written.exporter} exporter; onnxruntime max |diff| {error:.1e}"
-                                  + ("" if error <= ONNX_TOLERANCE else " (ABOVE TOLERANCE)")})
+                                  + ("" if error <= ONNX_TOLERANCE else " (ABOVE TOLERANCE)")
+                                  + "".join(f"; {note}" for note in written.notes)})
             if label in measures:
                 measures[label]["disk"]["onnx"] = written.bytes
                 measures[label]["disk"]["onnx_exporter"] = written.exporter
         compare = measures.get("compare")
         if compare and measures["original"]["disk"].get("onnx") and measures.get("chosen", {}).get("disk", {}).get("onnx"):
             compare["size_ratio_onnx"] = measures["original"]["disk"]["onnx"] / measures["chosen"]["disk"]["onnx"]
+            if compare["size_ratio_onnx"] < 1:
+                files[-1]["note"] += "; LARGER THAN THE ORIGINAL'S ONNX FILE"
     return {"files": files}
 
 
