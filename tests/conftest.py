@@ -1,6 +1,7 @@
 """Shared fixtures. The embedded models train once per machine and are cached on disk."""
 import pytest
 import torch
+from torch import nn
 
 import workbench as wb
 
@@ -51,3 +52,30 @@ def stand_in_aware_basis(monkeypatch):
     svd_cache.clear()
     yield calls
     svd_cache.clear()
+
+
+class Tied(nn.Module):
+    """An autoencoder-like MLP whose decoder reuses the encoder's weight (own biases)."""
+
+    def __init__(self, bias: bool = True):
+        super().__init__()
+        self.enc = nn.Linear(64, 64, bias=bias)
+        self.mid = nn.Linear(64, 32)
+        self.out = nn.Linear(32, 64)
+        self.dec = nn.Linear(64, 64, bias=bias)
+        self.dec.weight = self.enc.weight
+
+    def forward(self, x):
+        h = torch.relu(self.enc(x))
+        return self.dec(torch.relu(self.out(torch.relu(self.mid(h)))))
+
+
+@pytest.fixture
+def tied():
+    torch.manual_seed(0)
+    return Tied()
+
+
+@pytest.fixture
+def tied_task(tied):
+    return wb.load(tied, eval_data=torch.randn(96, 64, generator=torch.Generator().manual_seed(1)))

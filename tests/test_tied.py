@@ -10,7 +10,7 @@ from safetensors.torch import save_model
 from torch import nn
 
 import workbench as wb
-from conftest import state_bytes as snapshot
+from conftest import Tied, state_bytes as snapshot
 from workbench.engine import Engine
 from workbench.errors import WorkbenchError
 from workbench.export import load_compressed, save_compressed
@@ -21,22 +21,6 @@ from workbench.ties import TiedLayer, fill_tied, payload_bytes, tied_module_grou
 from workbench.zoo.user import fit_state_dict, read_state_dict
 
 
-class Tied(nn.Module):
-    """An autoencoder-like MLP whose decoder reuses the encoder's weight (own biases)."""
-
-    def __init__(self, bias: bool = True):
-        super().__init__()
-        self.enc = nn.Linear(64, 64, bias=bias)
-        self.mid = nn.Linear(64, 32)
-        self.out = nn.Linear(32, 64)
-        self.dec = nn.Linear(64, 64, bias=bias)
-        self.dec.weight = self.enc.weight
-
-    def forward(self, x):
-        h = torch.relu(self.enc(x))
-        return self.dec(torch.relu(self.out(torch.relu(self.mid(h)))))
-
-
 def real_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # yields a shared Parameter once
 
@@ -44,17 +28,6 @@ def real_params(model: nn.Module) -> int:
 def file_tensor_bytes(path) -> int:
     with safe_open(str(path), framework="pt") as handle:
         return sum(handle.get_tensor(k).numel() * handle.get_tensor(k).element_size() for k in handle.keys())
-
-
-@pytest.fixture
-def tied():
-    torch.manual_seed(0)
-    return Tied()
-
-
-@pytest.fixture
-def tied_task(tied):
-    return wb.load(tied, eval_data=torch.randn(96, 64, generator=torch.Generator().manual_seed(1)))
 
 
 GROUP = ("enc", "dec")

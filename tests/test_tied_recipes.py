@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import workbench as wb
-from conftest import state_bytes as snapshot
-from test_tied import Tied, real_params
+from conftest import Tied, state_bytes as snapshot
+from test_tied import real_params
 from workbench.cli.bench import latency
 from workbench.cli.compress import layer_rows, left_dense
 from workbench.engine import Engine
@@ -29,17 +29,6 @@ class Untied(Tied):
     def __init__(self):
         super().__init__()
         self.dec.weight = nn.Parameter(self.enc.weight.detach().clone())
-
-
-@pytest.fixture
-def tied():
-    torch.manual_seed(0)
-    return Tied()
-
-
-@pytest.fixture
-def tied_task(tied):
-    return wb.load(tied, eval_data=torch.randn(96, 64, generator=torch.Generator().manual_seed(1)))
 
 
 def tiny_gpt2():

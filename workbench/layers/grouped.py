@@ -23,6 +23,7 @@ from torch import nn
 
 from workbench.kernels import gptq as gptq_kernels
 from workbench.kernels import quant as quant_kernels
+from workbench.layers.quantized import dense_linear
 
 
 class GroupQuantLinear(nn.Module):
@@ -86,12 +87,7 @@ class GroupQuantLinear(nn.Module):
 
     def to_float(self) -> nn.Linear:
         """A dense ``nn.Linear`` holding the dequantized weights."""
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-        with torch.no_grad():
-            linear.weight.copy_(self.dequantized_weight())
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear
+        return dense_linear(self.dequantized_weight(), self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)

@@ -32,6 +32,16 @@ from workbench.kernels import quant as quant_kernels
 from workbench.layers.convspec import ConvSpec
 
 
+def dense_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """A float ``nn.Linear`` holding ``weight: (out, in)`` and ``bias`` (copies), on their device."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None).to(weight.device)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    return linear
+
+
 class _PackedWeight(nn.Module):
     """Packed codes of a weight ``weight_shape`` and the grid they index."""
 
@@ -138,12 +148,7 @@ class QuantLinear(_PackedWeight):
 
     def to_float(self) -> nn.Linear:
         """A dense ``nn.Linear`` holding the dequantized weights (for fine-tuning through the STE)."""
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None).to(self.packed.device)
-        with torch.no_grad():
-            linear.weight.copy_(self.dequantized_weight())
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear
+        return dense_linear(self.dequantized_weight(), self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
