@@ -8,7 +8,8 @@ from workbench.zoo import cache
 from workbench.zoo.digits import DIGITS_MODELS
 
 
-@pytest.mark.parametrize("name, floor", [("digits-mlp", 0.95), ("digits-cnn", 0.95), ("digits-gru", 0.93),
+@pytest.mark.parametrize("name, floor", [("digits-mlp", 0.95), ("digits-cnn", 0.95), ("digits-resnet", 0.97),
+                                         ("digits-gru", 0.93),
                                          ("digits-lstm", 0.93)])
 def test_embedded_models_reach_their_accuracy(name, floor):
     task = wb.load(name)

@@ -21,6 +21,11 @@ def _frozen(mapping: Mapping[str, Any] | None) -> Mapping[str, Any]:
     return MappingProxyType(dict(sorted((mapping or {}).items())))
 
 
+def _tuples(value: Any) -> Any:
+    """JSON lists (nested too) as tuples, so a plan read back is hashable and equal to the one written."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
 @dataclass(frozen=True)
 class LayerPlan:
     """One method with its settings, e.g. ``LayerPlan("svd", {"rank": 32})``."""
@@ -48,7 +53,7 @@ class LayerPlan:
     def from_dict(cls, data: Mapping[str, Any]) -> "LayerPlan":
         if "method" not in data:
             raise WorkbenchError(f"a layer entry needs a 'method'; got keys {sorted(data)}")
-        params = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k != "method"}
+        params = {k: _tuples(v) for k, v in data.items() if k != "method"}
         return cls(str(data["method"]), params)
 
     def __hash__(self) -> int:

@@ -2,6 +2,8 @@
 plan), optionally recover, measure before/after."""
 from __future__ import annotations
 
+import inspect
+
 from torch import nn
 
 from workbench.cli.model_source import add_model_arguments, is_embedded, load_task
@@ -39,13 +41,12 @@ def parse_ranks(items: list[str] | None) -> dict[str, int | tuple[int, int]] | N
 FLAGS = {"ratio": "--ratio", "energy": "--energy", "ranks": "--rank", "layers": "--layers", "bits": "--bits",
          "scheme": "--scheme", "per_channel": "--per-channel", "group_size": "--group-size", "awq": "--awq", "asymmetric": "--asymmetric",
          "structured": "--structured", "activation_aware": "--activation-aware", "estimate": "--estimate",
-         "sequential": "--sequential"}
+         "sequential": "--sequential", "importance": "--importance", "round_to": "--round-to",
+         "global_ranking": "--global-ranking", "max_ratio": "--max-ratio"}
 
 
 def check_options_apply(method: str, recipe, options: dict) -> None:
     """Refuse a flag the method's recipe does not take (it would be ignored silently)."""
-    import inspect
-
     accepted = set(getattr(recipe, "options", ()))
     if not accepted:
         accepted = {name for name, p in inspect.signature(recipe).parameters.items()
@@ -65,6 +66,8 @@ def recipe_options(args) -> dict:
         "structured": args.structured or None, "activation_aware": args.activation_aware,
         "estimate": args.estimate, "group_size": args.group_size,
         "awq": args.awq or None, "sequential": args.sequential or None,
+        "importance": args.importance, "round_to": args.round_to,
+        "global_ranking": args.global_ranking or None, "max_ratio": args.max_ratio,
     }
     return {k: v for k, v in options.items() if v is not None}
 
@@ -176,7 +179,8 @@ def run(args) -> int:
         result["allocated"] = True
     report = getattr(recipe, "report", None)  # a family's extra figures and notes (e.g. sparse latency)
     if report is not None:
-        result.update(report(task.model, compressed, task))
+        result.update(report(task.model, compressed, task, plan) if "plan" in inspect.signature(report).parameters
+                      else report(task.model, compressed, task))
     if history is not None:
         result["history"] = history
     if blockwise is not None:
@@ -222,7 +226,15 @@ def register(subparsers) -> None:
     parser.add_argument("--awq", action="store_true", help="gptq: activation-aware input scaling (AWQ) first")
     parser.add_argument("--per-channel", action="store_true", help="quantize per output channel")
     parser.add_argument("--asymmetric", action="store_true", help="asymmetric quantization (zero point)")
-    parser.add_argument("--structured", action="store_true", help="prune whole channels/neurons")
+    parser.add_argument("--structured", action="store_true",
+                        help="prune whole channels/neurons; coupled channels (residual adds, BatchNorm) as one group")
+    parser.add_argument("--importance", choices=["magnitude", "taylor", "hessian"],
+                        help="--structured: how a group's channels are ranked (taylor/hessian use the training labels)")
+    parser.add_argument("--round-to", type=int, help="--structured: keep each group's channels in multiples of this")
+    parser.add_argument("--global-ranking", action="store_true",
+                        help="--structured: one ranking over all groups (--ratio of all channels kept)")
+    parser.add_argument("--max-ratio", type=float,
+                        help="--structured --global-ranking: the largest fraction of one group that may go (default 0.9)")
     parser.add_argument("--activation-aware", choices=["whiten", "scale"], help="data-aware SVD")
     parser.add_argument("--sequential", action="store_true",
                         help="data-aware svd: calibrate layer by layer in forward order on the partly compressed model")

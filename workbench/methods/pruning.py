@@ -8,6 +8,7 @@ computes exactly what the model with those neurons zeroed computes.
 """
 from __future__ import annotations
 
+import copy
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -20,6 +21,7 @@ from workbench.inventory import get_submodule, matrix_layers
 from workbench.kernels import prune as prune_kernels
 from workbench.layers.sparse import SparseConv2d, SparseLinear, sparse_from_layer
 from workbench.measure import count_params, latency_ms
+from workbench.methods import group_pruning
 from workbench.methods.units import unit_names, unit_of, unit_table
 from workbench.plan import LayerPlan, Plan
 from workbench.registry import LayerContext, Method, register_method, register_recipe
@@ -139,19 +141,57 @@ STRUCTURED_TIED = ("structured pruning removes output rows of chosen layers and 
                    "dependency graph does not shrink with them")
 
 
+def importance_data(task, importance: str, n: int = 256):
+    """``(inputs, class labels)`` for Taylor / Hessian importance: the task's training inputs and
+    labels of a classifier (its calibration inputs); None when the task has no such labels."""
+    if importance == "magnitude" or task is None:
+        return None
+    targets = getattr(task, "train_targets", None)
+    if getattr(task, "calibration", None) is not None or targets is None or targets.dtype != torch.long:
+        return None
+    n = 128 if importance == "hessian" else n  # Hessian: one backward pass per sample
+    return task.calibration_inputs(n), targets[:n]
+
+
+def group_plan(model: nn.Module, task, ratio, layers, input_shape, **settings) -> Plan:
+    """The ``prune_groups`` step: channels chosen now (on a copy), recorded in the plan."""
+    group_pruning.check_group_settings(ratio, settings["importance"], settings["round_to"], settings["max_ratio"])
+    if layers is not None:
+        structured_removals(model, ratio, layers)  # validate names: output layer, types
+    shape = tuple(input_shape) if input_shape else example_shape(model, task)
+    data = importance_data(task, settings["importance"])
+    _, dense = unit_table(model, lambda info: STRUCTURED_TIED)
+    tied = [name for names in dense for name in names]
+    rows = group_pruning.group_removals(copy.deepcopy(model), shape, ratio, data=data, frozen=tied, **settings)
+    if layers is not None:
+        rows = [row for row in rows if set(row["members"]) & set(layers)]
+    matrices = {info.name for info in matrix_layers(model)}
+    params = {"ratio": float(ratio), **settings, "input_shape": shape,
+              "roots": tuple(row["root"] for row in rows),
+              "members": tuple(tuple(row["members"]) for row in rows),
+              "removed": tuple(tuple(row["removed"]) for row in rows),
+              "layers": tuple(dict.fromkeys(n for row in rows for n in row["members"] if n in matrices))}
+    return Plan({}, (LayerPlan("prune_groups", params),), left_dense=dense)
+
+
 def prune_plan(model: nn.Module, *, task=None, ratio: float | None = None, threshold: float | None = None,
                structured: bool = False, scope: str = "layer", layers: Sequence[str] | None = None,
-               input_shape: Sequence[int] | None = None) -> Plan:
+               input_shape: Sequence[int] | None = None, importance: str = "magnitude",
+               round_to: int | None = None, global_ranking: bool = False, max_ratio: float = 0.9) -> Plan:
     """A pruning plan.
 
     Parameters
     ----------
-    ratio : kept fraction of weights (unstructured) or of output neurons/channels (structured).
+    ratio : kept fraction of weights (unstructured) or of each coupled channel group (structured).
     threshold : unstructured only: keep ``|w| > threshold`` in every chosen layer (instead of ratio).
-    structured : remove whole neurons/channels (a ``prune_structured`` step) instead of weights.
+    structured : remove whole channel groups (a ``prune_groups`` step, `workbench.methods.group_pruning`):
+        channels coupled by residual adds / normalization go together, one importance per group.
     scope : "layer" (each layer keeps ``ratio`` of its weights) or "global" (one magnitude cut
         over all chosen layers, keeping ``ratio`` of them in total).
-    layers : layer names (default: every Linear/Conv2d; for structured, all but the output layer).
+    layers : layer names (default: every Linear/Conv2d; for structured, the groups holding them).
+    importance, round_to, global_ranking, max_ratio : structured only: "magnitude" (L2), "taylor"
+        or "hessian" (need a classifier task's labels); kept channels in multiples of ``round_to``;
+        one ranking over all groups, none losing more than ``max_ratio`` of its channels.
 
     A layer whose sparse storage would not be smaller than dense (kept fraction above
     ``SPARSE_BREAKEVEN_RATIO``) is left dense. A tied group is one unit (one mask for its shared
@@ -160,17 +200,13 @@ def prune_plan(model: nn.Module, *, task=None, ratio: float | None = None, thres
     """
     if structured:
         if threshold is not None:
-            raise WorkbenchError("structured pruning is set by ratio (kept fraction of neurons), not threshold")
+            raise WorkbenchError("structured pruning is set by ratio (kept fraction of channels), not threshold")
         prune_kernels.check_ratio(ratio)
-        names = list(layers) if layers is not None else structured_candidates(model)
-        if not names:
+        if layers is None and not structured_candidates(model):
             raise WorkbenchError("this model has no layer whose neurons can be removed (structured pruning "
                                  "takes nn.Linear / nn.Conv2d layers other than the output one)")
-        structured_removals(model, ratio, names)  # validate now: names, output layer
-        shape = tuple(input_shape) if input_shape else example_shape(model, task)
-        _, dense = unit_table(model, lambda info: STRUCTURED_TIED)
-        return Plan({}, (LayerPlan("prune_structured", {"ratio": float(ratio), "layers": tuple(names),
-                                                        "input_shape": shape}),), left_dense=dense)
+        return group_plan(model, task, ratio, layers, input_shape, importance=importance, round_to=round_to,
+                          global_ranking=bool(global_ranking), max_ratio=max_ratio)
     given = [k for k, v in (("ratio", ratio), ("threshold", threshold)) if v is not None]
     if len(given) != 1:
         raise WorkbenchError(f"prune needs exactly one of ratio or threshold; got {given or 'none'}")
@@ -232,8 +268,9 @@ def sparse_latency_rows(model: nn.Module, batch: int = 64, repeats: int = 30) ->
     return rows
 
 
-def pruning_report(original: nn.Module, compressed: nn.Module, task=None) -> dict:
-    """``{"notes": [...], "sparse_latency": [...]}`` for the CLI: where sparse layers are slower."""
+def pruning_report(original: nn.Module, compressed: nn.Module, task=None, plan=None) -> dict:
+    """``{"notes": [...], "sparse_latency": [...]}`` for the CLI: where sparse layers are slower;
+    with a group-pruning ``plan``, ``"groups"``: each coupled group's channels before and after."""
     rows = sparse_latency_rows(compressed)
     notes = []
     for row in rows:
@@ -248,7 +285,10 @@ def pruning_report(original: nn.Module, compressed: nn.Module, task=None) -> dic
     else:
         notes.append("nothing was pruned: at this kept ratio no layer's sparse storage (bitmap + values, "
                      "or CSR) would be smaller than its dense weights, so every layer stayed dense")
-    return {"notes": notes, "sparse_latency": rows}
+    result = {"notes": notes, "sparse_latency": rows}
+    if plan is not None and any(step.method == "prune_groups" for step in plan.steps):
+        result["groups"] = group_pruning.group_rows(original, compressed, plan)
+    return result
 
 
 register_recipe("prune", prune_plan, report=pruning_report)

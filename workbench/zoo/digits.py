@@ -1,4 +1,4 @@
-"""Small models trained on scikit-learn's digits: an MLP, a CNN and recurrent readers."""
+"""Small models trained on scikit-learn's digits: an MLP, a CNN, a residual CNN and recurrent readers."""
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -35,6 +35,40 @@ def digits_cnn() -> nn.Module:
     ]))
 
 
+class ResidualBlock(nn.Module):
+    """``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``; the shortcut is a strided 1x1 conv +
+    BatchNorm when the shape changes, else the identity. ``(n, c_in, h, w) -> (n, c_out, h/stride, w/stride)``."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(OrderedDict([
+                ("conv", nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False)), ("bn", nn.BatchNorm2d(c_out))]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+
+
+def digits_resnet() -> nn.Module:
+    """A small ResNet: stem 3x3 conv (32) + BN, two residual blocks (32 at 8x8, 64 at 4x4), global
+    average pool, a linear head. Input ``(n, 64)``, output ``(n, 10)`` logits. The residual adds
+    couple the stem with block1's second conv (32 channels) and block2's second conv with its
+    shortcut conv (64 channels)."""
+    return nn.Sequential(OrderedDict([
+        ("image", nn.Unflatten(1, (1, 8, 8))),
+        ("stem", nn.Conv2d(1, 32, 3, padding=1, bias=False)), ("bn", nn.BatchNorm2d(32)), ("act", nn.ReLU()),
+        ("block1", ResidualBlock(32, 32)), ("block2", ResidualBlock(32, 64, stride=2)),
+        ("pool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten()),
+        ("fc", nn.Linear(64, 10)),
+    ]))
+
+
 class RowReader(nn.Module):
     """Reads an 8x8 image as a sequence of 8 rows with a GRU or LSTM; a linear head on the last state.
 
@@ -66,6 +100,8 @@ DIGITS_MODELS: dict[str, tuple[Callable[[], nn.Module], Recipe, str]] = {
                    "64-256-256-10 MLP on 8x8 digits"),
     "digits-cnn": (digits_cnn, Recipe(epochs=30, lr=2e-3),
                    "two 3x3 convs (32, 64 channels) + two linears on 8x8 digits"),
+    "digits-resnet": (digits_resnet, Recipe(epochs=20, lr=3e-3),
+                      "residual CNN with BatchNorm (stem 32, blocks 32 and 64 channels) on 8x8 digits"),
     "digits-gru": (lambda: RowReader("gru"), Recipe(epochs=60, lr=5e-3),
                    "GRU (hidden 64) reading the 8 image rows as 8 steps"),
     "digits-lstm": (lambda: RowReader("lstm"), Recipe(epochs=60, lr=5e-3),
