@@ -47,6 +47,18 @@ cells = [
        "false. The energy rule assumes sigma^2 kept predicts accuracy; it protects `fc3` partly. Greedy and "
        "convex assume the per-layer losses *add up*; here that holds well enough to keep the small, sensitive "
        "layers dense and cut the large, redundant `fc2`."),
+    md("## 2b. One byte budget across every family: a live slider\n\n"
+       "Each layer gets a menu of options (dense, b-bit codes, GPTQ codes, ranks, pruned weights), each with its "
+       "exact bytes and its measured output error; choosing one option per layer so that the bytes fit the budget "
+       "and the summed error is least is a *multiple-choice knapsack*, solved exactly as a MILP (HiGHS via cvxpy). "
+       "The menu is built once; every slider move re-solves the knapsack (milliseconds) and evaluates the pick "
+       "on the test data. The chart draws each family's front and the joint allocator's (black stars); the red "
+       "diamond is the current pick. A budget below the smallest reachable model shows a message and keeps the "
+       "last pick. (Notebook 07's MiniLM is left out: its menu takes too long for the CI.)"),
+    code("budget = wb.BudgetExplorer(task, families=('quant', 'gptq', 'svd', 'prune'), by='bytes', budget=0.1)\n"
+         "budget"),
+    code("budget.set_budget(0.06)  # what moving the slider does\n"
+         "print(budget.readouts['fraction'].value, budget.readouts['metric'].value, budget.error.value or 'ok', sep='\\n')"),
     md("## 3. Convex constrained compression\n\n"
        "Refit a layer with cvxpy: min ||X W^T - Y||^2 subject to an L1 ball, threshold, least squares on the "
        "support — against plain magnitude pruning at the same sparsity."),

@@ -277,7 +277,7 @@ def test_widgets_package_exports_every_explorer_lazily():
     import sys
     code = ("import sys, workbench.widgets as w; assert 'ipywidgets' not in sys.modules, 'eager'; "
             "names = ['Dashboard', 'PruningExplorer', 'QuantizationExplorer', 'TuckerExplorer', "
-            "'GateRankExplorer', 'RecoveryExplorer', 'RealModelExplorer', 'Coalescer']; "
+            "'GateRankExplorer', 'RecoveryExplorer', 'RealModelExplorer', 'BudgetExplorer', 'Coalescer']; "
             "assert all(n in dir(w) for n in names); "
             "from workbench.widgets.explorer import Explorer; "
             "assert all(issubclass(getattr(w, n), Explorer) for n in names[:-1])")

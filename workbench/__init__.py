@@ -21,7 +21,7 @@ from workbench.stages import Stage, register_stages
 from workbench.version import __version__
 from workbench.zoo import Task, available_models, load
 
-_EXPLORERS = ("Dashboard", "GateRankExplorer", "PruningExplorer", "QuantizationExplorer", "RealModelExplorer",
+_EXPLORERS = ("BudgetExplorer", "Dashboard", "GateRankExplorer", "PruningExplorer", "QuantizationExplorer", "RealModelExplorer",
               "RecoveryExplorer", "TuckerExplorer")
 
 __all__ = ["Engine", "LayerPlan", "Plan", "Recipe", "Stage", "Task", "UnsupportedLayerError", "WorkbenchError",

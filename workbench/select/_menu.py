@@ -34,6 +34,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from workbench.adapters import canonical
 from workbench.engine import Engine
@@ -181,7 +182,7 @@ def _loss_function(engine: Engine, task: Task, loss: str):
 def build_menu(task: Task, families: Sequence[str] | None = None, *, layers: Sequence[str] | None = None,
                loss: str = "proxy", engine: Engine | None = None,
                extra: Mapping[str, Sequence[LayerPlan | None]] | None = None,
-               include_embeddings: bool = False) -> JointMenu:
+               include_embeddings: bool = False, progress: bool = False) -> JointMenu:
     """Every option of ``families`` for every candidate layer, built, sized and scored.
 
     Parameters
@@ -194,6 +195,7 @@ def build_menu(task: Task, families: Sequence[str] | None = None, *, layers: Seq
     extra : ``{layer: [choice, ...]}`` added to those layers' menus (pins), family "pinned".
     include_embeddings : also offer the model's embedding tables (untied ones; family
         ``quant_embedding``, added to ``families``), after the matrix layers.
+    progress : a tqdm bar over the layers.
     """
     families = check_families(families)
     if loss not in LOSSES:
@@ -213,7 +215,7 @@ def build_menu(task: Task, families: Sequence[str] | None = None, *, layers: Seq
     extra = extra or {}
     menu = JointMenu(names, [], [], {by: [] for by in COSTS}, [], {}, {by: float(engine.base[by]) for by in COSTS},
                      loss)
-    for name in names:
+    for name in tqdm(names, desc="menu", disable=not progress, leave=False):
         module = get_submodule(engine.original, name)
         dense = engine._layer_size(name, None)
         row: list[tuple[LayerPlan | None, str]] = [(None, "dense")]

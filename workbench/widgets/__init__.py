@@ -11,6 +11,7 @@ import importlib
 _HOMES = {
     "Coalescer": "workbench.widgets.throttle",
     "Dashboard": "workbench.widgets.dashboard",
+    "BudgetExplorer": "workbench.widgets.budget",
     "Explorer": "workbench.widgets.explorer",
     "FigureImage": "workbench.widgets.figure_view",
     "GateRankExplorer": "workbench.widgets.conv_rnn",
