@@ -212,3 +212,28 @@ def test_embeddings_included_on_request():
     expected = float(((table - reference) ** 2).sum() / (reference ** 2).sum())
     assert result.choices["emb"]["loss"] == pytest.approx(expected, rel=1e-3, abs=1e-6)
     assert main(["allocate", "digits-mlp", "--budget", "0.5", "--include-embeddings"]) == 2
+
+
+class WithTable(nn.Module):
+    """A model whose embedding table (not a candidate) holds bytes the budget must count."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Embedding(64, 32)
+        self.fc1, self.fc2 = nn.Linear(32, 64), nn.Linear(64, 32)
+
+    def forward(self, ids):
+        return self.fc2(torch.relu(self.fc1(self.table(ids)))).mean(1)
+
+
+def test_a_whole_model_budget_counts_the_bytes_outside_the_candidates():
+    torch.manual_seed(0)
+    task = wb.load(WithTable(), eval_data=torch.randint(0, 64, (32, 6)))
+    menu = build_menu(task, ("quant", "svd"))
+    assert menu.fixed["bytes"] > 0  # the table
+    budget = (menu.fixed["bytes"] + 0.3 * sum(c[0] for c in menu.costs["bytes"])) / menu.total["bytes"]
+    result = joint_allocate(task, budget, families=("quant", "svd"), menu=menu)
+    assert result.fraction_used <= budget + 1e-9
+    assert payload_bytes(wb.apply(task.model, result.as_plan())) <= budget * menu.total["bytes"]
+    with pytest.raises(WorkbenchError, match="smallest"):
+        joint_allocate(task, 0.9 * menu.fixed["bytes"] / menu.total["bytes"], families=("quant", "svd"), menu=menu)

@@ -167,7 +167,7 @@ def joint_allocate(task: Task, budget: float, by: str = "bytes", families: Seque
                           include_embeddings=include_embeddings)
         _check_pins(pins, menu.layers)
     table, fams = menu_table(menu, by, families, pins, relative_to)
-    limit = budget * table.total + table.fixed
+    limit = budget * table.total  # the table's costs hold the bytes outside the candidates (fixed) already
     if table.smallest() > limit + 1e-9:
         raise _infeasible(budget, by, limit, table.smallest(), table.total,
                           f"families {','.join(families)}{' with the pins' if pins else ''}")

@@ -104,7 +104,7 @@ class BudgetExplorer(Explorer):
                                  f"{', '.join(self.menu.layers)}")
         table, _ = menu_table(self.menu, by, self.families, pins, relative_to)
         #: the smallest fraction of the original's ``by`` the menu can reach
-        self.floor = (table.smallest() - table.fixed) / table.total
+        self.floor = table.smallest() / table.total
         self._picks: OrderedDict[float, JointAllocation] = OrderedDict()
 
         low, high, step = SLIDER_RANGE
