@@ -1,4 +1,6 @@
 """The pruning and quantization explorers, headless: call update, check state and artist data."""
+import threading
+
 import numpy as np
 import pytest
 
@@ -54,3 +56,41 @@ def test_quantization_explorer_draws_both_grids(mlp_task):
     assert len(explorer.grids["uniform"].get_segments()) == 8
     assert explorer.state["uniform"]["bytes"] > before
     assert explorer.state["kmeans"]["metric"] >= explorer.state["uniform"]["metric"] - 0.05
+
+
+# --------------------------------------------------------------------------- figures from the worker thread
+def record_draws(explorer) -> list[str]:
+    """Names of the threads that draw the explorer's figure from now on."""
+    threads, draw = [], explorer.view.draw
+
+    def recording(moving=()):
+        threads.append(threading.current_thread().name)
+        draw(moving)
+
+    explorer.view.draw = recording
+    return threads
+
+
+def test_pruning_figure_follows_the_slider_from_the_worker_thread(mlp_task):
+    explorer = PruningExplorer(mlp_task, threshold=0.02)  # not synchronous: the coalescer's worker draws
+    threads, image = record_draws(explorer), explorer.view.widget.value
+    heat = np.array(explorer.heatmap.image.get_array()[0])
+    explorer.threshold.value = 0.06
+    explorer.wait(60)
+    assert threads == ["workbench-coalescer"] and explorer.error.value == ""
+    assert explorer.cut.high.get_xdata()[0] == pytest.approx(0.06)
+    assert (np.array(explorer.heatmap.image.get_array()[0]) > heat).all()  # a higher cut removes more
+    assert explorer.view.widget.value != image and explorer.view.widget.value[:4] == b"\x89PNG"
+
+
+def test_quantization_figure_follows_the_slider_from_the_worker_thread(mlp_task):
+    explorer = QuantizationExplorer(mlp_task, bits=3)
+    threads, image = record_draws(explorer), explorer.view.widget.value
+    assert explorer.histograms["uniform"].ax.get_title().startswith("uniform, 3 bits: fc1")
+    explorer.bits.value = 1
+    explorer.wait(60)
+    assert threads == ["workbench-coalescer"] and explorer.error.value == ""
+    for scheme in ("uniform", "kmeans"):
+        assert explorer.histograms[scheme].ax.get_title().startswith(f"{scheme}, 1 bits: fc1")
+        assert len(explorer.grids[scheme].get_segments()) == 2  # 2^1 levels drawn
+    assert explorer.view.widget.value != image and explorer.view.widget.value[:4] == b"\x89PNG"

@@ -1,5 +1,7 @@
 """The recovery explorer, headless: curves grow with the history, results land on the size chart,
 Cancel leaves the compressed model as it was, errors become a message."""
+import threading
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -71,3 +73,15 @@ def test_plotting_updates_artists_in_place():
     add_result(chart, 200, 0.6, 0.96, "kd")
     assert list(chart.compressed.get_ydata()) == [0.5, 0.6]
     assert list(chart.recovered.get_xdata()) == [100, 200] and len(chart.arrows) == 2
+
+
+def test_curves_are_drawn_from_the_worker_thread(mlp_task, plans):
+    explorer = RecoveryExplorer(mlp_task, plans, epochs=2)  # background: trains on the coalescer's worker
+    threads, draw, image = [], explorer.view.draw, explorer.view.widget.value
+    explorer.view.draw = lambda moving=(): (threads.append(threading.current_thread().name), draw(moving))
+    explorer.finetune_button.click()
+    explorer.wait(120)
+    assert explorer.error.value == "" and len(explorer.results) == 1
+    assert "workbench-coalescer" in threads  # the curves and the result point: drawn by the worker
+    assert list(explorer.curves.loss.get_xdata()) == [h["epoch"] for h in explorer.history] != []
+    assert explorer.view.widget.value != image and explorer.view.widget.value[:4] == b"\x89PNG"

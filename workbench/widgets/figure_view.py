@@ -53,6 +53,7 @@ class FigureImage:
             FigureCanvasAgg(self.figure)
             width, height = (int(v * dpi) for v in figsize)
             self.widget = widgets.Image(format="png", layout={"width": f"{width}px", "height": f"{height}px"})
+        self.widget.add_class("wb-figure")  # what browser tests look for: img.wb-figure
 
     def invalidate(self) -> None:
         """Forget the kept background: the next ``draw(moving)`` draws everything."""
