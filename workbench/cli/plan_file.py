@@ -3,7 +3,7 @@
 FILE may hold a bare plan (``Plan.to_json``), the JSON of ``allocate --json`` or ``compress
 --json`` (the plan under ``"plan"``, the model it was made for under ``"model"``), or a widget
 configuration (``{"kind": "workbench-configuration", "layer_shapes": ..., "plan": ...}``,
-`workbench.widgets.persistence`, read here without importing the widgets).
+`workbench.widgets.configuration`, whose format constants this reads; no ipywidgets is imported).
 """
 from __future__ import annotations
 
@@ -14,10 +14,9 @@ from pathlib import Path
 from torch import nn
 
 from workbench.errors import WorkbenchError
+from workbench.export import check_plan_fits
 from workbench.plan import Plan
-
-#: ``kind`` and newest ``format_version`` of a widget configuration (`workbench.widgets.persistence`).
-CONFIG_KIND, CONFIG_FORMAT_VERSION = "workbench-configuration", 1
+from workbench.widgets.configuration import CONFIG_FORMAT_VERSION, CONFIG_KIND
 
 
 @dataclass(frozen=True)
@@ -78,8 +77,6 @@ def read_plan_file(path: str) -> PlanFile:
 def check_fits(plan_file: PlanFile, model: nn.Module, model_name: str) -> None:
     """Refuse a plan whose layers (or recorded weight shapes) are not those of ``model``,
     naming the file, the model it was made for (when recorded) and ``model_name``."""
-    from workbench.export import check_plan_fits
-
     made_for = f" (made for {plan_file.made_for})" if plan_file.made_for else ""
     try:
         check_plan_fits(model, plan_file.plan, plan_file.layer_shapes, what="plan")
