@@ -12,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import workbench.flop_formulas  # noqa: F401  (LSTM and int8 kernels counted too)
 from workbench.device import model_device, synchronize, to_device
+from workbench.errors import WorkbenchError
 from workbench.results import Measurement
 
 
@@ -73,12 +74,20 @@ def count_flops(model: nn.Module, example: torch.Tensor) -> int:
     return int(counter.get_total_flops())
 
 
-@torch.no_grad()
 def latency_ms(model: nn.Module, example: torch.Tensor, repeats: int = 50, warmup: int = 5) -> float:
     """Median wall time in ms of ``model(example)`` over ``repeats`` runs, on the current threads.
 
     Runs on the model's device (``example`` moved there once, before timing); on CUDA the device
     is synchronized before each clock read, so a time covers the kernels, not their queueing."""
+    return statistics.median(latency_samples(model, example, repeats, warmup))
+
+
+@torch.no_grad()
+def latency_samples(model: nn.Module, example: torch.Tensor, repeats: int = 50, warmup: int = 5) -> list[float]:
+    """Wall times in ms of ``repeats`` runs of ``model(example)`` after ``warmup`` untimed ones
+    (see `latency_ms`), in the order measured."""
+    if repeats < 1 or warmup < 0:
+        raise WorkbenchError(f"repeats={repeats} must be >= 1 and warmup={warmup} >= 0")
     was_training = model.training
     device = model_device(model)
     example = to_device(example, device)
@@ -95,7 +104,7 @@ def latency_ms(model: nn.Module, example: torch.Tensor, repeats: int = 50, warmu
             times.append((time.perf_counter() - start) * 1e3)
     finally:
         model.train(was_training)
-    return statistics.median(times)
+    return times
 
 
 def measure(model: nn.Module, task, latency: bool = True) -> Measurement:
