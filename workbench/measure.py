@@ -1,10 +1,12 @@
 """Measures of any model: parameters, bytes really written, FLOPs, latency (on the model's device), task metric."""
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import tempfile
 import time
+from typing import Iterator, Mapping
 
 import torch
 from torch import nn
@@ -105,6 +107,75 @@ def latency_samples(model: nn.Module, example: torch.Tensor, repeats: int = 50, 
     finally:
         model.train(was_training)
     return times
+
+
+#: Threads of the speed comparisons (`speedup`): fixed, so a figure does not depend on the machine's default.
+SPEED_THREADS = 2
+
+
+@contextlib.contextmanager
+def fixed_threads(threads: int) -> Iterator[int]:
+    """Run the block at ``torch.set_num_threads(threads)``; the previous count is restored after."""
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise WorkbenchError(f"threads={threads!r} must be an integer >= 1")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(before)
+
+
+@torch.no_grad()
+def compare_latency(models: Mapping[str, nn.Module], example: torch.Tensor, threads: int = SPEED_THREADS,
+                    repeats: int = 20, warmup: int = 3) -> dict[str, float]:
+    """``{name: median ms}`` of each model on ``example``, all measured in the same run at ``threads``.
+
+    After ``warmup`` calls of each model, ``repeats`` rounds time every model once in turn, so a
+    slower or busier stretch of the machine falls on all of them alike. Models run in eval mode
+    on their own device (``example`` moved there once)."""
+    if repeats < 1 or warmup < 0:
+        raise WorkbenchError(f"repeats={repeats} must be >= 1 and warmup={warmup} >= 0")
+    states = {name: model.training for name, model in models.items()}
+    inputs = {name: to_device(example, model_device(model)) for name, model in models.items()}
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with fixed_threads(threads):
+        try:
+            for model in models.values():
+                model.eval()
+            for _ in range(warmup):
+                for name, model in models.items():
+                    model(inputs[name])
+            for _ in range(repeats):
+                for name, model in models.items():
+                    device = model_device(model)
+                    synchronize(device)
+                    start = time.perf_counter()
+                    model(inputs[name])
+                    synchronize(device)
+                    times[name].append((time.perf_counter() - start) * 1e3)
+        finally:
+            for name, model in models.items():
+                model.train(states[name])
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def speedup(original: nn.Module, compressed: nn.Module, example: torch.Tensor, threads: int = SPEED_THREADS,
+            repeats: int = 20, warmup: int = 3) -> dict:
+    """Measured speed-up of ``compressed`` over ``original`` beside their FLOP ratio.
+
+    ``{"threads", "batch", "device", "original_ms", "compressed_ms", "speedup", "flop_ratio"}``:
+    median ms of one call on ``example`` (batch = its first dimension), both measured in the same run
+    (`compare_latency`); ``speedup = original_ms / compressed_ms`` (> 1: faster); ``flop_ratio``:
+    the compressed model's FLOPs over the original's as executed (``torch.utils.flop_counter``).
+    """
+    ms = compare_latency({"original": original, "compressed": compressed}, example, threads, repeats, warmup)
+    flops = count_flops(original, example)
+    batch = int(example.shape[0]) if hasattr(example, "shape") else None
+    return {"threads": threads, "batch": batch, "device": str(model_device(compressed)),
+            "original_ms": round(ms["original"], 4), "compressed_ms": round(ms["compressed"], 4),
+            "speedup": round(ms["original"] / ms["compressed"], 3),
+            "flop_ratio": round(count_flops(compressed, example) / flops, 4) if flops else None}
 
 
 def measure(model: nn.Module, task, latency: bool = True) -> Measurement:

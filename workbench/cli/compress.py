@@ -42,7 +42,7 @@ FLAGS = {"ratio": "--ratio", "energy": "--energy", "ranks": "--rank", "layers": 
          "scheme": "--scheme", "per_channel": "--per-channel", "group_size": "--group-size", "awq": "--awq", "asymmetric": "--asymmetric",
          "structured": "--structured", "activation_aware": "--activation-aware", "estimate": "--estimate",
          "sequential": "--sequential", "importance": "--importance", "round_to": "--round-to",
-         "global_ranking": "--global-ranking", "max_ratio": "--max-ratio"}
+         "global_ranking": "--global-ranking", "max_ratio": "--max-ratio", "n": "--n", "m": "--m"}
 
 
 def check_options_apply(method: str, recipe, options: dict) -> None:
@@ -68,6 +68,7 @@ def recipe_options(args) -> dict:
         "awq": args.awq or None, "sequential": args.sequential or None,
         "importance": args.importance, "round_to": args.round_to,
         "global_ranking": args.global_ranking or None, "max_ratio": args.max_ratio,
+        "n": args.n, "m": args.m,
     }
     return {k: v for k, v in options.items() if v is not None}
 
@@ -201,6 +202,10 @@ def run(args) -> int:
                  f"{sum(s['start_loss'] for s in tuned):.4g} -> {sum(s['best_loss'] for s in tuned):.4g} summed)")
     if history is not None:
         text += f"; after {history['kind']} ({len(history['loss'])} epochs, best {history['best_epoch']})"
+    if "speed" in result:
+        speed = result["speed"]
+        text += (f"\n  measured speed-up {speed['speedup']:.2f}x at batch {speed['batch']}, {speed['threads']} threads "
+                 f"(FLOPs {speed['flop_ratio']}x of the original's)")
     for row in result["left_dense"]:
         text += f"\n  left dense: {row['name']} ({row['type']}): {row['reason']}"
     emit(result, args.json, text)
@@ -210,7 +215,7 @@ def run(args) -> int:
 def register(subparsers) -> None:
     parser = subparsers.add_parser("compress", help="compress a model with one method (or a saved plan) and measure it")
     add_model_arguments(parser)
-    parser.add_argument("--method", help="svd, prune, quant, gptq, int8, tucker, cp, ...")
+    parser.add_argument("--method", help="svd, prune, nm, quant, gptq, int8, tucker, cp, ...")
     parser.add_argument("--plan", metavar="FILE",
                         help="apply a saved plan instead of --method: Plan.to_json, allocate/compress --json "
                              "output, or a widget configuration")
@@ -235,6 +240,8 @@ def register(subparsers) -> None:
                         help="--structured: one ranking over all groups (--ratio of all channels kept)")
     parser.add_argument("--max-ratio", type=float,
                         help="--structured --global-ranking: the largest fraction of one group that may go (default 0.9)")
+    parser.add_argument("--n", type=int, help="nm: weights kept in every group of --m consecutive inputs (default 2)")
+    parser.add_argument("--m", type=int, help="nm: the group of consecutive inputs, 2..8, dividing each input width (default 4)")
     parser.add_argument("--activation-aware", choices=["whiten", "scale"], help="data-aware SVD")
     parser.add_argument("--sequential", action="store_true",
                         help="data-aware svd: calibrate layer by layer in forward order on the partly compressed model")

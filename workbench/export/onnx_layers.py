@@ -12,6 +12,9 @@ The exporters trace float modules, so each compressed layer is swapped (for expo
 - unstructured sparsity (`SparseLinear` / `SparseConv2d`): onnxruntime's CPU kernels have no
   compact sparse matmul, so the layer is stored once, dense, zeros included (never weight + mask);
   the file then equals the dense model's. Said in the notes.
+- N:M semi-structured sparsity (`NMSparseLinear`): ONNX has no N:M tensor format and onnxruntime's
+  CPU kernels no N:M matmul, so it is stored dense too (a plain ``MatMul`` weight, zeros included),
+  with a note per layer.
 - row-wise quantized embeddings (`QuantEmbedding`, a tied LM head too): ``DequantizeLinear`` per
   row, then ``Gather`` (or the head's ``MatMul``); a table shared by two names is stored once.
 - low-rank GRU/LSTM (`LowRankRNN`): one ONNX ``GRU`` / ``LSTM`` node whose weights are the factor
@@ -31,6 +34,7 @@ from torch import nn
 
 from workbench.kernels import quant as quant_kernels
 from workbench.layers.grouped import GroupQuantLinear
+from workbench.layers.nm import NMSparseLinear
 from workbench.layers.quant_embedding import QuantEmbedding
 from workbench.layers.quant_lowrank import LowRankResidualLinear, QuantLowRankLinear
 from workbench.layers.quantized import QuantConv2d, QuantLinear
@@ -211,6 +215,9 @@ def onnx_twin(module: nn.Module) -> Twin | None:
     """The export-only stand-in of a compressed layer, or None when ``module`` exports as it is."""
     if isinstance(module, (SparseLinear, SparseConv2d)):
         return Twin(module.to_masked()[0], dense=True)
+    if isinstance(module, NMSparseLinear):
+        return Twin(module.to_masked()[0], note=f"{module.n}:{module.m} sparsity is stored dense in ONNX (no N:M format "
+                                                "or CPU kernel exists there): as large as the dense layer")
     if isinstance(module, (QuantLinear, QuantConv2d)):
         return _quant_twin(module)
     if isinstance(module, GroupQuantLinear):

@@ -20,7 +20,7 @@ from workbench.errors import UnsupportedLayerError, WorkbenchError
 from workbench.inventory import get_submodule, matrix_layers
 from workbench.kernels import prune as prune_kernels
 from workbench.layers.sparse import SparseConv2d, SparseLinear, sparse_from_layer
-from workbench.measure import count_params, latency_ms
+from workbench.measure import count_params, latency_ms, speedup
 from workbench.methods import group_pruning
 from workbench.methods.units import unit_names, unit_of, unit_table
 from workbench.plan import LayerPlan, Plan
@@ -268,11 +268,35 @@ def sparse_latency_rows(model: nn.Module, batch: int = 64, repeats: int = 30) ->
     return rows
 
 
+def speed_example(task, batch: int = 64) -> torch.Tensor | None:
+    """The first ``batch`` evaluation inputs of ``task`` (the input of the speed comparison), or None."""
+    inputs = getattr(task, "eval_inputs", None)
+    return inputs[:batch] if isinstance(inputs, torch.Tensor) else None
+
+
+def speed_row(original: nn.Module, compressed: nn.Module, task, repeats: int = 10) -> dict | None:
+    """`workbench.measure.speedup` of ``compressed`` over ``original`` on 64 of the task's evaluation
+    inputs (fixed threads, both in this run), beside the FLOP ratio; None without a task."""
+    example = speed_example(task)
+    return None if example is None else speedup(original, compressed, example, repeats=repeats)
+
+
+def speed_note(speed: dict) -> str:
+    """The `speed_row` figures in one sentence."""
+    flops = "" if speed["flop_ratio"] is None else f", FLOPs {speed['flop_ratio']:.2f}x of the original's"
+    return (f"measured speed-up {speed['speedup']:.2f}x ({speed['original_ms']:.2f} -> {speed['compressed_ms']:.2f} ms "
+            f"at batch {speed['batch']}, {speed['threads']} threads, original measured in the same run){flops}")
+
+
 def pruning_report(original: nn.Module, compressed: nn.Module, task=None, plan=None) -> dict:
-    """``{"notes": [...], "sparse_latency": [...]}`` for the CLI: where sparse layers are slower;
-    with a group-pruning ``plan``, ``"groups"``: each coupled group's channels before and after."""
+    """``{"notes": [...], "sparse_latency": [...], "speed": {...}}`` for the CLI: where sparse layers
+    are slower; the measured whole-model speed-up beside the FLOP ratio (`speed_row`); with a
+    group-pruning ``plan``, ``"groups"``: each coupled group's channels before and after."""
     rows = sparse_latency_rows(compressed)
     notes = []
+    speed = speed_row(original, compressed, task)
+    if speed is not None:
+        notes.append(speed_note(speed))
     for row in rows:
         verdict = "SLOWER than" if row["slower"] else "faster than"
         notes.append(f"{row['name']}: {row['sparsity']:.0%} sparse ({row['format']}) takes {row['sparse_ms']:.3f} ms "
@@ -286,6 +310,8 @@ def pruning_report(original: nn.Module, compressed: nn.Module, task=None, plan=N
         notes.append("nothing was pruned: at this kept ratio no layer's sparse storage (bitmap + values, "
                      "or CSR) would be smaller than its dense weights, so every layer stayed dense")
     result = {"notes": notes, "sparse_latency": rows}
+    if speed is not None:
+        result["speed"] = speed
     if plan is not None and any(step.method == "prune_groups" for step in plan.steps):
         result["groups"] = group_pruning.group_rows(original, compressed, plan)
     return result

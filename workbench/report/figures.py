@@ -13,6 +13,8 @@ from typing import Sequence
 
 from matplotlib.figure import Figure
 
+from workbench.errors import WorkbenchError
+
 WIDTH, HEIGHT, DPI = 6.4, 3.4, 90
 
 
@@ -58,9 +60,22 @@ def sensitivity_figure(grid: Sequence[float], curves: dict[str, Sequence[float]]
     return fig
 
 
+#: x axes of `pareto_figure`: name -> (point field, scale to the unit shown, axis label).
+PARETO_AXES = {"bytes": ("bytes", 1 / 1024, "saved size (KiB, log)"),
+               "latency": ("latency_ms", 1.0, "measured latency (ms per sample, log)")}
+
+
 def pareto_figure(points: Sequence[dict], front: Sequence[str], chosen: dict | None,
-                  metric_name: str) -> Figure:
-    """Metric against saved kilobytes of every measured option; the Pareto front joined."""
+                  metric_name: str, x: str = "bytes") -> Figure:
+    """Metric against saved kilobytes (``x="bytes"``) or measured ms (``x="latency"``) of every
+    measured option; the Pareto front (labels in ``front``, computed on the same axis) joined.
+    Points without a value on the axis are left out."""
+    if x not in PARETO_AXES:
+        raise WorkbenchError(f"x={x!r} must be one of {', '.join(PARETO_AXES)} (the Pareto chart's x axis)")
+    field, scale, label = PARETO_AXES[x]
+    points = [p for p in points if p.get(field) is not None]
+    if not points:
+        raise WorkbenchError(f"no point has a measured {field}; measure them with latency=True for x={x!r}")
     fig = Figure(figsize=(WIDTH, HEIGHT))
     ax = fig.add_subplot()
     families = list(dict.fromkeys(p["method"] for p in points))
@@ -68,16 +83,16 @@ def pareto_figure(points: Sequence[dict], front: Sequence[str], chosen: dict | N
     for name in families:
         mine = [p for p in points if p["method"] == name]
         marker = "*" if name == "original" else "o"
-        ax.plot([p["bytes"] / 1024 for p in mine], [p["metric"] for p in mine], marker, color=colors[name],
+        ax.plot([p[field] * scale for p in mine], [p["metric"] for p in mine], marker, color=colors[name],
                 ms=9 if marker == "*" else 5, alpha=0.85, label=name)
-    on_front = sorted((p for p in points if p["label"] in front), key=lambda p: p["bytes"])
+    on_front = sorted((p for p in points if p["label"] in front), key=lambda p: p[field])
     if on_front:
-        ax.plot([p["bytes"] / 1024 for p in on_front], [p["metric"] for p in on_front], "k-", lw=1,
+        ax.plot([p[field] * scale for p in on_front], [p["metric"] for p in on_front], "k-", lw=1,
                 label="Pareto front")
-    if chosen:
-        ax.plot(chosen["bytes"] / 1024, chosen["metric"], "s", mfc="none", mec="red", ms=10, label="chosen")
+    if chosen and chosen.get(field) is not None:
+        ax.plot(chosen[field] * scale, chosen["metric"], "s", mfc="none", mec="red", ms=10, label="chosen")
     ax.set_xscale("log")
-    ax.set_xlabel("saved size (KiB, log)")
+    ax.set_xlabel(label)
     ax.set_ylabel(f"{metric_name} (test)")
     ax.set_title("Every method, measured")
     ax.legend(fontsize=7, ncol=2, loc="lower right")

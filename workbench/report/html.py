@@ -141,7 +141,8 @@ def render(results: dict, figures: dict) -> str:
 &middot; stages: {_e(timings)}</p>
 {_measures_section(results)}
 <div class="grid">{_figure(figures, 'measures', 'Latency at the large batch and file size.')}
-{_figure(figures, 'pareto', 'Test metric against saved size; the red square is the chosen model.')}</div>
+{_figure(figures, 'pareto', 'Test metric against saved size; the red square is the chosen model.')}
+{_figure(figures, 'pareto_latency', 'Test metric against measured latency per sample.')}</div>
 <h2>Spectra and sensitivity</h2>
 <div class="grid">{_figure(figures, 'spectra', 'Normalised singular values of each layer.')}
 {_figure(figures, 'sensitivity', 'Validation metric with one layer factorized at each kept ratio.')}</div>

@@ -114,6 +114,9 @@ def _methods(study: Study, config: StudyConfig) -> None:
     rows = [p.to_dict() for p in points]
     front = [p.label for p in pareto_front(points, "bytes", study.task.higher_is_better)]
     study.results["methods"] = {"points": rows, "front": front, "skipped": skipped}
+    if any(p.latency_ms is not None for p in points):
+        study.results["methods"]["front_latency"] = [p.label for p in pareto_front(points, "latency",
+                                                                                   study.task.higher_is_better)]
 
 
 def _recovery(study: Study, config: StudyConfig) -> None:
@@ -210,6 +213,10 @@ def figures_from_results(results: dict) -> dict:
     if "methods" in results:
         out["pareto"] = figures.pareto_figure(results["methods"]["points"], results["methods"]["front"],
                                               results.get("chosen_point"), metric)
+        if "front_latency" in results["methods"]:
+            out["pareto_latency"] = figures.pareto_figure(results["methods"]["points"],
+                                                          results["methods"]["front_latency"],
+                                                          results.get("chosen_point"), metric, x="latency")
     rec = results.get("recovery")
     if rec:
         out["recovery"] = figures.recovery_figure(rec["history"], rec["start"], metric)

@@ -29,6 +29,7 @@ from workbench.measure import count_params
 RECIPE_SETTINGS: dict[str, list[dict]] = {
     "svd": [{"ratio": 0.15}, {"ratio": 0.3}, {"ratio": 0.6}, {"energy": 0.9}],
     "prune": [{"ratio": 0.2}, {"ratio": 0.5}, {"ratio": 0.5, "structured": True}],
+    "nm": [{"n": 2, "m": 4}, {"n": 4, "m": 8}],
     "quant": [{"bits": 8}, {"bits": 4}, {"bits": 4, "scheme": "kmeans"}, {"bits": 2, "scheme": "kmeans"}],
     "int8": [{}],
     "tucker": [{"ratio": 0.3}, {"ratio": 0.6}],
@@ -167,12 +168,17 @@ def quality(point: Point, higher_is_better: bool = True) -> float:
     return point.metric if higher_is_better else -point.metric
 
 
+#: The x axes of a Pareto front: name -> `Point` field.
+AXES = {"bytes": "bytes", "params": "params", "latency": "latency_ms", "latency_ms": "latency_ms", "flops": "flops"}
+
+
 def pareto_front(points: Sequence[Point], x: str = "bytes", higher_is_better: bool = True) -> list[Point]:
     """Points no other point beats on both ``x`` (lower is better) and ``metric`` (higher is
     better, or lower with ``higher_is_better=False``: pass ``task.higher_is_better``), sorted by
-    ``x``. Points without a value for ``x`` are left out."""
-    if x not in ("bytes", "params", "latency_ms", "flops"):
-        raise WorkbenchError(f"x={x!r} must be one of bytes, params, latency_ms, flops")
+    ``x``; ``x="latency"`` is ``"latency_ms"``. Points without a value for ``x`` are left out."""
+    x = AXES.get(x, x)
+    if x not in AXES.values():
+        raise WorkbenchError(f"x={x!r} must be one of {', '.join(AXES)} (latency: measured ms per sample)")
     usable = sorted((p for p in points if getattr(p, x) is not None),
                     key=lambda p: (getattr(p, x), -quality(p, higher_is_better)))
     front, best = [], -math.inf
@@ -193,6 +199,8 @@ def family_of(point: Point) -> str:
         return "low rank"
     if method == "prune":
         return "structured pruning" if point.settings.get("structured") else "pruning"
+    if method == "nm":
+        return "N:M sparsity"
     if method in ("quant", "int8"):
         return "quantization"
     if method in ("svd+distill", "student"):
