@@ -15,7 +15,18 @@ Two layer types do not fit the "one weight matrix" picture of notebook 01:
 * a **GRU/LSTM** holds stacked gate matrices that are applied **at every time step**.
 
 This notebook decomposes both, with sliders, and shows accuracy, parameters, FLOPs and measured
-CPU latency live. All the logic lives in `workbench`; cells only call it."""),
+CPU latency live. All the logic lives in `workbench`; cells only call it.
+
+**Contents**
+1. [Why 4-D kernels need tensor decompositions](#Why-4-D-kernels-need-tensor-decompositions)
+2. [Tucker ranks of `conv2`, live](#Tucker-ranks-of-conv2,-live)
+3. [Recurrent weights are reused at every step](#Recurrent-weights-are-reused-at-every-step)
+4. [Rank sliders for the gates](#Rank-sliders-for-the-gates,-with-each-gate's-spectrum)
+5. [Fusing the embedding into the GRU's input projection](#Fusing-the-embedding-into-the-GRU's-input-projection)
+6. [What you saw](#What-you-saw)
+
+Latencies are CPU wall times for one sample: the median of many runs after warm-up runs, with the
+quartiles `[q1–q3]` as the spread (a shared machine is noisy; one run says little)."""),
     code("""%matplotlib inline
 import torch
 import workbench as wb
@@ -54,10 +65,28 @@ for method in ("tucker", "spatial-svd"):
 
 Move the sliders: the table compares the compressed model with the original (accuracy on the
 test split, stored parameters, FLOPs counted by `torch.utils.flop_counter`, median CPU latency
-for one sample, timed when you press "measure latency"). On a model this small, latency is dominated by per-layer overhead: three small
-convs can be *slower* than one, even with fewer FLOPs."""),
-    code("""tucker = TuckerExplorer(cnn, "conv2", rank_out=24, rank_in=12)
+for one sample, timed when you press "measure latency": median and quartiles of 30 runs after 3
+warm-up runs). The line above the table compares the factors' weights with the dense kernel and
+gives the break-even rank: above it Tucker stores *more* than the kernel it replaces."""),
+    code("""tucker = TuckerExplorer(cnn, "conv2", rank_out=24, rank_in=12, latency_repeats=30)
 tucker"""),
+    code("""# what the "measure latency" button does, run here so the page shows the numbers:
+tucker.measure_latency()
+tucker.wait()
+lat = tucker.latency_spread()
+t_orig, t_tucker = lat["original"]["median"], lat["compressed"]["median"]
+flops_ratio = tucker.after["flops"] / tucker.before["flops"]
+print(f"FLOPs: {flops_ratio:.0%} of the original; latency {t_tucker:.3f} ms against {t_orig:.3f} ms "
+      f"(quartiles {lat['compressed']['q1']:.3f}–{lat['compressed']['q3']:.3f} and "
+      f"{lat['original']['q1']:.3f}–{lat['original']['q3']:.3f})")
+overlap = lat["compressed"]["q1"] <= lat["original"]["q3"] and lat["original"]["q1"] <= lat["compressed"]["q3"]
+if overlap:
+    print(f"No clear difference (median ratio {t_tucker / t_orig:.2f}, the quartile ranges overlap): the FLOPs saved "
+          "are eaten by the overhead of running three small convs instead of one.")
+else:
+    print("Tucker is", f"{t_orig / t_tucker:.2f}x faster: the FLOPs saved show." if t_tucker < t_orig else
+          f"{t_tucker / t_orig:.2f}x slower: three small convs pay three calls' overhead, which on a model "
+          "this small outweighs the FLOPs saved.")"""),
     md("""## Recurrent weights are reused at every step
 
 A GRU computes, for each step `t`, `W_ih x_t` (three gates: reset, update, new) and
@@ -76,14 +105,20 @@ print("hidden FLOPs at rank 16 per gate:", 2 * T * 3 * 16 * (H + H), "(x T =", T
 
 The gates are stored separately (*per gate*: one factorization per gate) or as one stacked
 matrix. The spectra below are drawn **per gate** because gates often differ: a gate whose
-spectrum falls fast loses little at low rank. Rank 0 keeps that matrix dense."""),
+spectrum falls fast loses little at low rank. As in the dashboard of notebook 01, a slider at its
+**right end** keeps that matrix dense. The red dotted line is the **break-even rank**: per gate,
+`r (H + cols)` weights against `H cols` dense, so for `W_hh` (64 x 64) rank 32 stores as much as
+the dense matrix and any higher rank stores more (the line above the table says "larger than
+dense")."""),
     code("""gates = GateRankExplorer(gru, "rnn", rank_ih=3, rank_hh=16, per_gate=True)
 gates"""),
     code("""# what a slider move does, without the widget:
 gates.rank_hh.value = 8
 gates.wait()  # the move is computed off the UI thread; wait until it is shown
 print(gates.plan.to_json())
-print({k: round(v, 3) if isinstance(v, float) else v for k, v in gates.after.items()})"""),
+print({k: round(v, 3) if isinstance(v, float) else v for k, v in gates.after.items()})
+print(f"original: accuracy {gates.before['metric']:.3f}, {gates.before['params']} params")
+print(gates.size_note.value.replace("<b>", "").replace("</b>", ""))"""),
     md("""## Fusing the embedding into the GRU's input projection
 
 In `text-gru` (a topic classifier over sentences from a synthetic grammar, generated
@@ -92,19 +127,49 @@ deterministically), tokens go through `nn.Embedding(vocab, E)` and then the GRU 
 table `(vocab, 3H)`. The outputs are the same (exact product); the input matmul disappears.
 
 But be honest about size: the table has `vocab * 3H` entries instead of `vocab*E + 3H*E`.
-With `3H > E` fusion **grows** the model; it is a speed trade, not a compression."""),
-    code("""from workbench.layers.fusion import fusion_sizes
+With `3H > E` fusion **grows** the model. What it buys is FLOPs; whether those turn into time is a
+measurement, below."""),
+    code("""import torch
+from workbench.layers.fusion import fusion_sizes
+from workbench.widgets.conv_rnn import latency_spread
 
 text = wb.load("text-gru")
 sizes = fusion_sizes(text.model.embed, text.model.rnn)
 print(sizes.to_dict())
 fused = wb.apply(text.model, get_recipe("fuse_embedding")(text.model, task=text))
 x = text.eval_inputs[:200]
-print("max |difference| of logits:", float((fused(x) - text.model(x)).abs().max()))
+with torch.no_grad():
+    print("max |difference| of logits:", float((fused(x) - text.model(x)).abs().max()))
+fusion = {}
 for name, model in (("original", text.model), ("fused", fused)):
-    m = wb.measure(model, text)
+    m = wb.measure(model, text, latency=False)
+    m["latency"] = latency_spread(model, text.example_input, repeats=50, warmup=5)
+    fusion[name] = m
+    lat = m["latency"]
     print(f"{name:9s} accuracy {m['metric']:.3f}  params {m['params']:6d}  FLOPs {m['flops']:7d}  "
-          f"latency {m['latency_ms']:.3f} ms")"""),
+          f"latency {lat['median']:.3f} ms [{lat['q1']:.3f}–{lat['q3']:.3f}]")
+speed = fusion["original"]["latency"]["median"] / fusion["fused"]["latency"]["median"]
+print(f"fused: {fusion['fused']['params'] / fusion['original']['params']:.2f}x the parameters, "
+      f"{fusion['fused']['flops'] / fusion['original']['flops']:.2f}x the FLOPs, "
+      + (f"{speed:.2f}x faster." if speed > 1 else f"{1 / speed:.2f}x slower."))"""),
+    md("""The lookup saves the input matmul (the FLOPs column), but on a CPU at batch 1 the time goes to
+per-call overhead, not to a 16-wide matmul, and the fused model reads a table more than twice as
+large. Whether fusion is a speed trade is the ratio printed above, on *this* machine: a
+compression it is not. It pays off when the input projection is a real cost (a large `E`, long
+batched sequences), not on a model this small."""),
+    md("""## What you saw
+
+The numbers below are those computed above, in this run."""),
+    code("""print(f"* Tucker-2 of conv2 at ranks (24, 12): {tucker.after['params'] / tucker.before['params']:.0%} of the "
+      f"model's parameters, accuracy {tucker.after['metric']:.3f} (original {tucker.before['metric']:.3f}), "
+      f"{flops_ratio:.0%} of the FLOPs, and {t_tucker / t_orig:.2f}x the original's latency at batch 1.")
+print(f"* The GRU at rank_ih 3, rank_hh 8 (per gate): {gates.after['params']} of {gates.before['params']} params, "
+      f"accuracy {gates.after['metric']:.3f} against {gates.before['metric']:.3f}; W_hh's break-even rank "
+      f"is {gates.break_even(True)['hh']} per gate.")
+print(f"* Fusing the embedding: outputs equal, {fusion['fused']['params']} params instead of "
+      f"{fusion['original']['params']} (it grows), FLOPs x{fusion['fused']['flops'] / fusion['original']['flops']:.2f}, "
+      f"latency x{1 / speed:.2f}.")
+print("* FLOPs and parameters are exact counts; latency is a noisy measurement, so it is shown with its spread.")"""),
 ]
 
 nb = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",

@@ -141,9 +141,11 @@ def test_gate_rank_explorer_round_trip(gru_task, tmp_path):
            "rank_ih=10000 is outside")
     refuse(fresh, tmp_path / "bad.json", Plan({"rnn": LayerPlan("svd_rnn", {"rank_ih": 2, "per_gate": "yes"})}),
            controls, "must be true or false", gru_task)
-    (tmp_path / "empty.json").write_text(Plan().to_json())  # the original model: both sliders at 0
+    refuse(fresh, tmp_path / "bad.json", Plan({"rnn": LayerPlan("svd_rnn", {"rank_ih": 8})}), controls,
+           "is the full rank", gru_task)
+    (tmp_path / "empty.json").write_text(Plan().to_json())  # the original model: both sliders at the right end
     point(fresh.persistence, tmp_path / "empty.json")
-    assert fresh.persistence.load() and (fresh.rank_ih.value, fresh.rank_hh.value) == (0, 0)
+    assert fresh.persistence.load() and (fresh.rank_ih.value, fresh.rank_hh.value) == (8, 64)
     assert fresh.after["params"] == fresh.before["params"]
 
 

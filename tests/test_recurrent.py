@@ -133,11 +133,33 @@ def test_gate_explorer_headless(gru_task):
     explorer = GateRankExplorer(gru_task, "rnn", rank_ih=3, rank_hh=16, latency_repeats=1, synchronous=True)
     assert explorer.after["params"] < explorer.before["params"] and explorer.error.value == ""
     assert list(explorer.markers["hh"].get_xdata()) == [16, 16]
-    explorer.rank_hh.value = 0  # dense hidden matrix: marker hidden, ih still factored
+    explorer.rank_hh.value = explorer.rank_hh.max  # right end, as in the dashboard: dense hidden matrix
     assert explorer.plan.layers["rnn"]["rank_hh"] is None and not explorer.markers["hh"].get_visible()
+    assert explorer.rank_hh.max == 64 and explorer.rank_hh.min == 1
     explorer.per_gate.value = False
-    explorer.rank_hh.value = 64
+    explorer.rank_hh.value = 63
     assert explorer.error.value == "" and "compressed" in explorer.readout.value
+
+
+def test_gate_explorer_marks_the_break_even_rank(gru_task):
+    """Break-even = the largest rank whose factors hold fewer weights than dense (per gate: 3 r (H + cols)
+    against 3 H cols); above it the size line says "larger than dense" and the measured params agree."""
+    from workbench.widgets.conv_rnn import GateRankExplorer
+
+    explorer = GateRankExplorer(gru_task, "rnn", rank_ih=3, rank_hh=16, latency_repeats=1, synchronous=True)
+    assert explorer.break_even(True) == {"ih": 7, "hh": 31}  # 3*7*72 < 3*64*8 <= 3*8*72; 3*31*128 < 3*64*64
+    assert explorer.break_even(False) == {"ih": 7, "hh": 47}  # r (192 + cols) < 192 cols
+    assert list(explorer.break_even_lines["hh"].get_xdata()) == [31, 31]
+    explorer.rank_hh.value = 31
+    assert "larger than dense" not in explorer.size_note.value
+    explorer.rank_hh.value = 32
+    assert "larger than dense" in explorer.size_note.value
+    explorer.rank_ih.value, explorer.rank_hh.value = 8, 40  # ih dense, hh above break-even
+    assert explorer.after["params"] > explorer.before["params"]
+    explorer.per_gate.value = False  # stacked: 40 is below its break-even 47
+    assert list(explorer.break_even_lines["hh"].get_xdata()) == [47, 47]
+    assert "larger than dense" not in explorer.size_note.value
+    assert explorer.after["params"] < explorer.before["params"]
 
 
 @pytest.mark.slow

@@ -230,13 +230,15 @@ def test_recovery_explorer_follows_the_explorer_contract(mlp_task):
 def test_latency_is_measured_only_when_asked(cnn_task, monkeypatch):
     from workbench.widgets import conv_rnn
     timed = []
-    monkeypatch.setattr(conv_rnn, "latency_ms", lambda model, x, repeats, warmup: timed.append(repeats) or 1.5)
+    monkeypatch.setattr(conv_rnn, "latency_spread", lambda model, x, repeats, warmup: timed.append(repeats) or
+                        {"median": 1.5, "q1": 1.25, "q3": 1.75, "repeats": repeats})
     e = conv_rnn.TuckerExplorer(cnn_task, "conv2", rank_out=8, rank_in=8, latency_repeats=3, synchronous=True)
     e.rank_in.value = 4
     assert timed == [] and e.after["latency_ms"] is None and "measure latency" in e.readout.value
     e.latency_button.click()  # the original and the shown plan, once each
     assert timed == [3, 3] and e.after["latency_ms"] == 1.5 and e.before["latency_ms"] == 1.5
-    assert "<td>1.500</td>" in e.readout.value and "100%" in e.readout.value
+    assert "<td>1.500 [1.250–1.750]</td>" in e.readout.value and "100%" in e.readout.value
+    assert e.latency_spread()["compressed"]["q3"] == 1.75
     e.rank_in.value = 5
     e.rank_in.value = 4  # moving back shows the figure measured for that plan, no new runs
     assert timed == [3, 3] and e.after["latency_ms"] == 1.5

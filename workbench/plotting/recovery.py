@@ -23,17 +23,27 @@ class CurveArtists:
     metric: Line2D
 
 
-def draw_curves(ax_loss: Axes, ax_metric: Axes, metric_name: str = "accuracy") -> CurveArtists:
-    """Empty loss and metric curves on two axes; fill them with `update_curves`."""
-    (loss,) = ax_loss.plot([], [], "-o", ms=3, label="training loss")
-    (val_loss,) = ax_loss.plot([], [], "--", label="validation loss")
+def draw_curves(ax_loss: Axes, ax_metric: Axes, metric_name: str = "accuracy", color: str | None = None,
+                label: str | None = None, legend: bool = True) -> CurveArtists:
+    """Empty loss and metric curves on two axes; fill them with `update_curves`.
+
+    One run alone: default colours and labels. Several runs on the same axes: give each its
+    ``color`` and ``label`` (the run's name); its training loss is solid, its validation loss
+    dashed, its metric solid, all in that colour, and the legends name the runs."""
+    named = label is not None
+    (loss,) = ax_loss.plot([], [], "-o", ms=3, color=color,
+                           label=f"{label}: training" if named else "training loss")
+    (val_loss,) = ax_loss.plot([], [], "--", color=color if named else None,
+                               label=f"{label}: validation" if named else "validation loss")
     ax_loss.set_xlabel("epoch")
-    ax_loss.set_ylabel("loss")
-    ax_loss.legend(loc="upper right", fontsize="small")
-    (metric,) = ax_metric.plot([], [], "-o", ms=3, color="C2", label=f"validation {metric_name}")
+    ax_loss.set_ylabel("loss (cross-entropy)" if named else "loss")
+    (metric,) = ax_metric.plot([], [], "-o", ms=3, color=color or "C2",
+                               label=label if named else f"validation {metric_name}")
     ax_metric.set_xlabel("epoch")
     ax_metric.set_ylabel(f"validation {metric_name}")
-    ax_metric.legend(loc="lower right", fontsize="small")
+    if legend:
+        ax_loss.legend(loc="upper right", fontsize="small")
+        ax_metric.legend(loc="lower right", fontsize="small")
     return CurveArtists(ax_loss, ax_metric, loss, val_loss, metric)
 
 
