@@ -47,7 +47,7 @@ class _PackedWeight(nn.Module):
     """Packed codes of a weight ``weight_shape`` and the grid they index."""
 
     def __init__(self, weight_shape: tuple[int, ...], bits: int, scheme: str, per_channel: bool,
-                 asymmetric: bool, clip: str = "max"):
+                 asymmetric: bool, clip: str | None = "max"):
         super().__init__()
         self.weight_shape = tuple(weight_shape)
         self.bits, self.scheme = bits, scheme
@@ -105,7 +105,7 @@ class _PackedWeight(nn.Module):
     def extra_repr(self) -> str:
         grid = "per-channel" if self.per_channel else "per-tensor"
         kind = ("asymmetric " if self.asymmetric else "symmetric ") if self.scheme == "uniform" else ""
-        clip = f", clip={self.clip}" if self.scheme == "uniform" else ""
+        clip = f", clip={self.clip}" if self.scheme == "uniform" and self.clip is not None else ""
         return f"shape={self.weight_shape}, bits={self.bits}, {kind}{self.scheme} {grid}{clip}"
 
 
@@ -119,7 +119,7 @@ class QuantLinear(_PackedWeight):
     """``nn.Linear`` with packed ``bits``-bit weight codes; ``(…, in) -> (…, out)``."""
 
     def __init__(self, in_features: int, out_features: int, bits: int, scheme: str = "uniform",
-                 per_channel: bool = False, asymmetric: bool = False, clip: str = "max"):
+                 per_channel: bool = False, asymmetric: bool = False, clip: str | None = "max"):
         super().__init__((out_features, in_features), bits, scheme, per_channel, asymmetric, clip)
         self.in_features, self.out_features = in_features, out_features
 
@@ -140,10 +140,11 @@ class QuantLinear(_PackedWeight):
     @classmethod
     def from_signed_codes(cls, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                           layer: nn.Linear, *, bits: int) -> "QuantLinear":
-        """Pack signed codes ``(out, in)`` in ``[-2^(b-1), 2^(b-1)-1]`` on the grid ``scale * code``."""
+        """Pack signed codes ``(out, in)`` in ``[-2^(b-1), 2^(b-1)-1]`` on the grid ``scale * code``
+        (a given grid: ``clip`` is None)."""
         quant_kernels.check_bits(bits)
         per_channel = scale.numel() > 1
-        packed = cls(layer.in_features, layer.out_features, bits, "uniform", per_channel, False)
+        packed = cls(layer.in_features, layer.out_features, bits, "uniform", per_channel, False, clip=None)
         offset = 2 ** (bits - 1)
         packed._store((codes.to(torch.int16) + offset).to(torch.uint8), bias,
                       scale=scale.reshape(-1, 1) if per_channel else scale.reshape(()),
@@ -163,7 +164,7 @@ class QuantConv2d(_PackedWeight):
     """``nn.Conv2d`` with packed ``bits``-bit kernel codes."""
 
     def __init__(self, spec: ConvSpec, bits: int, scheme: str = "uniform", per_channel: bool = False,
-                 asymmetric: bool = False, clip: str = "max"):
+                 asymmetric: bool = False, clip: str | None = "max"):
         super().__init__(spec.weight_shape, bits, scheme, per_channel, asymmetric, clip)
         self.spec = spec
 
@@ -185,7 +186,7 @@ class QuantConv2d(_PackedWeight):
         """As `QuantLinear.from_signed_codes`, for a conv (``codes`` shaped like its kernel)."""
         quant_kernels.check_bits(bits)
         per_channel = scale.numel() > 1
-        packed = cls(ConvSpec.from_conv(layer), bits, "uniform", per_channel, False)
+        packed = cls(ConvSpec.from_conv(layer), bits, "uniform", per_channel, False, clip=None)
         offset = 2 ** (bits - 1)
         shape = (-1, 1, 1, 1) if per_channel else ()
         packed._store((codes.to(torch.int16) + offset).to(torch.uint8), bias, scale=scale.reshape(shape),

@@ -184,8 +184,9 @@ def int8_report(original: nn.Module, compressed: nn.Module, task=None) -> dict:
 
 def qat_plan(model: nn.Module, *, bits: int | None = None, scheme: str | None = None,
              asymmetric: bool | None = None, per_channel: bool | None = None,
-             layers: Sequence[str] | None = None) -> Plan:
-    """The PTQ starting point of QAT: the ``quant`` plan (symmetric uniform ``bits``-bit codes, 2..8).
+             layers: Sequence[str] | None = None, clip: str | None = None) -> Plan:
+    """The PTQ starting point of QAT: the ``quant`` plan (symmetric uniform ``bits``-bit codes, 2..8;
+    ``clip`` picks the starting grid's range as in `quant_plan`).
 
     The plan gives the packed structure (so a saved QAT model loads back through its plan); the
     training itself happens after `workbench.apply`, in `workbench.recovery.qat` (the CLI does it
@@ -198,7 +199,7 @@ def qat_plan(model: nn.Module, *, bits: int | None = None, scheme: str | None = 
     if (scheme not in (None, "uniform")) or asymmetric:
         raise WorkbenchError(f"qat learns the steps of the symmetric uniform grid; scheme={scheme!r}, "
                              f"asymmetric={bool(asymmetric)} are not supported")
-    return quant_plan(model, bits=bits, per_channel=per_channel, layers=layers)
+    return quant_plan(model, bits=bits, per_channel=per_channel, layers=layers, clip=clip)
 
 
 register_recipe("quant", quant_plan, report=quant_report)
