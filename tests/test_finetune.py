@@ -2,6 +2,7 @@
 stops early on a validation split carved from the training split, cancels without loss, refuses
 bad input."""
 import copy
+import dataclasses
 import json
 import threading
 
@@ -15,6 +16,7 @@ from workbench.errors import WorkbenchError
 from workbench.layers.lowrank import LowRankLinear
 from workbench.measure import count_params
 from workbench.recovery import finetune, validation_split
+from workbench.recovery.finetune import fit_and_validation
 from workbench.recovery.views import MaskedLayer, repack, trainable
 
 
@@ -32,6 +34,16 @@ def test_validation_split_partitions_the_training_split(mlp_task):
     assert {tuple(r.tolist()) + (int(l),) for r, l in zip(torch.cat([x_fit, x_val]), torch.cat([y_fit, y_val]))} == rows
     again = validation_split(x, y, 0.2, seed=3)
     assert torch.equal(again[2], x_val)  # seeded
+
+
+def test_early_stopping_judges_the_held_out_split_where_the_task_has_one(mlp_task):
+    x_fit, y_fit, x_val, y_val = fit_and_validation(mlp_task, 0.2, seed=3)
+    assert x_fit is mlp_task.train_inputs and y_fit is mlp_task.train_targets
+    assert x_val is mlp_task.val_inputs and y_val is mlp_task.val_targets
+    without = dataclasses.replace(mlp_task, val_inputs=None, val_targets=None)
+    carved = fit_and_validation(without, 0.2, seed=3)
+    expected = validation_split(mlp_task.train_inputs, mlp_task.train_targets, 0.2, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(carved, expected))
 
 
 def test_finetune_recovers_factors_only_and_leaves_the_input_alone(mlp_task, svd_small):
@@ -100,7 +112,7 @@ def test_early_stopping_keeps_the_best_validation_epoch(mlp_task, svd_small):
     metrics = [result.start["metric"]] + [h["metric"] for h in result.history]
     assert result.best_epoch == max(range(len(metrics)), key=lambda i: (metrics[i], -(
         [result.start["val_loss"]] + [h["val_loss"] for h in result.history])[i]))
-    _, _, x_val, y_val = validation_split(mlp_task.train_inputs, mlp_task.train_targets, 0.15, 0)
+    x_val, y_val = mlp_task.val_inputs, mlp_task.val_targets  # the held-out split, never trained on
     with torch.no_grad():
         kept = mlp_task.metric(result.model(x_val), y_val)
     assert kept == pytest.approx(metrics[result.best_epoch])

@@ -11,6 +11,7 @@ from workbench.errors import WorkbenchError
 from workbench.export import load_compressed, save_compressed
 from workbench.methods.group_pruning import kept_counts
 from workbench.methods.pruning import pruning_report
+from workbench.recovery import finetune
 from workbench.registry import get_recipe
 
 from conftest import state_bytes
@@ -105,7 +106,9 @@ def test_magnitude_and_taylor_choose_different_valid_channels(resnet_task):
     for plan in plans.values():
         pruned = wb.apply(resnet_task.model, plan)
         assert counts(pruned) == (16, 16, 32, 32)
-        assert resnet_task.evaluate(pruned) > 0.1  # above chance (it recovers with a fine-tune)
+        # half of every group gone, BatchNorm statistics stale: near chance until one epoch of fine-tuning
+        recovered = finetune(pruned, resnet_task, epochs=1, progress=False, patience=None).model
+        assert resnet_task.evaluate(recovered) > 0.8
 
 
 def test_save_load_round_trip_is_bit_exact(resnet_task, tmp_path):

@@ -1,5 +1,8 @@
 """Per-layer sensitivity: oracles against applying each single-layer plan, costs, cache, bad input."""
+import dataclasses
+
 import pytest
+import torch
 
 import workbench as wb
 from workbench.errors import WorkbenchError
@@ -44,11 +47,22 @@ def test_smaller_rank_never_helps_much_and_fc3_is_most_sensitive(mlp_result):
     assert drops["fc3"] > 0.5
 
 
-def test_validation_split_comes_from_train(mlp_task):
+def test_validation_split_is_the_held_out_one(mlp_task):
     val = sens.selection_task(mlp_task, "validation")
+    assert torch.equal(val.eval_inputs, mlp_task.val_inputs) and torch.equal(val.eval_targets, mlp_task.val_targets)
     train_rows = {tuple(r.tolist()) for r in mlp_task.train_inputs}
-    assert all(tuple(r.tolist()) in train_rows for r in val.eval_inputs[:50])
+    assert sum(tuple(r.tolist()) in train_rows for r in val.eval_inputs) < 5  # never trained on
+    assert val.evaluate() < 1.0  # a held-out baseline, not the training accuracy
     assert sens.selection_task(mlp_task, "test") is mlp_task
+
+
+def test_validation_split_is_carved_from_train_without_a_held_out_one(mlp_task):
+    task = dataclasses.replace(mlp_task, val_inputs=None, val_targets=None)
+    val = sens.selection_task(task, "validation", n=100)
+    train_rows = {tuple(r.tolist()) for r in task.train_inputs}
+    assert len(val.eval_inputs) == 100 and all(tuple(r.tolist()) in train_rows for r in val.eval_inputs)
+    with pytest.raises(WorkbenchError, match="no validation or training split"):
+        sens.selection_task(dataclasses.replace(task, train_inputs=None, train_targets=None), "validation")
 
 
 def test_cached_and_model_untouched(mlp_task, mlp_result, tmp_path):

@@ -39,7 +39,8 @@ def parse_ranks(items: list[str] | None) -> dict[str, int | tuple[int, int]] | N
 
 # CLI flag of each recipe option, for the message when a flag does not apply to the method
 FLAGS = {"ratio": "--ratio", "energy": "--energy", "ranks": "--rank", "layers": "--layers", "bits": "--bits",
-         "scheme": "--scheme", "per_channel": "--per-channel", "group_size": "--group-size", "awq": "--awq", "asymmetric": "--asymmetric",
+         "scheme": "--scheme", "per_channel": "--per-channel", "group_size": "--group-size", "awq": "--awq",
+         "asymmetric": "--asymmetric", "clip": "--clip",
          "structured": "--structured", "activation_aware": "--activation-aware", "estimate": "--estimate",
          "sequential": "--sequential", "importance": "--importance", "round_to": "--round-to",
          "global_ranking": "--global-ranking", "max_ratio": "--max-ratio", "n": "--n", "m": "--m"}
@@ -62,7 +63,7 @@ def recipe_options(args) -> dict:
     options = {
         "ratio": args.ratio, "energy": args.energy, "ranks": parse_ranks(args.rank),
         "layers": args.layers, "bits": args.bits, "scheme": args.scheme,
-        "per_channel": args.per_channel or None, "asymmetric": args.asymmetric or None,
+        "per_channel": args.per_channel or None, "asymmetric": args.asymmetric or None, "clip": args.clip,
         "structured": args.structured or None, "activation_aware": args.activation_aware,
         "estimate": args.estimate, "group_size": args.group_size,
         "awq": args.awq or None, "sequential": args.sequential or None,
@@ -231,6 +232,9 @@ def register(subparsers) -> None:
     parser.add_argument("--awq", action="store_true", help="gptq: activation-aware input scaling (AWQ) first")
     parser.add_argument("--per-channel", action="store_true", help="quantize per output channel")
     parser.add_argument("--asymmetric", action="store_true", help="asymmetric quantization (zero point)")
+    parser.add_argument("--clip", help="quant, uniform: the grid's range from the largest weight (max), the least "
+                                       "squared rounding error (mse) or the 99.9th percentile (percentile); "
+                                       "default mse up to 4 bits, max above")
     parser.add_argument("--structured", action="store_true",
                         help="prune whole channels/neurons; coupled channels (residual adds, BatchNorm) as one group")
     parser.add_argument("--importance", choices=["magnitude", "taylor", "hessian"],

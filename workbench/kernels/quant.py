@@ -11,13 +11,21 @@ Uniform grids dequantize as ``w_hat = scale * (code - zero_point)``:
 - symmetric, ``bits = 1``: binarization ``w_hat = ±mean|w|`` (``scale = 2 mean|w|``, ``zero_point = 1/2``);
 - asymmetric: the range ``[min(w, 0), max(w, 0)]`` split into ``2^b - 1`` steps, integer zero point.
 
-With round-to-nearest and no clipping, ``|w - w_hat| <= scale / 2`` for every weight (``bits >= 2``).
+The range comes from ``clip`` (`CLIPS`): ``"max"`` takes it from the largest weights as above;
+``"percentile"`` from the `CLIP_PERCENTILE` th percentile of ``|w|`` (asymmetric: of ``w`` and
+its ``100 - p`` th), as ``numpy.percentile`` computes it; ``"mse"`` shrinks the max range by the
+fraction of `MSE_FRACTIONS` that minimizes each group's squared rounding error
+``sum (w - w_hat)^2`` (1.0, the max range, is a candidate, so its error is never larger than
+``"max"``'s). Weights beyond a clipped range get the end code. Binarization (symmetric
+``bits = 1``) ignores ``clip``: ``±mean|w|`` is already the least-squares scale of sign codes.
+With round-to-nearest and ``clip="max"``, ``|w - w_hat| <= scale / 2`` for every weight (``bits >= 2``).
 ``scale`` and ``zero_point`` are scalars (per tensor) or ``(out, 1, ...)`` (per output channel).
 K-means (weight clustering) replaces the grid by a sorted codebook of ``2^bits`` centroids
 (scikit-learn ``KMeans``, seeded): ``w_hat = codebook[code]``.
 """
 from __future__ import annotations
 
+import difflib
 import warnings
 
 import numpy as np
@@ -28,6 +36,14 @@ from workbench.errors import WorkbenchError
 #: Bit widths that mean "keep the float weights" (no quantization).
 NO_OP_BITS = (16, 32)
 SCHEMES = ("uniform", "kmeans")
+#: How a uniform grid chooses its range (see the module docstring).
+CLIPS = ("max", "mse", "percentile")
+#: Percentile of ``|w|`` that ``clip="percentile"`` takes as the range.
+CLIP_PERCENTILE = 99.9
+#: Candidate fractions of the max range that ``clip="mse"`` tries: 1.00, 0.99, ..., 0.01.
+MSE_FRACTIONS = tuple(round(1 - i / 100, 2) for i in range(100))
+#: Widths up to this use ``clip="mse"`` by default (`default_clip`); wider grids use ``"max"``.
+MSE_DEFAULT_MAX_BITS = 4
 
 
 def check_bits(bits: int, name: str = "", allow_no_op: bool = False) -> int:
@@ -47,6 +63,25 @@ def check_scheme(scheme: str) -> str:
     return scheme
 
 
+def check_clip(clip: str, name: str = "") -> str:
+    """``clip`` if it is one of `CLIPS`, else a `WorkbenchError` naming the value and the choices."""
+    if not isinstance(clip, str) or clip not in CLIPS:
+        where = f" for layer {name!r}" if name else ""
+        close = difflib.get_close_matches(clip, CLIPS, n=1) if isinstance(clip, str) else []
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise WorkbenchError(f"clip={clip!r}{where} must be one of {', '.join(CLIPS)}{hint}: how a uniform grid "
+                             "chooses its range (largest weight, least squared rounding error, "
+                             f"{CLIP_PERCENTILE}th percentile)")
+    return clip
+
+
+def default_clip(bits: int) -> str:
+    """The clip a uniform grid of ``bits`` bits uses when none is given: ``"mse"`` up to
+    `MSE_DEFAULT_MAX_BITS` bits (from the largest weight a 2-bit grid leaves most weights in
+    its zero bin), ``"max"`` above (a fine grid loses little to one outlier)."""
+    return "mse" if bits <= MSE_DEFAULT_MAX_BITS else "max"
+
+
 def _rows(w: torch.Tensor, per_channel: bool) -> torch.Tensor:
     """``(groups, n)``: one row per output channel, or the whole tensor as one row."""
     w = w.detach()
@@ -58,34 +93,84 @@ def _shape_param(p: torch.Tensor, w: torch.Tensor, per_channel: bool) -> torch.T
     return p.reshape(w.shape[0], *([1] * (w.dim() - 1))) if per_channel else p.reshape(())
 
 
-def quantize_uniform(w: torch.Tensor, bits: int, per_channel: bool = False,
-                     asymmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Round-to-nearest uniform quantization of ``w`` to ``bits`` bits.
+def _percentile(values: torch.Tensor, q: float) -> torch.Tensor:
+    """``numpy.percentile(values, q, axis=1)`` (linear interpolation) of ``values: (groups, n)``, ``(groups, 1)``."""
+    found = np.percentile(values.detach().cpu().double().numpy(), q, axis=1, keepdims=True)
+    return torch.from_numpy(found).to(device=values.device, dtype=values.dtype)
 
-    Returns ``(codes, scale, zero_point)``: ``codes`` uint8 shaped like ``w`` in ``[0, 2^bits)``;
-    ``scale`` and ``zero_point`` float32, scalars or ``(out, 1, ...)`` when ``per_channel``.
-    """
-    check_bits(bits)
-    rows = _rows(w, per_channel).float()
-    levels = 2 ** bits - 1
+
+def _range(rows: torch.Tensor, clip: str, asymmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lo, hi)`` per group ``(groups, 1)`` before any MSE shrinking; ``lo = -hi`` when symmetric."""
     if asymmetric:
-        lo = rows.amin(dim=1, keepdim=True).clamp(max=0)
-        hi = rows.amax(dim=1, keepdim=True).clamp(min=0)
+        if clip == "percentile":
+            lo, hi = _percentile(rows, 100 - CLIP_PERCENTILE), _percentile(rows, CLIP_PERCENTILE)
+        else:
+            lo, hi = rows.amin(dim=1, keepdim=True), rows.amax(dim=1, keepdim=True)
+        return lo.clamp(max=0), hi.clamp(min=0)
+    top = _percentile(rows.abs(), CLIP_PERCENTILE) if clip == "percentile" else rows.abs().amax(dim=1, keepdim=True)
+    return -top, top
+
+
+def _grid(lo: torch.Tensor, hi: torch.Tensor, bits: int, asymmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, zero_point)`` per group of the grid spanning ``[lo, hi]`` (``bits >= 2`` or asymmetric)."""
+    if asymmetric:
+        levels = 2 ** bits - 1
         scale = (hi - lo) / levels
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        zero = torch.clamp(torch.round(-lo / scale), 0, levels)
-        codes = torch.clamp(torch.round(rows / scale) + zero, 0, levels)
-    elif bits == 1:
+        return scale, torch.clamp(torch.round(-lo / scale), 0, levels)
+    qmax = 2 ** (bits - 1) - 1
+    scale = torch.where(hi > 0, hi / qmax, torch.ones_like(hi))
+    return scale, torch.full_like(scale, float(2 ** (bits - 1)))
+
+
+def _codes(rows: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, asymmetric: bool) -> torch.Tensor:
+    """Round-to-nearest codes (float) of ``rows`` on the grid, clamped to the code range."""
+    if asymmetric:
+        return torch.clamp(torch.round(rows / scale) + zero, 0, 2 ** bits - 1)
+    qmax = 2 ** (bits - 1) - 1
+    return torch.clamp(torch.round(rows / scale), -qmax, qmax) + zero
+
+
+def _mse_fraction(rows: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int,
+                  asymmetric: bool) -> torch.Tensor:
+    """Per group ``(groups, 1)``, the fraction of `MSE_FRACTIONS` whose shrunk range ``[f lo, f hi]``
+    gives the least ``sum (w - w_hat)^2``; ties keep the wider range (1.0 is tried first)."""
+    best = torch.ones_like(hi)
+    best_err = torch.full_like(hi, float("inf"))
+    for fraction in MSE_FRACTIONS:
+        scale, zero = _grid(lo * fraction, hi * fraction, bits, asymmetric)
+        w_hat = scale * (_codes(rows, scale, zero, bits, asymmetric) - zero)
+        err = ((rows - w_hat) ** 2).sum(dim=1, keepdim=True)
+        better = err < best_err
+        best = torch.where(better, torch.full_like(best, fraction), best)
+        best_err = torch.where(better, err, best_err)
+    return best
+
+
+def quantize_uniform(w: torch.Tensor, bits: int, per_channel: bool = False,
+                     asymmetric: bool = False, clip: str = "max") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest uniform quantization of ``w`` to ``bits`` bits, range chosen by ``clip``.
+
+    ``clip``: "max" (the largest weights), "mse" (least squared rounding error per group: per
+    output channel when ``per_channel``, else the whole tensor) or "percentile"; see the module
+    docstring. Returns ``(codes, scale, zero_point)``: ``codes`` uint8 shaped like ``w`` in
+    ``[0, 2^bits)``; ``scale`` and ``zero_point`` float32, scalars or ``(out, 1, ...)`` when ``per_channel``.
+    """
+    check_bits(bits)
+    check_clip(clip)
+    rows = _rows(w, per_channel).float()
+    if bits == 1 and not asymmetric:  # binarization: mean|w| is the least-squares scale, whatever clip says
         mean_abs = rows.abs().mean(dim=1, keepdim=True)
         scale = torch.where(mean_abs > 0, 2 * mean_abs, torch.ones_like(mean_abs))
         zero = torch.full_like(scale, 0.5)
         codes = (rows >= 0).float()
     else:
-        qmax = 2 ** (bits - 1) - 1
-        top = rows.abs().amax(dim=1, keepdim=True)
-        scale = torch.where(top > 0, top / qmax, torch.ones_like(top))
-        zero = torch.full_like(scale, float(2 ** (bits - 1)))
-        codes = torch.clamp(torch.round(rows / scale), -qmax, qmax) + zero
+        lo, hi = _range(rows, clip, asymmetric)
+        if clip == "mse":
+            fraction = _mse_fraction(rows, lo, hi, bits, asymmetric)
+            lo, hi = lo * fraction, hi * fraction
+        scale, zero = _grid(lo, hi, bits, asymmetric)
+        codes = _codes(rows, scale, zero, bits, asymmetric)
     return (codes.to(torch.uint8).reshape(w.shape), _shape_param(scale, w, per_channel),
             _shape_param(zero, w, per_channel))
 

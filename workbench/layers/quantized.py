@@ -3,7 +3,8 @@
 `QuantLinear` / `QuantConv2d` keep, in their ``state_dict``:
 
 - ``packed``: the codes at ``bits`` bits each (`workbench.kernels.quant.pack_codes`), uint8;
-- uniform scheme: ``scale`` and ``zero_point`` (float32, scalars or ``(out, 1, ...)``);
+- uniform scheme: ``scale`` and ``zero_point`` (float32, scalars or ``(out, 1, ...)``), the range
+  chosen by ``clip`` ("max", "mse" or "percentile": `workbench.kernels.quant.quantize_uniform`);
 - k-means scheme: ``codebook`` (float32 ``(2^bits,)`` or ``(out, 2^bits)``);
 - ``bias`` in float.
 
@@ -46,11 +47,11 @@ class _PackedWeight(nn.Module):
     """Packed codes of a weight ``weight_shape`` and the grid they index."""
 
     def __init__(self, weight_shape: tuple[int, ...], bits: int, scheme: str, per_channel: bool,
-                 asymmetric: bool):
+                 asymmetric: bool, clip: str | None = "max"):
         super().__init__()
         self.weight_shape = tuple(weight_shape)
         self.bits, self.scheme = bits, scheme
-        self.per_channel, self.asymmetric = per_channel, asymmetric
+        self.per_channel, self.asymmetric, self.clip = per_channel, asymmetric, clip
 
     @property
     def numel(self) -> int:
@@ -71,7 +72,8 @@ class _PackedWeight(nn.Module):
 
     def _quantize_from(self, weight: torch.Tensor, bias: torch.Tensor | None, seed: int) -> None:
         if self.scheme == "uniform":
-            codes, scale, zero = quant_kernels.quantize_uniform(weight, self.bits, self.per_channel, self.asymmetric)
+            codes, scale, zero = quant_kernels.quantize_uniform(weight, self.bits, self.per_channel, self.asymmetric,
+                                                                self.clip)
             self._store(codes, bias, scale=scale, zero_point=zero)
         else:
             codes, codebook = quant_kernels.kmeans_codebook(weight, self.bits, self.per_channel, seed)
@@ -103,30 +105,33 @@ class _PackedWeight(nn.Module):
     def extra_repr(self) -> str:
         grid = "per-channel" if self.per_channel else "per-tensor"
         kind = ("asymmetric " if self.asymmetric else "symmetric ") if self.scheme == "uniform" else ""
-        return f"shape={self.weight_shape}, bits={self.bits}, {kind}{self.scheme} {grid}"
+        clip = f", clip={self.clip}" if self.scheme == "uniform" and self.clip is not None else ""
+        return f"shape={self.weight_shape}, bits={self.bits}, {kind}{self.scheme} {grid}{clip}"
 
 
-def _check_settings(bits: int, scheme: str, name: str) -> None:
+def _check_settings(bits: int, scheme: str, name: str, clip: str) -> None:
     quant_kernels.check_bits(bits, name)
     quant_kernels.check_scheme(scheme)
+    quant_kernels.check_clip(clip, name)
 
 
 class QuantLinear(_PackedWeight):
     """``nn.Linear`` with packed ``bits``-bit weight codes; ``(…, in) -> (…, out)``."""
 
     def __init__(self, in_features: int, out_features: int, bits: int, scheme: str = "uniform",
-                 per_channel: bool = False, asymmetric: bool = False):
-        super().__init__((out_features, in_features), bits, scheme, per_channel, asymmetric)
+                 per_channel: bool = False, asymmetric: bool = False, clip: str | None = "max"):
+        super().__init__((out_features, in_features), bits, scheme, per_channel, asymmetric, clip)
         self.in_features, self.out_features = in_features, out_features
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int, scheme: str = "uniform", per_channel: bool = False,
-                    asymmetric: bool = False, seed: int = 0, name: str = "") -> "QuantLinear":
-        """Quantize ``linear.weight`` (round to nearest, or k-means with ``seed``); ``linear`` unchanged."""
+                    asymmetric: bool = False, seed: int = 0, name: str = "", clip: str = "max") -> "QuantLinear":
+        """Quantize ``linear.weight`` (round to nearest on a ``clip`` range, or k-means with ``seed``);
+        ``linear`` unchanged."""
         if not isinstance(linear, nn.Linear):
             raise UnsupportedLayerError(f"QuantLinear.from_linear needs nn.Linear, got {type(linear).__name__}")
-        _check_settings(bits, scheme, name)
-        layer = cls(linear.in_features, linear.out_features, bits, scheme, per_channel, asymmetric)
+        _check_settings(bits, scheme, name, clip)
+        layer = cls(linear.in_features, linear.out_features, bits, scheme, per_channel, asymmetric, clip)
         layer._quantize_from(linear.weight, linear.bias, seed)
         return layer
 
@@ -135,10 +140,11 @@ class QuantLinear(_PackedWeight):
     @classmethod
     def from_signed_codes(cls, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                           layer: nn.Linear, *, bits: int) -> "QuantLinear":
-        """Pack signed codes ``(out, in)`` in ``[-2^(b-1), 2^(b-1)-1]`` on the grid ``scale * code``."""
+        """Pack signed codes ``(out, in)`` in ``[-2^(b-1), 2^(b-1)-1]`` on the grid ``scale * code``
+        (a given grid: ``clip`` is None)."""
         quant_kernels.check_bits(bits)
         per_channel = scale.numel() > 1
-        packed = cls(layer.in_features, layer.out_features, bits, "uniform", per_channel, False)
+        packed = cls(layer.in_features, layer.out_features, bits, "uniform", per_channel, False, clip=None)
         offset = 2 ** (bits - 1)
         packed._store((codes.to(torch.int16) + offset).to(torch.uint8), bias,
                       scale=scale.reshape(-1, 1) if per_channel else scale.reshape(()),
@@ -158,17 +164,17 @@ class QuantConv2d(_PackedWeight):
     """``nn.Conv2d`` with packed ``bits``-bit kernel codes."""
 
     def __init__(self, spec: ConvSpec, bits: int, scheme: str = "uniform", per_channel: bool = False,
-                 asymmetric: bool = False):
-        super().__init__(spec.weight_shape, bits, scheme, per_channel, asymmetric)
+                 asymmetric: bool = False, clip: str | None = "max"):
+        super().__init__(spec.weight_shape, bits, scheme, per_channel, asymmetric, clip)
         self.spec = spec
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, bits: int, scheme: str = "uniform", per_channel: bool = False,
-                  asymmetric: bool = False, seed: int = 0, name: str = "") -> "QuantConv2d":
+                  asymmetric: bool = False, seed: int = 0, name: str = "", clip: str = "max") -> "QuantConv2d":
         if not isinstance(conv, nn.Conv2d):
             raise UnsupportedLayerError(f"QuantConv2d.from_conv needs nn.Conv2d, got {type(conv).__name__}")
-        _check_settings(bits, scheme, name)
-        layer = cls(ConvSpec.from_conv(conv), bits, scheme, per_channel, asymmetric)
+        _check_settings(bits, scheme, name, clip)
+        layer = cls(ConvSpec.from_conv(conv), bits, scheme, per_channel, asymmetric, clip)
         layer._quantize_from(conv.weight, conv.bias, seed)
         return layer
 
@@ -180,7 +186,7 @@ class QuantConv2d(_PackedWeight):
         """As `QuantLinear.from_signed_codes`, for a conv (``codes`` shaped like its kernel)."""
         quant_kernels.check_bits(bits)
         per_channel = scale.numel() > 1
-        packed = cls(ConvSpec.from_conv(layer), bits, "uniform", per_channel, False)
+        packed = cls(ConvSpec.from_conv(layer), bits, "uniform", per_channel, False, clip=None)
         offset = 2 ** (bits - 1)
         shape = (-1, 1, 1, 1) if per_channel else ()
         packed._store((codes.to(torch.int16) + offset).to(torch.uint8), bias, scale=scale.reshape(shape),
@@ -198,12 +204,12 @@ class QuantConv2d(_PackedWeight):
 
 
 def quantized_from_layer(module: nn.Module, bits: int, scheme: str = "uniform", per_channel: bool = False,
-                         asymmetric: bool = False, seed: int = 0, name: str = "") -> nn.Module:
+                         asymmetric: bool = False, seed: int = 0, name: str = "", clip: str = "max") -> nn.Module:
     """`QuantLinear` or `QuantConv2d` from a float layer."""
     if isinstance(module, nn.Linear):
-        return QuantLinear.from_linear(module, bits, scheme, per_channel, asymmetric, seed, name)
+        return QuantLinear.from_linear(module, bits, scheme, per_channel, asymmetric, seed, name, clip)
     if isinstance(module, nn.Conv2d):
-        return QuantConv2d.from_conv(module, bits, scheme, per_channel, asymmetric, seed, name)
+        return QuantConv2d.from_conv(module, bits, scheme, per_channel, asymmetric, seed, name, clip)
     raise UnsupportedLayerError(f"layer {name!r} of type {type(module).__name__} cannot be quantized; "
                                 "quantization handles Linear and Conv2d")
 

@@ -2,7 +2,9 @@
 weights + dynamic int8 activations, faster on CPU); recipes of the same names.
 
 ``bits`` 16 or 32 mean "no quantization" (the layer is left as it is); anything else outside
-1..8 is refused.
+1..8 is refused. A uniform grid's range follows the ``clip`` setting ("max", "mse",
+"percentile"; `workbench.kernels.quant.quantize_uniform`); a plan without one gets
+`workbench.kernels.quant.default_clip` (``"mse"`` up to 4 bits, ``"max"`` above).
 """
 from __future__ import annotations
 
@@ -30,9 +32,14 @@ def build_quant(module: nn.Module, params: Mapping[str, Any], context: LayerCont
     bits = quant_kernels.check_bits(params.get("bits"), context.name, allow_no_op=True)
     if bits in quant_kernels.NO_OP_BITS:
         return module
-    return quantized_from_layer(module, bits, params.get("scheme", "uniform"),
+    scheme = quant_kernels.check_scheme(params.get("scheme", "uniform"))
+    if scheme != "uniform" and "clip" in params:
+        raise WorkbenchError(f"layer {context.name!r}: clip={params['clip']!r} applies to the uniform scheme; "
+                             f"{scheme} codebooks have no range to clip")
+    clip = quant_kernels.check_clip(params.get("clip", quant_kernels.default_clip(bits)), context.name)
+    return quantized_from_layer(module, bits, scheme,
                                 bool(params.get("per_channel", False)), bool(params.get("asymmetric", False)),
-                                int(params.get("seed", 0)), context.name)
+                                int(params.get("seed", 0)), context.name, clip)
 
 
 def build_int8(module: nn.Module, params: Mapping[str, Any], context: LayerContext) -> nn.Module:
@@ -66,11 +73,16 @@ def _chosen(model: nn.Module, layers: Sequence[str] | None, kinds: tuple[str, ..
 
 def quant_plan(model: nn.Module, *, bits: int | None = None, scheme: str | None = None,
                per_channel: bool | None = None, asymmetric: bool | None = None,
-               layers: Sequence[str] | None = None, seed: int = 0, include_embeddings: bool = False) -> Plan:
+               layers: Sequence[str] | None = None, seed: int = 0, include_embeddings: bool = False,
+               clip: str | None = None) -> Plan:
     """Quantize every Linear/Conv2d (or ``layers``) to ``bits`` bits.
 
     ``scheme``: "uniform" (default; symmetric unless ``asymmetric``) or "kmeans" (codebook of
     ``2^bits`` centroids); ``per_channel``: one scale (or codebook) per output channel.
+    ``clip`` (uniform): how the grid's range is chosen, "max" (largest weight), "mse" (least
+    squared rounding error) or "percentile" (99.9th of ``|w|``); stored in the plan when given,
+    else the builder's default applies (`workbench.kernels.quant.default_clip`: "mse" up to 4
+    bits, "max" above). Binarization (symmetric 1 bit) is the same under every clip.
     ``bits`` 16/32 give an empty plan (float weights kept). A tied group gets one choice on every
     member (its codes packed once). ``include_embeddings``: the embedding tables too (and an LM
     head tied to one), as row-wise ``bits``-bit codes (`workbench.methods.quant_embedding`, 2..8 bits).
@@ -81,6 +93,10 @@ def quant_plan(model: nn.Module, *, bits: int | None = None, scheme: str | None 
     scheme = quant_kernels.check_scheme(scheme or "uniform")
     if scheme == "kmeans" and asymmetric:
         raise WorkbenchError("asymmetric applies to the uniform scheme; k-means codebooks have no zero point")
+    if clip is not None:
+        quant_kernels.check_clip(clip)
+        if scheme != "uniform":
+            raise WorkbenchError(f"clip={clip!r} applies to the uniform scheme; k-means codebooks have no range to clip")
     names, dense = _chosen(model, layers, ("linear", "conv"), "quant")
     if bits in quant_kernels.NO_OP_BITS:
         return Plan({})
@@ -91,6 +107,8 @@ def quant_plan(model: nn.Module, *, bits: int | None = None, scheme: str | None 
         params["asymmetric"] = True
     if scheme == "kmeans":
         params["seed"] = seed
+    if clip is not None:
+        params["clip"] = clip
     entries = {name: LayerPlan("quant", params) for name in names}
     if include_embeddings:
         if bits == 1:
@@ -166,8 +184,9 @@ def int8_report(original: nn.Module, compressed: nn.Module, task=None) -> dict:
 
 def qat_plan(model: nn.Module, *, bits: int | None = None, scheme: str | None = None,
              asymmetric: bool | None = None, per_channel: bool | None = None,
-             layers: Sequence[str] | None = None) -> Plan:
-    """The PTQ starting point of QAT: the ``quant`` plan (symmetric uniform ``bits``-bit codes, 2..8).
+             layers: Sequence[str] | None = None, clip: str | None = None) -> Plan:
+    """The PTQ starting point of QAT: the ``quant`` plan (symmetric uniform ``bits``-bit codes, 2..8;
+    ``clip`` picks the starting grid's range as in `quant_plan`).
 
     The plan gives the packed structure (so a saved QAT model loads back through its plan); the
     training itself happens after `workbench.apply`, in `workbench.recovery.qat` (the CLI does it
@@ -180,7 +199,7 @@ def qat_plan(model: nn.Module, *, bits: int | None = None, scheme: str | None = 
     if (scheme not in (None, "uniform")) or asymmetric:
         raise WorkbenchError(f"qat learns the steps of the symmetric uniform grid; scheme={scheme!r}, "
                              f"asymmetric={bool(asymmetric)} are not supported")
-    return quant_plan(model, bits=bits, per_channel=per_channel, layers=layers)
+    return quant_plan(model, bits=bits, per_channel=per_channel, layers=layers, clip=clip)
 
 
 register_recipe("quant", quant_plan, report=quant_report)

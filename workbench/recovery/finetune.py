@@ -107,6 +107,16 @@ def validation_split(x: torch.Tensor, y: torch.Tensor, val_fraction: float = 0.1
     return x[fit], y[fit], x[val], y[val]
 
 
+def fit_and_validation(task, val_fraction: float = 0.15, seed: int = 0
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x_fit, y_fit, x_val, y_val)`` for fine-tuning ``task``'s model: the whole training split and
+    the task's held-out validation split (``val_inputs``, which the original never trained on)
+    where it has one, else `validation_split` of the training data (``val_fraction``, ``seed``)."""
+    if getattr(task, "val_inputs", None) is not None and getattr(task, "val_targets", None) is not None:
+        return task.train_inputs, task.train_targets, task.val_inputs, task.val_targets
+    return validation_split(task.train_inputs, task.train_targets, val_fraction, seed)
+
+
 def _is_cancelled(cancel: Cancel) -> bool:
     if cancel is None:
         return False
@@ -163,7 +173,9 @@ def finetune(model: nn.Module, task, *, epochs: int, lr: float = 1e-3, batch_siz
     Parameters
     ----------
     model : a (compressed) model; never modified. ``task`` supplies ``train_inputs``/``train_targets``
-        and the metric; the validation split is carved from the training data (never the test split).
+        and the metric; early stopping judges the task's held-out validation split (``val_inputs``)
+        where it has one, else ``val_fraction`` of the training data held out (`fit_and_validation`;
+        never the test split).
     epochs : maximum number of passes over the fit part of the training split (>= 1).
     lr, batch_size, weight_decay : Adam with a cosine schedule over ``epochs``.
     distill : a `Distillation` (teacher, temperature, alpha, feature pairs) or None (labels only).
@@ -206,7 +218,7 @@ def finetune(model: nn.Module, task, *, epochs: int, lr: float = 1e-3, batch_siz
 
 def _finetune(model, task, epochs, lr, batch_size, distill, learn_scales, patience, val_fraction,
               weight_decay, seed, cancel, on_epoch, progress, desc, scale_lr) -> Recovery:
-    x_fit, y_fit, x_val, y_val = validation_split(task.train_inputs, task.train_targets, val_fraction, seed)
+    x_fit, y_fit, x_val, y_val = fit_and_validation(task, val_fraction, seed)
     work = views.trainable(copy.deepcopy(model))
     # training data on the model's device, once; the metric judges outputs where the data were
     x_fit, y_fit, x_val, y_val_here = to_device((x_fit, y_fit, x_val, y_val), model_device(work))

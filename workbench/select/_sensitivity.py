@@ -6,9 +6,10 @@ that layer alone; the plan is applied (the user's model is never touched) and sc
 each option (stored weights, payload bytes, FLOPs of one sample) are measured on the same
 compressed model, so the allocators in `workbench.select._allocate` can budget with them.
 
-Scores are computed on a *selection* split: ``split="validation"`` (default) is carved from the
-training split so that choosing ranks never looks at the test data; ``split="test"`` uses the
-task's evaluation data. Results are cached in memory (and on disk with ``cache_dir``), keyed by
+Scores are computed on a *selection* split: ``split="validation"`` (default) is the task's
+held-out validation split (``Task.val_inputs``: the digits models never trained on it), or, for a
+task without one, a part carved from the training split; either way choosing ranks never looks
+at the test data. ``split="test"`` uses the task's evaluation data. Results are cached in memory (and on disk with ``cache_dir``), keyed by
 the model's weights, the method, the grid and the split.
 """
 from __future__ import annotations
@@ -57,19 +58,24 @@ def model_costs(model: nn.Module, example: torch.Tensor, only: str | None = None
 def selection_task(task: Task, split: str = "validation", n: int = VALIDATION_SAMPLES) -> Task:
     """The task scored on the data used to *choose* settings.
 
-    ``"validation"``: ``n`` samples drawn (seed 0) from the training split; ``"test"``: the task
-    itself. A task without a training split cannot give a validation split.
+    ``"validation"``: the task's held-out validation split (``val_inputs``, never trained on), else
+    samples of the training split; at most ``n`` of either, drawn with seed 0 when there are more.
+    ``"test"``: the task itself. A task with neither split cannot give a validation split.
     """
     if split == "test":
         return task
     if split != "validation":
-        raise WorkbenchError(f"split={split!r} must be 'validation' (carved from train) or 'test'")
-    if task.train_inputs is None or task.train_targets is None:
-        raise WorkbenchError(f"task {task.name!r} has no training split to carve a validation split from; "
+        raise WorkbenchError(f"split={split!r} must be 'validation' (held out, or carved from train) or 'test'")
+    inputs, targets = task.val_inputs, task.val_targets
+    if inputs is None or targets is None:
+        inputs, targets = task.train_inputs, task.train_targets
+    if inputs is None or targets is None:
+        raise WorkbenchError(f"task {task.name!r} has no validation or training split to choose settings on; "
                              "use split='test'")
-    count = min(n, len(task.train_inputs))
-    order = torch.randperm(len(task.train_inputs), generator=torch.Generator().manual_seed(0))[:count]
-    return replace(task, eval_inputs=task.train_inputs[order], eval_targets=task.train_targets[order])
+    if len(inputs) > n:
+        order = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(0))[:n]
+        inputs, targets = inputs[order], targets[order]
+    return replace(task, eval_inputs=inputs, eval_targets=targets)
 
 
 def quality_loss(baseline: float, value: float, higher_is_better: bool = True) -> float:

@@ -1,4 +1,4 @@
-"""On-disk cache of trained weights, keyed by a hash of the training recipe.
+"""On-disk cache of trained weights, keyed by a hash of the training recipe (and of the data).
 
 Weights are stored as safetensors (loading never executes code). A file that cannot be read
 or does not fit the model is treated as absent: the caller retrains and overwrites it.
@@ -28,6 +28,17 @@ def recipe_key(recipe: dict) -> str:
     """First 16 hex digits of the SHA-256 of ``recipe`` (JSON, sorted keys) and the torch version."""
     payload = json.dumps({"recipe": recipe, "torch": torch.__version__}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def data_digest(*tensors: torch.Tensor) -> str:
+    """First 16 hex digits of the SHA-256 of ``tensors`` (dtype, shape and bytes of each, in order):
+    part of a cache key, so that weights trained on other data are never reused."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        digest.update(t.numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def cached_weights_path(name: str, recipe: dict) -> Path:

@@ -110,12 +110,18 @@ DIGITS_MODELS: dict[str, tuple[Callable[[], nn.Module], Recipe, str]] = {
 
 
 def build_digits_task(name: str) -> Task:
-    """Train (or load from cache) the embedded digits model ``name`` and wrap it in a `Task`."""
+    """Train (or load from cache) the embedded digits model ``name`` and wrap it in a `Task`.
+
+    The model is trained on the training split only; the validation split (never trained on)
+    and the test split are the task's ``val_*`` and ``eval_*``. The cache key holds a digest of
+    the training data, so a model trained on other data is never reused.
+    """
     constructor, recipe, description = DIGITS_MODELS[name]
     split = digits_split()
     torch.manual_seed(recipe.seed)
     model = constructor()
-    key = {"model": name, "architecture": repr(model), **recipe.as_dict()}
+    key = {"model": name, "architecture": repr(model), **recipe.as_dict(),
+           "train_data": cache.data_digest(split.x_train, split.y_train)}
     path = cache.cached_weights_path(name, key)
     if not cache.try_load(model, path):
         train_classifier(model, split.x_train, split.y_train, recipe, desc=f"training {name}")
@@ -123,4 +129,5 @@ def build_digits_task(name: str) -> Task:
     model.eval()
     return Task(name=name, model=model, eval_inputs=split.x_test, eval_targets=split.y_test,
                 metric=accuracy, metric_name="accuracy", train_inputs=split.x_train,
-                train_targets=split.y_train, description=description)
+                train_targets=split.y_train, val_inputs=split.x_val, val_targets=split.y_val,
+                description=description)

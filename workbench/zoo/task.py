@@ -70,7 +70,10 @@ class Task:
     metric : ``metric(outputs, targets) -> float``; see ``higher_is_better``.
     metric_name : what ``metric`` measures (``"accuracy"``).
     train_inputs, train_targets : training split where there is one (fine-tuning, recovery,
-        sensitivity on a validation split, calibration); targets as ``eval_targets``.
+        calibration); targets as ``eval_targets``.
+    val_inputs, val_targets : a validation split the model was never trained on, where there is
+        one (the digits models): what sensitivity, allocation and early stopping judge by. Without
+        one, those carve a validation part from the training split.
     description : one line for listings.
     live_subset : evaluation samples the live tools use by default (`workbench.engine.Engine`,
         ``bench latency``) where a full evaluation is too slow for a slider move; None = all.
@@ -98,6 +101,8 @@ class Task:
     higher_is_better: bool = True
     output: OutputChoice = None
     calibration: torch.Tensor | None = None
+    val_inputs: torch.Tensor | None = None
+    val_targets: torch.Tensor | None = None
 
     @property
     def example_input(self) -> torch.Tensor:
