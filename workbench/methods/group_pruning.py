@@ -123,17 +123,16 @@ def kept_counts(scores: list[torch.Tensor], ratio: float, round_to: int | None =
     return kept
 
 
-def group_removals(model: nn.Module, shape: Sequence[int], ratio: float, importance: str = "magnitude",
-                   round_to: int | None = None, global_ranking: bool = False, max_ratio: float = 0.9,
-                   data: tuple[torch.Tensor, torch.Tensor] | None = None, frozen: Sequence[str] = ()) -> list[dict]:
-    """``[{"root", "members", "channels_before", "channels_after", "removed"}]`` per coupled group.
+def ranked_groups(model: nn.Module, shape: Sequence[int], importance: str = "magnitude",
+                  data: tuple[torch.Tensor, torch.Tensor] | None = None, frozen: Sequence[str] = ()) -> list[dict]:
+    """``[{"root", "members", "scores"}]`` per coupled group: ``scores`` (C,), one per output channel of
+    the group (higher: more important), normalised by the group mean.
 
     Scores are computed on ``model`` (Taylor / Hessian: gradients of the cross-entropy on
     ``data = (inputs (n, ...), class labels (n,))``); pass a copy: gradients are left on it.
-    Groups touching a ``frozen`` layer (a tied weight) are left whole. Raises `WorkbenchError`
-    when a group would keep no channel, before anything is removed.
+    Groups touching a ``frozen`` layer (a tied weight) are left out.
     """
-    check_group_settings(ratio, importance, round_to, max_ratio)
+    check_group_settings(1.0, importance)
     graph = trace(model, shape)
     groups = [g for g in coupled_groups(model, graph) if not set(members(graph, g)) & set(frozen)]
     if not groups:
@@ -142,24 +141,42 @@ def group_removals(model: nn.Module, shape: Sequence[int], ratio: float, importa
     scorer = _scorer(importance)
     if importance != "magnitude":
         _gradients(model, scorer, importance, data)
-    scores = []
+    rows = []
     for group in groups:
         score = scorer(group)
         if score is None:
             raise WorkbenchError(f"the group rooted at {root_name(graph, group)!r} ({', '.join(members(graph, group))}) "
                                  f"has no weights that importance={importance!r} can score, so it cannot be ranked")
-        scores.append(score.detach().cpu().float())
-    kept = kept_counts(scores, ratio, round_to, global_ranking, max_ratio)
+        rows.append({"root": root_name(graph, group), "members": members(graph, group),
+                     "scores": score.detach().cpu().float()})
+    model.zero_grad(set_to_none=True)
+    return rows
+
+
+def channel_order(scores: torch.Tensor) -> list[int]:
+    """Channel indices, most important first (ties: lower index first)."""
+    return torch.argsort(scores, descending=True, stable=True).tolist()
+
+
+def group_removals(model: nn.Module, shape: Sequence[int], ratio: float, importance: str = "magnitude",
+                   round_to: int | None = None, global_ranking: bool = False, max_ratio: float = 0.9,
+                   data: tuple[torch.Tensor, torch.Tensor] | None = None, frozen: Sequence[str] = ()) -> list[dict]:
+    """``[{"root", "members", "channels_before", "channels_after", "removed"}]`` per coupled group.
+
+    Groups and scores as in `ranked_groups` (pass a copy of the model). Raises `WorkbenchError`
+    when a group would keep no channel, before anything is removed.
+    """
+    check_group_settings(ratio, importance, round_to, max_ratio)
+    ranked = ranked_groups(model, shape, importance, data, frozen)
+    kept = kept_counts([row["scores"] for row in ranked], ratio, round_to, global_ranking, max_ratio)
     rows = []
-    for group, score, k in zip(groups, scores, kept):
-        name = root_name(graph, group)
+    for row, k in zip(ranked, kept):
+        name, score = row["root"], row["scores"]
         if k < 1:
             raise WorkbenchError(f"ratio={ratio:g} keeps 0 of the {len(score)} channels of the group rooted at "
-                                 f"{name!r} ({', '.join(members(graph, group))}); raise ratio (a group cannot be removed whole)")
-        removed = sorted(torch.argsort(score, descending=True, stable=True)[k:].tolist())
-        rows.append({"root": name, "members": members(graph, group), "channels_before": len(score),
-                     "channels_after": k, "removed": removed})
-    model.zero_grad(set_to_none=True)
+                                 f"{name!r} ({', '.join(row['members'])}); raise ratio (a group cannot be removed whole)")
+        rows.append({"root": name, "members": row["members"], "channels_before": len(score),
+                     "channels_after": k, "removed": sorted(channel_order(score)[k:])})
     return rows
 
 
