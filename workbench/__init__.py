@@ -22,7 +22,7 @@ from workbench.version import __version__
 from workbench.zoo import Task, available_models, load
 
 _EXPLORERS = ("BudgetExplorer", "Dashboard", "GateRankExplorer", "PruningExplorer", "QuantizationExplorer", "RealModelExplorer",
-              "RecoveryExplorer", "TuckerExplorer")
+              "RecoveryExplorer", "StructuredExplorer", "TuckerExplorer")
 
 __all__ = ["Engine", "LayerPlan", "Plan", "Recipe", "Stage", "Task", "UnsupportedLayerError", "WorkbenchError",
            "advise", "allocate", "apply", "available_models", "collect_points", "distill_finetune", "export_onnx",

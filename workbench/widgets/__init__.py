@@ -24,6 +24,7 @@ _HOMES = {
     "RealModelExplorer": "workbench.widgets.real_model",
     "RecoveryExplorer": "workbench.widgets.recovery",
     "SaveLoadBar": "workbench.widgets.persistence",
+    "StructuredExplorer": "workbench.widgets.structured",
     "SweepView": "workbench.widgets.techniques",
     "TuckerExplorer": "workbench.widgets.conv_rnn",
 }
