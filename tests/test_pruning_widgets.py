@@ -42,18 +42,26 @@ def test_pruning_explorer_shows_errors_as_messages(mlp_task):
     assert state is before and explorer.summary.value == summary
     assert explorer.cut.high.get_xdata()[0] == pytest.approx(0.0)
     explorer.layer.value = "fc2"
-    assert explorer.histogram.ax.get_title() == "fc2" and explorer.error.value == ""
+    assert explorer.histogram.ax.get_title().startswith("fc2: 0% of its 65,536 weights") and explorer.error.value == ""
 
 
 def test_quantization_explorer_draws_both_grids(mlp_task):
     explorer = QuantizationExplorer(mlp_task, bits=2, synchronous=True)
     segments = {s: explorer.grids[s].get_segments() for s in ("uniform", "kmeans")}
-    assert len(segments["uniform"]) == 4 and len(segments["kmeans"]) == 4
+    # the levels some weight takes: symmetric 2-bit uniform is {-max|w|, 0, +max|w|} (its 4th code unused)
+    top = float(mlp_task.model.fc1.weight.detach().abs().max())
+    assert np.allclose(sorted(seg[0][0] for seg in segments["uniform"]), [-top, 0.0, top])
+    assert len(explorer.state["uniform"]["levels"]["fc1"]) == 4
     kmeans_levels = sorted(seg[0][0] for seg in segments["kmeans"])
     assert np.allclose(kmeans_levels, explorer.state["kmeans"]["levels"]["fc1"])
+    w = mlp_task.model.fc1.weight.detach()
+    assert explorer.state["uniform"]["busiest"]["fc1"] == pytest.approx(float((w.abs() < top / 2).float().mean()))
+    assert "3 of 4 levels used" in explorer.histograms["uniform"].ax.get_title()
+    low, high = explorer.histograms["uniform"].ax.get_xlim()
+    assert low < -top and high > top  # the outer levels are inside the axes, not on their edge
     before = explorer.state["uniform"]["bytes"]
     explorer.bits.value = 3  # the slider path (coalesced; synchronous here)
-    assert len(explorer.grids["uniform"].get_segments()) == 8
+    assert len(explorer.grids["uniform"].get_segments()) == len(explorer.state["uniform"]["used"]["fc1"]) == 7
     assert explorer.state["uniform"]["bytes"] > before
     assert explorer.state["kmeans"]["metric"] >= explorer.state["uniform"]["metric"] - 0.05
 
