@@ -57,11 +57,17 @@ for s in spectra:
 fc1_near_zero = (task.model.fc1.weight.detach().abs().amax(dim=0) < SPECTRUM_FLOOR * task.model.fc1.weight.abs().max())
 print(f"pixels blank in every training image: {blank}; fc1's near-zero columns: "
       f"{fc1_near_zero.nonzero().flatten().tolist()}")
-assert fc1_near_zero.nonzero().flatten().tolist() == blank  # the claim in the text below"""),
+assert fc1_near_zero.nonzero().flatten().tolist() == blank  # the claim in the text below
+with torch.no_grad():
+    silent = torch.relu(task.model.fc1(task.train_inputs)).amax(dim=0) == 0  # fc1 units that never fire
+fc2_w = task.model.fc2.weight.detach()
+fc2_near_zero = fc2_w.abs().amax(dim=0) < SPECTRUM_FLOOR * fc2_w.abs().max()
+print(f"fc2: {int((fc2_near_zero & silent).sum())} of its {int(fc2_near_zero.sum())} near-zero columns take their "
+      f"input from one of the {int(silent.sum())} fc1 units that never fire on the training images")"""),
     new_markdown_cell("""A pixel that is blank in every training image gives its weight column no gradient, and weight
 decay shrinks that column to almost zero: fc1's near-zero columns are exactly those pixels (the
 assert above checks it), and each such column removes one direction from the layer. In fc2 the
-same happens to inputs from fc1 units that hardly ever fire.
+same happens to inputs from fc1 units that never fire (the last line counts them).
 
 ## Truncated SVD, Eckart–Young and the break-even rank
 
