@@ -194,7 +194,7 @@ layer really takes 4 bits a weight plus a few scales.
 
 **Contents**
 1. [Bits against accuracy and bytes](#Bits-against-accuracy-and-bytes)
-2. [Why 1 bit beats 2 bits here](#Why-1-bit-beats-2-bits-here)
+2. [Why 1 bit beats 2 bits on the max range](#Why-1-bit-beats-2-bits-on-the-max-range)
 3. [Explore the grid](#Explore-the-grid)
 4. [int8: integer kernels, timed](#int8:-integer-kernels,-timed)
 5. [What you saw](#What-you-saw)
@@ -218,69 +218,84 @@ print(f"original: accuracy {fp32_accuracy:.3f}, file {fp32_bytes:,} bytes "
       f"= tensor payload {payload:,} + {fp32_bytes - payload:,} bytes of container")"""),
     md("""## Bits against accuracy and bytes
 
-Symmetric grids, per tensor unless *per channel*; *bytes / fp32* compares file bytes."""),
-    code("""settings = [(8, "uniform", False), (4, "uniform", False), (4, "uniform", True), (4, "kmeans", False),
-            (2, "uniform", False), (2, "uniform", True), (2, "kmeans", False), (1, "uniform", False),
-            (1, "kmeans", False)]
+Symmetric grids, per tensor unless *per channel*; *bytes / fp32* compares file bytes. A uniform
+grid's range is set by `clip`: `"max"` takes it from the largest weight, `"mse"` (the default up
+to 4 bits) tries fractions of that range and keeps the one with the least squared rounding error.
+The table shows both at 4 and 2 bits; 1 bit (binarization, `±mean|w|`) is the same under every clip."""),
+    code("""from workbench.kernels.quant import default_clip
+
+settings = [(8, "uniform", False, None), (4, "uniform", False, "max"), (4, "uniform", False, "mse"),
+            (4, "uniform", True, None), (4, "kmeans", False, None), (2, "uniform", False, "max"),
+            (2, "uniform", False, "mse"), (2, "uniform", True, None), (2, "kmeans", False, None),
+            (1, "uniform", False, None), (1, "kmeans", False, None)]
 rows, models = [], {}
-for bits, scheme, per_channel in settings:
-    plan = get_recipe("quant")(task.model, bits=bits, scheme=scheme, per_channel=per_channel)
-    model = models[bits, scheme, per_channel] = wb.apply(task.model, plan)
-    rows.append({"bits": bits, "scheme": scheme, "per channel": per_channel,
+for bits, scheme, per_channel, clip in settings:
+    plan = get_recipe("quant")(task.model, bits=bits, scheme=scheme, per_channel=per_channel, clip=clip)
+    model = models[bits, scheme, per_channel, clip] = wb.apply(task.model, plan)
+    shown_clip = "—" if scheme == "kmeans" or bits == 1 else (clip or default_clip(bits))
+    rows.append({"bits": bits, "scheme": scheme, "per channel": per_channel, "clip": shown_clip,
                  "accuracy": task.evaluate(model), "bytes / fp32": saved_bytes(model) / fp32_bytes})
 table = pd.DataFrame(rows)
 table"""),
-    code("""def row(bits, scheme, per_channel=False):
-    return table[(table.bits == bits) & (table.scheme == scheme) & (table["per channel"] == per_channel)].iloc[0]
+    code("""def row(bits, scheme, per_channel=False, clip=None):
+    return table.iloc[settings.index((bits, scheme, per_channel, clip))]
 
 for bits in (4, 2):
-    u, k, c = row(bits, "uniform"), row(bits, "kmeans"), row(bits, "uniform", True)
-    best = max((u, "uniform per tensor"), (c, "uniform per channel"), (k, "k-means"), key=lambda p: p[0]["accuracy"])
-    print(f"{bits} bits: uniform {u['accuracy']:.3f}, per channel {c['accuracy']:.3f}, k-means {k['accuracy']:.3f} "
-          f"(original {fp32_accuracy:.3f}) at about 1/{1 / u['bytes / fp32']:.0f} of the bytes; best: {best[1]}")
-one, two = row(1, "uniform"), row(2, "uniform")
-print(f"uniform per tensor: 1 bit scores {one['accuracy']:.3f}, 2 bits {two['accuracy']:.3f} -> "
-      f"{'1 bit wins' if one['accuracy'] > two['accuracy'] else '2 bits win'}")"""),
-    md("""## Why 1 bit beats 2 bits here
+    candidates = {"uniform, max range": row(bits, "uniform", clip="max"), "uniform, mse range": row(bits, "uniform", clip="mse"),
+                  "uniform per channel": row(bits, "uniform", True), "k-means": row(bits, "kmeans")}
+    best = max(candidates, key=lambda name: candidates[name]["accuracy"])
+    print(f"{bits} bits: " + ", ".join(f"{name} {r['accuracy']:.3f}" for name, r in candidates.items())
+          + f" (original {fp32_accuracy:.3f}) at about 1/{1 / candidates['k-means']['bytes / fp32']:.0f} of the bytes; "
+          f"best: {best}")
+one, two_max, two_mse = row(1, "uniform"), row(2, "uniform", clip="max"), row(2, "uniform", clip="mse")
+for label, two in (("max range", two_max), ("mse range", two_mse)):
+    print(f"1 bit {one['accuracy']:.3f} against 2 bits with the {label} {two['accuracy']:.3f} -> "
+          f"{'1 bit wins' if one['accuracy'] > two['accuracy'] else '2 bits win'}")"""),
+    md("""## Why 1 bit beats 2 bits on the max range
 
-More bits should not lose, yet here they can. The two grids are built differently
+More bits should not lose, yet on the max range they can. The two grids are built differently
 (`workbench.kernels.quant`):
 
-- **2 bits, symmetric:** codes `{-1, 0, +1}` times `scale = max|w|`. The step is set by the single
-  largest weight, so every weight with `|w| < max|w| / 2` — almost all of them in a bell-shaped
-  layer — rounds to **0**. Three levels exist, but nearly all weights sit on one of them: the layer is
-  mostly erased.
+- **2 bits, symmetric, max range:** codes `{-1, 0, +1}` times `scale = max|w|`. The step is set by
+  the single largest weight, so every weight with `|w| < max|w| / 2` — almost all of them in a
+  bell-shaped layer — rounds to **0**. Three levels exist, but nearly all weights sit on one of
+  them: the layer is mostly erased.
 - **1 bit:** `w ≈ ±mean|w|`: every weight keeps its **sign** and gets a typical magnitude. Crude,
   but no weight is erased.
 
-The cell below computes, per layer, the share of weights that the 2-bit grid sends to zero, and
-the two weight errors. Per-channel grids (one `max|w|` per neuron) and k-means (levels placed by
-the data) suffer much less; so would a grid whose range is chosen by its error rather than by the
-largest weight (clipping the few outliers)."""),
+The cell below computes, per layer, the share of weights that each 2-bit grid sends to zero and
+the weight errors. The mse range gives up the few largest weights (they get the end level) for a
+step that fits the bulk; per-channel grids (one range per neuron) and k-means (levels placed by
+the data) also suffer less."""),
     code("""stats = []
 for name in ("fc1", "fc2", "fc3"):
     w = task.model.get_submodule(name).weight.detach()
     top, mean_abs = float(w.abs().max()), float(w.abs().mean())
-    errors = {bits: float(((models[bits, "uniform", False].get_submodule(name).dequantized_weight() - w) ** 2).mean())
-              for bits in (1, 2)}
+    w_hat = {key: models[key].get_submodule(name).dequantized_weight()
+             for key in ((2, "uniform", False, "max"), (2, "uniform", False, "mse"), (1, "uniform", False, None))}
     stats.append({"layer": name, "max |w|": top, "mean |w|": mean_abs,
-                  "share -> 0 at 2 bits": float((w.abs() < top / 2).float().mean()),
-                  "MSE 2 bits": errors[2], "MSE 1 bit": errors[1]})
+                  "-> 0, 2 bits max": float((w_hat[2, "uniform", False, "max"] == 0).float().mean()),
+                  "-> 0, 2 bits mse": float((w_hat[2, "uniform", False, "mse"] == 0).float().mean()),
+                  "MSE 2 bits max": float(((w_hat[2, "uniform", False, "max"] - w) ** 2).mean()),
+                  "MSE 2 bits mse": float(((w_hat[2, "uniform", False, "mse"] - w) ** 2).mean()),
+                  "MSE 1 bit": float(((w_hat[1, "uniform", False, None] - w) ** 2).mean())})
 stats = pd.DataFrame(stats).set_index("layer")
-print(stats.round(5))
-erased = stats["share -> 0 at 2 bits"]
-print(f"At 2 bits the grid step is max|w| ({stats['max |w|'].min():.3f}–{stats['max |w|'].max():.3f}), "
+print(stats.round(5).to_string())
+erased = stats["-> 0, 2 bits max"]
+print(f"On the max range the 2-bit step is max|w| ({stats['max |w|'].min():.3f}–{stats['max |w|'].max():.3f}), "
       f"{(stats['max |w|'] / stats['mean |w|']).min():.0f}–{(stats['max |w|'] / stats['mean |w|']).max():.0f}x "
-      f"the mean |w|, so {erased.min():.0%}–{erased.max():.0%} of each layer's weights round to 0; "
-      f"at 1 bit none do. Weight MSE is {'lower' if (stats['MSE 1 bit'] < stats['MSE 2 bits']).all() else 'not always lower'} "
-      "at 1 bit in every layer, and accuracy follows.")
-assert one["accuracy"] > two["accuracy"]  # the section title's claim, measured"""),
+      f"the mean |w|, so {erased.min():.0%}–{erased.max():.0%} of each layer's weights round to 0 "
+      f"(mse range: {stats['-> 0, 2 bits mse'].min():.0%}–{stats['-> 0, 2 bits mse'].max():.0%}; 1 bit: none). "
+      f"Weight MSE at 1 bit is {'below' if (stats['MSE 1 bit'] < stats['MSE 2 bits max']).all() else 'not always below'} "
+      f"the max-range 2-bit MSE in every layer, and "
+      f"{'above' if (stats['MSE 1 bit'] > stats['MSE 2 bits mse']).all() else 'not always above'} the mse-range one.")
+assert one["accuracy"] > two_max["accuracy"]  # the section title's claim, measured"""),
     md("""## Explore the grid
 
 The red lines are the levels in use (values some weight takes) over the layer's weight histogram:
-evenly spaced for uniform, following the distribution for k-means. The titles count them and say
-what share of the weights sits on the busiest one; move to 2 bits and see the uniform grid put
-almost everything on zero. The slider has 8 bits (closest to the original) at its right end."""),
+evenly spaced for uniform (on its default range: `mse` up to 4 bits, `max` above), following the
+distribution for k-means. The titles count the levels and say what share of the weights sits on
+the busiest one. The slider has 8 bits (closest to the original) at its right end."""),
     code("""from workbench.widgets.quantization import QuantizationExplorer
 
 explorer = QuantizationExplorer(task, bits=3)
@@ -310,13 +325,15 @@ print(compare(times, "int8", "fp32"))"""),
 (`benchmarks/pruning_quant.py` times them).
 
 ## What you saw"""),
-    code("""Markdown(f\"\"\"- **4 bits** kept accuracy at {row(4, 'uniform')['accuracy']:.3f} (uniform) and
-  {row(4, 'kmeans')['accuracy']:.3f} (k-means) against {fp32_accuracy:.3f}, at about
-  1/{1 / row(4, 'uniform')['bytes / fp32']:.0f} of the bytes.
-- **2 bits:** uniform per tensor fell to {two['accuracy']:.3f}, per channel reached
-  {row(2, 'uniform', True)['accuracy']:.3f}, k-means {row(2, 'kmeans')['accuracy']:.3f}.
-- **1 bit beat 2 bits** ({one['accuracy']:.3f} against {two['accuracy']:.3f}): the 2-bit grid's step is the
-  largest weight, which sends {erased.min():.0%}–{erased.max():.0%} of the weights to zero; 1 bit keeps every sign.
+    code("""Markdown(f\"\"\"- **4 bits** kept accuracy at {row(4, 'uniform', clip='mse')['accuracy']:.3f} (uniform, mse range),
+  {row(4, 'uniform', clip='max')['accuracy']:.3f} (max range) and {row(4, 'kmeans')['accuracy']:.3f} (k-means)
+  against {fp32_accuracy:.3f}, at about 1/{1 / row(4, 'kmeans')['bytes / fp32']:.0f} of the bytes.
+- **2 bits:** uniform per tensor scored {two_max['accuracy']:.3f} on the max range and {two_mse['accuracy']:.3f}
+  on the mse range; per channel {row(2, 'uniform', True)['accuracy']:.3f}, k-means {row(2, 'kmeans')['accuracy']:.3f}.
+- **1 bit beat 2 bits on the max range** ({one['accuracy']:.3f} against {two_max['accuracy']:.3f}): that grid's
+  step is the largest weight, which sends {erased.min():.0%}–{erased.max():.0%} of the weights to zero; 1 bit
+  keeps every sign. With the mse range 2 bits {'win' if two_mse['accuracy'] > one['accuracy'] else 'still lose'}
+  ({two_mse['accuracy']:.3f}).
 - **int8:** accuracy {int8_accuracy:.3f} at {int8_bytes / fp32_bytes:.0%} of the bytes; {compare(times, 'int8', 'fp32')}.\"\"\")"""),
 ]
 
