@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from workbench.measure import count_flops, count_params, latency_ms, measure, saved_bytes
+from workbench.measure import count_flops, count_params, latency_ms, latency_samples, measure, saved_bytes
 
 
 def test_flops_of_an_mlp_match_the_hand_count():
@@ -67,3 +67,18 @@ def test_flops_of_a_csr_pruned_linear_count_only_the_kept_weights():
     x = torch.randn(5, 64)
     assert count_flops(sparse, x) == 2 * int(mask.sum()) * 5
     assert count_flops(SparseLinear.from_linear(linear, mask, "bitmap"), x) == 2 * 5 * 64 * 48  # computes dense
+
+
+def test_latency_samples_time_only_the_repeats_after_the_warmup_and_restore_the_mode():
+    calls = []
+
+    class Counting(torch.nn.Linear):
+        def forward(self, x):
+            calls.append(self.training)
+            return super().forward(x)
+
+    model = Counting(2, 2).train()
+    samples = latency_samples(model, torch.randn(1, 2), repeats=7, warmup=3)
+    assert len(samples) == 7 and all(t > 0 for t in samples)
+    assert calls == [False] * 10  # 3 warm-up + 7 timed runs, all in eval mode
+    assert model.training  # the caller's mode is back

@@ -3,7 +3,12 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 
+from matplotlib.figure import Figure
+
+from workbench.kernels import quant as quant_kernels
+from workbench.plotting.histograms import draw_grid, draw_weight_histogram, update_grid, update_weight_histogram
 from workbench.widgets.pruning import PruningExplorer
 from workbench.widgets.quantization import QuantizationExplorer
 
@@ -42,20 +47,41 @@ def test_pruning_explorer_shows_errors_as_messages(mlp_task):
     assert state is before and explorer.summary.value == summary
     assert explorer.cut.high.get_xdata()[0] == pytest.approx(0.0)
     explorer.layer.value = "fc2"
-    assert explorer.histogram.ax.get_title() == "fc2" and explorer.error.value == ""
+    assert explorer.histogram.ax.get_title().startswith("fc2: 0% of its 65,536 weights") and explorer.error.value == ""
 
 
 def test_quantization_explorer_draws_both_grids(mlp_task):
     explorer = QuantizationExplorer(mlp_task, bits=2, synchronous=True)
     segments = {s: explorer.grids[s].get_segments() for s in ("uniform", "kmeans")}
-    assert len(segments["uniform"]) == 4 and len(segments["kmeans"]) == 4
+    # the levels some weight takes, from the kernel itself: symmetric 2-bit uniform uses 3 of its 4 codes
+    # (the restricted signed range), on the range the default clip chooses
+    w = mlp_task.model.fc1.weight.detach()
+    w_hat = quant_kernels.dequantize_uniform(*quant_kernels.quantize_uniform(w, 2, clip=quant_kernels.default_clip(2)))
+    values, counts = torch.unique(w_hat, return_counts=True)
+    assert len(values) == 3
+    assert np.allclose(sorted(seg[0][0] for seg in segments["uniform"]), values.numpy())
+    assert len(explorer.state["uniform"]["levels"]["fc1"]) == 4
     kmeans_levels = sorted(seg[0][0] for seg in segments["kmeans"])
     assert np.allclose(kmeans_levels, explorer.state["kmeans"]["levels"]["fc1"])
+    assert explorer.state["uniform"]["busiest"]["fc1"] == pytest.approx(float(counts.max()) / w.numel())
+    assert "3 of 4 levels used" in explorer.histograms["uniform"].ax.get_title()
     before = explorer.state["uniform"]["bytes"]
     explorer.bits.value = 3  # the slider path (coalesced; synchronous here)
-    assert len(explorer.grids["uniform"].get_segments()) == 8
+    assert len(explorer.grids["uniform"].get_segments()) == len(explorer.state["uniform"]["used"]["fc1"]) == 7
     assert explorer.state["uniform"]["bytes"] > before
     assert explorer.state["kmeans"]["metric"] >= explorer.state["uniform"]["metric"] - 0.05
+
+
+def test_update_grid_widens_the_axes_so_that_a_level_at_the_edge_shows():
+    ax = Figure().subplots()
+    histogram = draw_weight_histogram(ax, np.array([-1.0, 0.0, 1.0]))
+    update_weight_histogram(histogram, np.array([-1.0, 0.0, 1.0]))  # x limits: exactly the bins, [-1, 1]
+    lines = draw_grid(ax, [])
+    update_grid(lines, [-1.0, 0.0, 1.0])
+    assert ax.get_xlim() == (-1.0, 1.0)  # without widen: levels on the edges, drawn on the frame
+    update_grid(lines, [-1.0, 0.0, 1.0], widen=True)
+    low, high = ax.get_xlim()
+    assert low == pytest.approx(-1.1) and high == pytest.approx(1.1)
 
 
 # --------------------------------------------------------------------------- figures from the worker thread

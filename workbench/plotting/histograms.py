@@ -38,7 +38,7 @@ def draw_weight_histogram(ax: Axes, values: np.ndarray, bins: int = 80, title: s
     bars = ax.stairs(counts, edges, fill=True, alpha=0.6, color="C0")
     ax.set_yscale("symlog", linthresh=1)
     ax.set_xlabel("weight value")
-    ax.set_ylabel("count")
+    ax.set_ylabel("count (log scale)")
     if title:
         ax.set_title(title, fontsize="medium")
     return HistogramArtists(ax, bars, edges)
@@ -83,8 +83,15 @@ def draw_grid(ax: Axes, levels: Sequence[float], color: str = "C3", label: str =
     return lines
 
 
-def update_grid(lines: LineCollection, levels: Sequence[float]) -> None:
-    lines.set_segments([[(x, 0.0), (x, 1.0)] for x in np.asarray(levels, dtype=float)])
+def update_grid(lines: LineCollection, levels: Sequence[float], widen: bool = False) -> None:
+    """Move the grid lines to ``levels``; ``widen``: grow the x limits (5% margin) so that every
+    level is inside the axes (a level at the edge of the histogram would be hidden)."""
+    levels = np.asarray(levels, dtype=float)
+    lines.set_segments([[(x, 0.0), (x, 1.0)] for x in levels])
+    if widen and levels.size:
+        lo, hi = lines.axes.get_xlim()
+        margin = 0.05 * max(hi - lo, float(np.ptp(levels)))
+        lines.axes.set_xlim(min(lo, levels.min() - margin), max(hi, levels.max() + margin))
 
 
 @dataclass
@@ -101,7 +108,7 @@ def draw_sparsity_heatmap(ax: Axes, names: Sequence[str], sparsities: Sequence[f
     image = ax.imshow(data, vmin=0, vmax=1, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize="small")
     ax.set_yticks([])
-    ax.set_title("sparsity per layer", fontsize="medium")
+    ax.set_title("fraction of weights removed", fontsize="medium")
     labels = [ax.text(i, 0, f"{s:.0%}", ha="center", va="center", color="w", fontsize="small")
               for i, s in enumerate(data[0])]
     return HeatmapArtists(image, labels)

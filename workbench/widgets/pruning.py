@@ -43,7 +43,7 @@ class PruningExplorer(Explorer):
     config_path = "pruning-configuration.json"
 
     def __init__(self, task, threshold: float = 0.0, synchronous: bool = False, engine: Engine | None = None):
-        super().__init__(task, engine or Engine(task, preview=False), synchronous, figsize=(10, 3.2))
+        super().__init__(task, engine or Engine(task, preview=False), synchronous, figsize=(10, 3.4))
         self.names = [info.name for info in matrix_layers(task.model)]
         if not self.names:
             raise WorkbenchError(f"model {task.name!r} has no Linear/Conv2d layer to prune")
@@ -61,7 +61,7 @@ class PruningExplorer(Explorer):
         self.controls.update(threshold=self.threshold, layer=self.layer)
 
         ax_hist, ax_heat = self.view.figure.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]})
-        self.histogram = draw_weight_histogram(ax_hist, self.weights[self.names[0]], title=self.names[0])
+        self.histogram = draw_weight_histogram(ax_hist, self.weights[self.names[0]])
         self._histogram_of = self.names[0]
         self.cut = draw_cut(ax_hist, threshold)
         self.heatmap = draw_sparsity_heatmap(ax_heat, self.names, [0.0] * len(self.names))
@@ -113,9 +113,12 @@ class PruningExplorer(Explorer):
     def render(self, state: dict) -> None:
         update_cut(self.cut, state["threshold"])
         update_sparsity_heatmap(self.heatmap, [state["sparsity"][n] for n in self.names])
-        if state["layer"] != self._histogram_of:
-            update_weight_histogram(self.histogram, self.weights[state["layer"]], title=state["layer"])
-            self._histogram_of = state["layer"]
+        layer = state["layer"]
+        if layer != self._histogram_of:
+            update_weight_histogram(self.histogram, self.weights[layer])
+            self._histogram_of = layer
+        self.histogram.ax.set_title(f"{layer}: {state['sparsity'][layer]:.0%} of its {self.weights[layer].size:,} "
+                                    f"weights inside ±t (pruned)", fontsize="medium")
         total = sum(w.size for w in self.weights.values())
         removed = sum(state["sparsity"][n] * self.weights[n].size for n in self.names) / total
         self.summary.value = (

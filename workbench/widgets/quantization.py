@@ -10,6 +10,7 @@ bit width: moving back is instant) -> metric, bytes, grids (`compute`) -> existi
 from __future__ import annotations
 
 import ipywidgets as widgets
+import torch
 
 from workbench.engine import Engine
 from workbench.errors import WorkbenchError
@@ -36,7 +37,7 @@ class QuantizationExplorer(Explorer):
 
     def __init__(self, task, bits: int = 4, synchronous: bool = False, engine: Engine | None = None):
         quant_kernels.check_bits(bits)
-        super().__init__(task, engine or Engine(task, preview=False), synchronous, figsize=(10, 3.2))
+        super().__init__(task, engine or Engine(task, preview=False), synchronous, figsize=(10, 3.6))
         self.names = [info.name for info in matrix_layers(task.model)]
         if not self.names:
             raise WorkbenchError(f"model {task.name!r} has no Linear/Conv2d layer to quantize")
@@ -53,8 +54,10 @@ class QuantizationExplorer(Explorer):
 
         axes = self.view.figure.subplots(1, 2, sharey=True)
         first = self._weights(self.names[0])
-        self.histograms = {s: draw_weight_histogram(ax, first, title=s) for s, ax in zip(SCHEMES, axes)}
-        self.grids = {s: draw_grid(self.histograms[s].ax, [], color="C3", label=f"{s} levels") for s in SCHEMES}
+        # two-line titles from the start, so that tight_layout leaves them room
+        self.histograms = {s: draw_weight_histogram(ax, first, title=f"{s}\n") for s, ax in zip(SCHEMES, axes)}
+        self.grids = {s: draw_grid(self.histograms[s].ax, [], color="C3", label=f"{s} levels in use")
+                      for s in SCHEMES}
         self.view.figure.tight_layout()
         self.compose([widgets.HBox([self.bits, self.layer]), self.summary], [widgets.HBox([self.scheme])])
         self.watch("bits", "layer")  # the kept scheme changes the plan, not what is shown
@@ -95,8 +98,11 @@ class QuantizationExplorer(Explorer):
 
     # ------------------------------------------------------------------ compute
     def measures(self, bits: int) -> dict:
-        """``{scheme: {"metric", "bytes", "levels": {layer: grid values}, "mse": {layer: weight MSE}}}``,
-        computed once per bit width. ``bytes``: tensor payload of the compressed state dict."""
+        """``{scheme: {"metric", "bytes", "levels", "used", "busiest", "mse"}}``, computed once per bit
+        width, each but ``metric`` and ``bytes`` a ``{layer: ...}``: ``levels`` the ``2^bits``
+        representable values, ``used`` the values some weight takes (ascending), ``busiest`` the
+        fraction of the layer's weights on its most common value, ``mse`` the weight MSE.
+        ``bytes``: tensor payload of the compressed state dict."""
         quant_kernels.check_bits(bits)
         if bits in self._cache:
             return self._cache[bits]
@@ -105,14 +111,16 @@ class QuantizationExplorer(Explorer):
             plan = Plan({n: LayerPlan("quant", {"bits": bits, "scheme": scheme}) for n in self.names})
             evaluation = self.evaluate(plan)
             model = self.engine.build(plan)
-            levels, mse = {}, {}
+            levels, used, busiest, mse = {}, {}, {}, {}
             for name in self.names:
                 layer = model.get_submodule(name)
                 levels[name] = layer.grid().numpy()
-                mse[name] = quant_kernels.weight_mse(self.task.model.get_submodule(name).weight,
-                                                     layer.dequantized_weight())
+                w_hat = layer.dequantized_weight()
+                values, counts = torch.unique(w_hat, return_counts=True)
+                used[name], busiest[name] = values.numpy(), float(counts.max()) / w_hat.numel()
+                mse[name] = quant_kernels.weight_mse(self.task.model.get_submodule(name).weight, w_hat)
             result[scheme] = {"metric": evaluation["metric"], "bytes": evaluation["bytes"],
-                              "levels": levels, "mse": mse}
+                              "levels": levels, "used": used, "busiest": busiest, "mse": mse}
         self._cache[bits] = result
         return result
 
@@ -129,8 +137,10 @@ class QuantizationExplorer(Explorer):
         for scheme in SCHEMES:
             r = state[scheme]
             update_weight_histogram(self.histograms[scheme], values,
-                                    title=f"{scheme}, {bits} bits: {layer} (MSE {r['mse'][layer]:.2e})")
-            update_grid(self.grids[scheme], r["levels"][layer])
+                                    title=f"{scheme}, {bits} bits: {layer} (weight MSE {r['mse'][layer]:.2e})\n"
+                                          f"{len(r['used'][layer])} of {2 ** bits} levels used; "
+                                          f"{r['busiest'][layer]:.0%} of weights on the busiest")
+            update_grid(self.grids[scheme], r["used"][layer], widen=True)
             rows.append(f"<b>{scheme}</b>: {self.task.metric_name} {r['metric']:.4f}, payload bytes {r['bytes']:,} "
                         f"({r['bytes'] / self.base['bytes']:.1%})")
         self.summary.value = (" · ".join(rows) + f" · original {self.base['metric']:.4f}, "
