@@ -13,7 +13,7 @@ The other lessons use the workbench's embedded models. Here we bring two of our 
 through the same steps:
 
 1. [A residual CNN on the digits](#1.-A-residual-CNN-on-the-digits): a hand-written network with
-   BatchNorm, trained here for a few seconds.
+   BatchNorm, trained here in a few seconds.
    - [Loading it: your data, your metric](#Loading-it:-your-data,-your-metric)
    - [What is compressible, what is skipped](#What-is-compressible,-what-is-skipped)
    - [Spectra](#Spectra)
@@ -25,7 +25,7 @@ through the same steps:
    model with random weights, perplexity as the metric.
    - [Tied weights, counted once](#Tied-weights,-counted-once)
    - [Dashboard, compression, recovery, export](#Dashboard,-compression,-recovery,-export)
-3. [Summary](#Summary)
+3. [What you saw](#What-you-saw): the numbers of this run, side by side
 
 Everything goes through `import workbench as wb`; the [Your own model](../docs/own-model.md) page
 lists every option."""),
@@ -33,9 +33,11 @@ lists every option."""),
 
 scikit-learn's 8x8 digits as 1-channel images, a stem convolution, two residual blocks (conv,
 BatchNorm, ReLU, conv, BatchNorm, plus the skip connection), global average pooling and a linear
-classifier. Three epochs of Adam with a fixed seed train it in a few seconds; this is your code,
-not the workbench's."""),
+classifier. Three epochs of Adam with a fixed seed train it (the cell prints how long that took);
+this is your code, not the workbench's."""),
     code("""%matplotlib inline
+import time
+
 import torch
 from sklearn.datasets import load_digits
 from torch import nn
@@ -74,12 +76,14 @@ class ResNet(nn.Module):
 torch.manual_seed(0)
 net = ResNet()
 optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
+start = time.perf_counter()
 for epoch in range(3):
     for batch in train[torch.randperm(len(train))].split(32):
         optimizer.zero_grad()
         nn.functional.cross_entropy(net(images[batch]), labels[batch]).backward()
         optimizer.step()
-net.eval();"""),
+net.eval()
+print(f"trained: 3 epochs on {len(train)} images in {time.perf_counter() - start:.1f} s")"""),
     md("""### Loading it: your data, your metric
 
 `wb.load` takes the module itself. `eval_data` is what every readout is measured on (here the
@@ -94,7 +98,9 @@ you left it in."""),
 
 task = wb.load(net, eval_data=(images[test], labels[test]), train_data=(images[train], labels[train]),
                metric=accuracy)
-print(f"{task.metric_name} {task.evaluate():.3f} on {len(task.eval_targets)} test images")"""),
+original_accuracy = task.evaluate()
+print(f"{task.metric_name} {original_accuracy:.3f} on {len(task.eval_targets)} test images")
+assert len(task.eval_targets) == 397  # the text above says so"""),
     md("""### What is compressible, what is skipped
 
 Convolutions and Linear layers are matrices (a conv kernel `(out, in, 3, 3)` is seen as an
@@ -105,7 +111,11 @@ kind, matrix shape and size."""),
     code("""import pandas as pd
 from workbench.inventory import inventory
 
-print(pd.DataFrame(task.extras["skipped"]).to_string(index=False))
+skipped = pd.DataFrame(task.extras["skipped"])
+print(skipped.to_string(index=False))
+assert set(skipped["type"]) == {"BatchNorm2d"}  # the text above: only the BatchNorm layers are skipped
+shapes = {e.name: e.shape for e in inventory(net) if e.kind != "norm"}
+assert shapes["stem.0"] == (16, 9) and shapes["head"] == (10, 16) and shapes["blocks.0.conv1"] == (16, 144)
 pd.DataFrame([{"name": e.name, "type": e.type, "kind": e.kind, "shape": e.shape, "params": e.params}
               for e in inventory(net)])"""),
     md("""### Spectra
@@ -121,11 +131,13 @@ spectra_figure(spectra_table(wb.model_spectra(task.model))).figure"""),
 
 The same dashboard as for the embedded models: one rank slider per compressible layer, the
 accuracy, size and FLOPs of the compressed copy following each move. The next cell moves one
-slider headless, as a user would, and prints the accuracy the display then shows; try lower
-ranks yourself and watch where accuracy starts to fall."""),
+slider headless, as a user would, and prints the accuracy the display then shows beside the
+original's; try other ranks yourself and watch where accuracy starts to fall."""),
     code("""dashboard = wb.Dashboard(task)
 dashboard"""),
-    code("""dashboard.set_rank("blocks.1.conv2", 4)["result"]["metric"]"""),
+    code("""rank4_accuracy = dashboard.set_rank("blocks.1.conv2", 4)["result"]["metric"]
+print(f"blocks.1.conv2 at rank 4 of 16: accuracy {rank4_accuracy:.3f} (original {original_accuracy:.3f}, "
+      f"{rank4_accuracy - original_accuracy:+.3f})")"""),
     md("""### A budgeted allocation
 
 `wb.allocate(task, budget, by, allocator)` splits a budget between the layers: here keep 30% of
@@ -133,12 +145,13 @@ the weights (`by="params"`), chosen by the greedy allocator from a sensitivity a
 on a validation split of `train_data`. It returns an `Allocation`: the `plan`, the rank chosen
 for each layer (`ranks`, None where a layer stays dense), the fraction of the budget used
 (`fraction_used`) and the accuracy of the result on the test images (`metric`).
-`wb.apply(task.model, allocation.plan)` builds the compressed copy. At a budget this tight expect
-accuracy to drop a long way; the next section recovers it."""),
+`wb.apply(task.model, allocation.plan)` builds the compressed copy. The cell prints how far
+accuracy falls at this budget; the next section tries to recover it."""),
     code("""allocation = wb.allocate(task, budget=0.3, by="params", allocator="greedy", progress=False)
 small = wb.apply(task.model, allocation.plan)
 print("ranks:", allocation.ranks)
-print(f"weights kept {allocation.fraction_used:.1%}, accuracy {allocation.metric:.3f}")
+print(f"weights kept {allocation.fraction_used:.1%}, accuracy {allocation.metric:.3f} "
+      f"({allocation.metric - original_accuracy:+.3f} against the original {original_accuracy:.3f})")
 pd.DataFrame({"original": wb.measure(task.model, task, latency=False),
               "allocated": wb.measure(small, task, latency=False)}).T"""),
     md("""### Recovery
@@ -146,17 +159,23 @@ pd.DataFrame({"original": wb.measure(task.model, task, latency=False),
 `wb.finetune(small, task, epochs=...)` trains what the compression left trainable (for a low-rank
 layer: its two factors) on `train_data`, stops early on its
 validation split and keeps the best epoch. `small` itself is not changed; the recovered model is
-`recovery.model`. Compare the test accuracy before and after with the original's above."""),
+`recovery.model`. The cell prints the test accuracy before and after, and how much of the loss
+fine-tuning won back."""),
     code("""recovery = wb.finetune(small, task, epochs=15, lr=3e-3, progress=False)
+allocated_accuracy, finetuned_accuracy = task.evaluate(small), task.evaluate(recovery.model)
+lost, won = original_accuracy - allocated_accuracy, finetuned_accuracy - allocated_accuracy
 print(f"best epoch {recovery.best_epoch} of {len(recovery.history)}")
-print(f"test accuracy: allocated {task.evaluate(small):.3f} -> fine-tuned {task.evaluate(recovery.model):.3f}")"""),
+print(f"test accuracy: allocated {allocated_accuracy:.3f} -> fine-tuned {finetuned_accuracy:.3f} "
+      f"(original {original_accuracy:.3f}): {won / lost:.0%} of the {lost:.3f} lost won back" if lost > 0 else
+      f"test accuracy: allocated {allocated_accuracy:.3f} -> fine-tuned {finetuned_accuracy:.3f}: nothing was lost")"""),
     md("""### Export
 
 `wb.save_compressed` writes the compressed weights and the plan to one `.safetensors` file. The
 workbench cannot rebuild a model you brought from its name, so `original=` records a fingerprint
 (layer names and shapes), and `wb.load_compressed(..., original=net)` rebuilds the compressed
 model on your network (another model is refused). `example_input` lets data-aware layers be
-rebuilt without your data. Compare the file with the original's weights saved by `torch.save`."""),
+rebuilt without your data. The cell compares the file with the original's weights saved by
+`torch.save`, and checks that the reloaded model scores exactly what the fine-tuned one did."""),
     code("""import os
 import tempfile
 
@@ -165,8 +184,11 @@ path = wb.save_compressed(os.path.join(folder, "resnet-small.safetensors"), reco
                           "digits-resnet", original=net, example_input=images[:1])
 torch.save(net.state_dict(), os.path.join(folder, "resnet.pt"))
 loaded = wb.load_compressed(path, original=net)
-print(f"file {path.stat().st_size:,} bytes, original weights {os.path.getsize(os.path.join(folder, 'resnet.pt')):,} bytes")
-print(f"reloaded accuracy {task.evaluate(loaded.model):.3f} (fine-tuned: {task.evaluate(recovery.model):.3f})")"""),
+cnn_file, cnn_original_file = path.stat().st_size, os.path.getsize(os.path.join(folder, "resnet.pt"))
+print(f"file {cnn_file:,} bytes, original weights {cnn_original_file:,} bytes ({cnn_file / cnn_original_file:.0%})")
+reloaded_accuracy = task.evaluate(loaded.model)
+print(f"reloaded accuracy {reloaded_accuracy:.3f} (fine-tuned: {finetuned_accuracy:.3f})")
+assert reloaded_accuracy == finetuned_accuracy  # the round trip is exact"""),
     md("""## 2. A small GPT-2 built from a config
 
 A 2-block GPT-2 with a 128-token vocabulary, built from a `GPT2Config`: nothing is downloaded,
@@ -176,9 +198,14 @@ compression does to a trained language model. The data are random token ids.
 Given token ids, a causal LM gets the **perplexity** of the next token as its default metric
 (the exponential of the cross-entropy): **lower is better** (`task.higher_is_better` is False),
 and the dashboard, the allocator and fine-tuning follow that direction. For a random model
-expect a value near the vocabulary size, 128: it guesses close to uniformly. GPT-2's layers are
+a model guessing uniformly scores the vocabulary size, 128; the cell prints how close this one is. GPT-2's layers are
 `transformers`' `Conv1D` (a transposed Linear); the workbench compresses them like any Linear."""),
-    code("""from transformers import GPT2Config, GPT2LMHeadModel
+    code("""import logging
+
+# importing transformers imports torchao, which logs (to stderr) about GPU kernels it cannot load here
+for noisy in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(noisy).setLevel(logging.ERROR)
+from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
 hf_logging.set_verbosity_error()  # the tiny vocabulary does not hold GPT-2's special token ids; we use none
@@ -186,7 +213,10 @@ torch.manual_seed(0)
 gpt = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=128, n_positions=32)).eval()
 ids = torch.randint(0, 128, (64, 32))  # 64 random sequences of 32 tokens
 lm = wb.load(gpt, eval_data=ids[:32], train_data=ids[32:])
-print(f"{lm.metric_name}: {lm.evaluate():.1f}, higher is better: {lm.higher_is_better}")"""),
+lm_perplexity = lm.evaluate()
+print(f"{lm.metric_name}: {lm_perplexity:.1f} ({lm_perplexity / 128:.2f}x the vocabulary size), "
+      f"higher is better: {lm.higher_is_better}")
+assert 0.8 < lm_perplexity / 128 < 1.25 and not lm.higher_is_better  # near-uniform guessing, as the text says"""),
     md("""### Tied weights, counted once
 
 GPT-2's LM head shares its weight with the token embedding (`lm_head.weight is
@@ -197,33 +227,59 @@ the state dict counts it twice (the difference is the 128 x 64 embedding)."""),
 print("tied:", gpt.lm_head.weight is gpt.transformer.wte.weight)
 print("wb.measure params:", wb.measure(gpt, lm, latency=False)["params"])
 print("sum over parameters():", sum(p.numel() for p in gpt.parameters()))
-print("sum over state_dict:", sum(t.numel() for t in gpt.state_dict().values()))"""),
+print("sum over state_dict:", sum(t.numel() for t in gpt.state_dict().values()))
+twice = sum(t.numel() for t in gpt.state_dict().values()) - wb.measure(gpt, lm, latency=False)["params"]
+print(f"counted twice by the state dict: {twice:,} = 128 x 64")
+assert twice == 128 * 64"""),
     md("""### Dashboard, compression, recovery, export
 
 The dashboard gives one slider per `Conv1D` layer (the LM head and the embeddings are not
-among them) and its perplexity readout is lower-is-better: move a slider down and watch the
-perplexity go *up* (on random weights, only a little)."""),
+among them) and its perplexity readout is lower-is-better. The next cell moves the first slider
+to rank 4 and prints the perplexity before and after; on random weights the change is small,
+and it can go either way (there is no learned structure to lose)."""),
     code("""lm_dashboard = wb.Dashboard(lm)
 lm_dashboard"""),
+    code("""first = next(iter(lm_dashboard.sliders))
+lm_rank4 = lm_dashboard.set_rank(first, 4)["result"]["metric"]
+print(f"{first} at rank 4: perplexity {lm_perplexity:.2f} -> {lm_rank4:.2f} "
+      f"({'up' if lm_rank4 > lm_perplexity else 'down'} {abs(lm_rank4 - lm_perplexity) / lm_perplexity:.1%})")"""),
     md("""To keep this lesson short, the GPT-2 is compressed by a recipe instead of an allocation: plain
 SVD keeping half of each block layer's weights (`wb.allocate(lm, budget=0.5, ...)` takes it the
 same way, with its sensitivity analysis on `train_data`). Then one epoch of fine-tuning on the
 training ids, and the file. A random model on random tokens has little to recover: look at
-`best epoch` (0 means no epoch beat the starting point, and the starting weights were kept)."""),
+`best epoch` (0 means no epoch beat the starting point, and the starting weights were kept; the
+cell says which happened)."""),
     code("""lm_plan = wb.recipe("svd")(lm.model, ratio=0.5)
 lm_small = wb.apply(lm.model, lm_plan)
-print(f"perplexity: original {lm.evaluate():.1f}, SVD at ratio 0.5 {lm.evaluate(lm_small):.1f}")
+lm_small_perplexity = lm.evaluate(lm_small)
+print(f"perplexity: original {lm_perplexity:.1f}, SVD at ratio 0.5 {lm_small_perplexity:.1f}")
 pd.DataFrame({"original": wb.measure(gpt, lm, latency=False), "svd 0.5": wb.measure(lm_small, lm, latency=False)}).T"""),
     code("""lm_recovery = wb.finetune(lm_small, lm, epochs=1, progress=False)
-print(f"best epoch {lm_recovery.best_epoch}, perplexity after fine-tuning {lm.evaluate(lm_recovery.model):.1f}")
+lm_finetuned = lm.evaluate(lm_recovery.model)
+print(f"best epoch {lm_recovery.best_epoch}, perplexity after fine-tuning {lm_finetuned:.1f}: "
+      + ("no epoch beat the start, the starting weights were kept" if lm_recovery.best_epoch == 0
+         else f"epoch {lm_recovery.best_epoch} was kept"))
 lm_path = wb.save_compressed(os.path.join(folder, "gpt-small.safetensors"), lm_recovery.model, lm_plan,
                              "tiny-gpt2", original=gpt, example_input=ids[:1])
 lm_loaded = wb.load_compressed(lm_path, original=gpt)
-print(f"file {lm_path.stat().st_size:,} bytes, original state dict {wb.measure(gpt, lm, latency=False)['bytes']:,} bytes")
+lm_file, lm_original_bytes = lm_path.stat().st_size, wb.measure(gpt, lm, latency=False)["bytes"]
+print(f"file {lm_file:,} bytes, original state dict {lm_original_bytes:,} bytes ({lm_file / lm_original_bytes:.0%})")
 print(f"reloaded perplexity {lm.evaluate(lm_loaded.model):.1f}")"""),
-    md("""## Summary
+    md("""## What you saw
 
-What you did, on two models the workbench had never seen:
+The numbers of this run, collected from the cells above (nothing below is typed in by hand):"""),
+    code("""print(f"Residual CNN ({len(task.eval_targets)} test images, accuracy, higher is better):")
+print(f"  original {original_accuracy:.3f}; one layer at rank 4 {rank4_accuracy:.3f}")
+print(f"  greedy allocation keeping {allocation.fraction_used:.1%} of the weights {allocated_accuracy:.3f}, "
+      f"fine-tuned {finetuned_accuracy:.3f} (best epoch {recovery.best_epoch})")
+print(f"  file {cnn_file:,} bytes, {cnn_file / cnn_original_file:.0%} of the original's {cnn_original_file:,}; "
+      f"reloaded exactly ({reloaded_accuracy:.3f})")
+print(f"Random GPT-2 ({lm.metric_name}, lower is better):")
+print(f"  original {lm_perplexity:.1f} ({lm_perplexity / 128:.2f}x the 128-token vocabulary: near-uniform guessing)")
+print(f"  SVD at ratio 0.5 {lm_small_perplexity:.1f}, fine-tuned {lm_finetuned:.1f} (best epoch {lm_recovery.best_epoch})")
+print(f"  file {lm_file:,} bytes, {lm_file / lm_original_bytes:.0%} of the state dict's {lm_original_bytes:,}; "
+      f"the tied embedding ({twice:,} weights) counted once")"""),
+    md("""What you did, on two models the workbench had never seen:
 
 - `wb.load(model, eval_data=..., train_data=..., metric=...)` made a task from your module and
   your data; without a metric a causal LM is judged by perplexity (lower is better), any other

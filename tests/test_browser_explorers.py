@@ -1,9 +1,11 @@
 """The lessons' explorers in a real browser (JupyterLab and Voilà, headless Debian Chromium through
 Playwright): once the notebook has run (JupyterLab: "Run All Cells"; Voilà: the app), a slider
-moved with the keyboard (02 pruning, 03 quantization) or a button pressed (05 recovery, JupyterLab
-only) must change the explorer's figure (``img.wb-figure``, drawn on the compute thread into an
+moved with the keyboard (02 pruning, 03 quantization), a button pressed (05 recovery, JupyterLab
+only), or the control of each of the four views of 09 (more techniques: a slider, three dropdowns)
+moved must change the explorer's figure (``img.wb-figure``, drawn on the compute thread into an
 ``ipywidgets.Image``), with no error or stderr output in the page. Servers serve copies of the
 notebooks (JupyterLab autosaves outputs) and are started and stopped by `benchmarks/ui_latency.py`."""
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -32,7 +34,7 @@ FIGURE_CHANGED_JS = """prev => { const i = document.querySelector('%s');
 def run_all(page, url: str, notebook: str, timeout_ms: int = 180_000) -> str:
     """Open ``notebook`` in a workspace of its own (no other tab restored), run all its cells,
     wait until they ran; returns the figure's src."""
-    page.goto(url.replace("/lab/tree/02_pruning.ipynb", f"/lab/workspaces/{notebook[:2]}/tree/{notebook}"))
+    page.goto(re.sub(r"/lab/tree/[^?]+", f"/lab/workspaces/{notebook[:2]}/tree/{notebook}", url))
     page.wait_for_selector(".jp-Notebook", timeout=timeout_ms)
     page.wait_for_function("() => document.querySelector('#jp-main-statusbar').innerText.includes('Idle')",
                            timeout=timeout_ms)  # the kernel is up
@@ -78,10 +80,58 @@ def test_explorer_figures_follow_their_controls_in_jupyterlab(tmp_path):
 def test_explorer_figures_follow_their_controls_in_voila(notebook, tmp_path):
     shutil.copy(NOTEBOOKS / notebook, tmp_path / notebook)
     with ui_latency.serve("voila", tmp_path / notebook) as url, ui_latency.browser_page() as page:
-        page.goto(url)
+        page.goto(url, timeout=180_000)  # Voilà runs the notebook before it answers
         page.wait_for_function(FIGURE_CHANGED_JS, arg="", timeout=180_000)
         before = page.locator(FIGURE).first.get_attribute("src")
         page.locator(".wb-explorer .widget-slider .noUi-handle").first.focus()
         page.keyboard.press("ArrowRight")
         page.wait_for_function(FIGURE_CHANGED_JS, arg=before, timeout=60_000)
         assert_quiet(page, notebook)
+
+
+# Lesson 09: four views (`workbench.widgets.techniques`), each `.wb-explorer` with its own figure. After its
+# cells ran, each sits on its last option (the notebook steps through them all), so the slider moves left
+# and the dropdowns pick their first option: results are memoised, only the figure is redrawn.
+TECHNIQUES = "09_more_techniques.ipynb"
+VIEWS = ("L1View", "FoldView", "ExportView", "SweepView")
+NTH_FIGURE_JS = """([n, prev]) => { const i = document.querySelectorAll('.wb-explorer img.wb-figure')[n];
+  return i && i.getAttribute('src') && i.getAttribute('src') !== prev; }"""
+
+
+def move_each_technique_view(page, notebook: str) -> None:
+    """Move the control of each of the four views; its own figure must change, the others' not."""
+    page.wait_for_function("() => [...document.querySelectorAll('.wb-explorer img.wb-figure')]"
+                           ".filter(i => i.getAttribute('src')).length === 4", timeout=300_000)
+    figures = page.locator(FIGURE)
+    assert figures.count() == len(VIEWS), f"{notebook}: {figures.count()} figures, expected one per view"
+    for n, name in enumerate(VIEWS):
+        before = [figures.nth(i).get_attribute("src") for i in range(len(VIEWS))]
+        explorer = page.locator(".wb-explorer").nth(n)
+        if name == "L1View":
+            explorer.locator(".widget-slider .noUi-handle").first.focus()
+            page.keyboard.press("ArrowLeft")
+        else:
+            explorer.locator(".widget-dropdown select").first.select_option(index=0)
+        page.wait_for_function(NTH_FIGURE_JS, arg=[n, before[n]], timeout=120_000)
+        others = [i for i in range(len(VIEWS)) if i != n]
+        assert [figures.nth(i).get_attribute("src") for i in others] == [before[i] for i in others], (
+            f"{notebook}: moving {name} changed another view's figure")
+        errors = page.locator(".wb-explorer-error")
+        assert all(errors.nth(i).inner_text().strip() == "" for i in range(errors.count())), (
+            f"{notebook}, {name}: {errors.all_inner_texts()}")
+    assert_quiet(page, notebook)
+
+
+def test_technique_views_follow_their_controls_in_jupyterlab(tmp_path):
+    shutil.copy(NOTEBOOKS / TECHNIQUES, tmp_path / TECHNIQUES)
+    with ui_latency.serve("lab", tmp_path / TECHNIQUES) as url, ui_latency.browser_page() as page:
+        run_all(page, url, TECHNIQUES, timeout_ms=400_000)
+        move_each_technique_view(page, TECHNIQUES)
+        page.screenshot(path=str(tmp_path / "09-lab.png"), full_page=True)
+
+
+def test_technique_views_follow_their_controls_in_voila(tmp_path):
+    shutil.copy(NOTEBOOKS / TECHNIQUES, tmp_path / TECHNIQUES)
+    with ui_latency.serve("voila", tmp_path / TECHNIQUES) as url, ui_latency.browser_page() as page:
+        page.goto(url, timeout=400_000)
+        move_each_technique_view(page, TECHNIQUES)

@@ -151,3 +151,22 @@ def test_background_thread_updates_the_image(mlp_task):
     view.control.value = "prune"
     assert view.coalescer.wait(30)
     assert view.view.widget.value != before and view.state["method"] == "prune"
+
+
+def test_displayed_view_carries_its_figure_as_png(mlp_task):
+    """A lesson-09 view displayed: widget view for live front ends, its current figure as image/png."""
+    import base64
+
+    from IPython.core.formatters import DisplayFormatter
+    from workbench.select import sensitivity
+    from workbench.widgets.techniques import SweepView
+
+    results = {m: sensitivity(mlp_task, m, grid, layers=["fc1"], progress=False)
+               for m, grid in (("svd", (0.1, 0.5)), ("prune", (0.1, 0.5)))}
+    view = SweepView(results, synchronous=True)
+    data, _ = DisplayFormatter().format(view)
+    assert data["application/vnd.jupyter.widget-view+json"]["model_id"] == view.model_id
+    assert base64.b64decode(data["image/png"]) == view.view.widget.value
+    view.update("prune")
+    data, _ = DisplayFormatter().format(view)
+    assert base64.b64decode(data["image/png"]) == view.view.widget.value

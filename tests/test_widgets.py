@@ -285,3 +285,20 @@ def test_widgets_package_exports_every_explorer_lazily():
             "assert all(issubclass(getattr(w, n), Explorer) for n in names[:-1])")
     subprocess.run([sys.executable, "-c", code], check=True)
 
+
+
+def test_displayed_explorer_carries_its_figure_as_png_beside_the_widget_view(mlp_task):
+    """Static readers (GitHub, nbviewer, the docs' lesson pages) see ``image/png``; live front ends
+    get the widget view they render first. The PNG is the figure as shown now, after a move too."""
+    import base64
+
+    from IPython.core.formatters import DisplayFormatter
+    d = Dashboard(mlp_task, synchronous=True, reference=False)
+    formatter = DisplayFormatter()
+    data, _ = formatter.format(d)
+    assert data["application/vnd.jupyter.widget-view+json"]["model_id"] == d.model_id
+    assert base64.b64decode(data["image/png"]) == d.view.widget.value and d.view.widget.value[:4] == b"\x89PNG"
+    before = d.view.widget.value
+    d.set_rank("fc2", 3)
+    data, _ = formatter.format(d)
+    assert d.view.widget.value != before and base64.b64decode(data["image/png"]) == d.view.widget.value

@@ -18,7 +18,9 @@ A control move goes one way::
   result shown.
 * Errors: an exception in ``compute`` or ``render`` becomes one line in ``error`` (never a
   traceback); the controls, ``plan`` and ``state`` stay as they were.
-* ``view``: the figure host (`workbench.widgets.figure_view.FigureImage`), if the explorer draws.
+* ``view``: the figure host (`workbench.widgets.figure_view.FigureImage`), if the explorer draws;
+  displayed, the explorer's output also carries that figure as ``image/png`` for static readers
+  (`workbench.widgets.figure_view.StaticFigure`).
 * ``synchronous=True`` computes in the caller's thread (tests, scripts); ``request(**changes)``
   asks for the controls' settings with some values replaced (without moving the controls) and
   ``wait()`` returns ``state`` once everything asked for is shown.
@@ -34,14 +36,14 @@ import ipywidgets as widgets
 from workbench.engine import Engine
 from workbench.errors import WorkbenchError
 from workbench.plan import Plan
-from workbench.widgets.figure_view import FigureImage
+from workbench.widgets.figure_view import FigureImage, StaticFigure
 from workbench.widgets.persistence import SaveLoadBar
 from workbench.widgets.throttle import Coalescer
 
 _MEMO_SIZE = 256
 
 
-class Explorer(widgets.VBox):
+class Explorer(StaticFigure, widgets.VBox):
     """Base class of the explorers; see the module docstring for the contract.
 
     Parameters

@@ -6,9 +6,15 @@ Under ``%matplotlib widget`` (ipympl) the widget is the figure's own canvas. Oth
 explorer's `workbench.widgets.throttle.Coalescer` worker) in JupyterLab, Voilà and nbval alike: a
 widget value reaches the page from any thread, while an ``Output`` widget's ``display`` from a
 background thread does not. It is also what headless tests read (``view.widget.value``).
+
+`StaticFigure` gives a widget hosting a ``view`` a static fallback: its display data carries the
+figure as ``image/png`` beside the live widget view, so a notebook saved with outputs shows the
+figure where no kernel runs (GitHub, nbviewer, the docs' lesson pages); JupyterLab and Voilà
+still prefer the widget view.
 """
 from __future__ import annotations
 
+import base64
 import io
 from typing import Sequence
 
@@ -55,6 +61,16 @@ class FigureImage:
             self.widget = widgets.Image(format="png", layout={"width": f"{width}px", "height": f"{height}px"})
         self.widget.add_class("wb-figure")  # what browser tests look for: img.wb-figure
 
+    def png(self) -> bytes:
+        """The figure as last shown, PNG bytes (b"" before the first ``draw``). The Image path
+        returns the bytes already sent (no redraw: safe while a worker thread draws); under
+        ipympl the figure is rendered once."""
+        if not self.interactive:
+            return bytes(self.widget.value or b"")
+        buffer = io.BytesIO()
+        self.figure.savefig(buffer, format="png")
+        return buffer.getvalue()
+
     def invalidate(self) -> None:
         """Forget the kept background: the next ``draw(moving)`` draws everything."""
         self._background = None
@@ -82,3 +98,18 @@ class FigureImage:
         buffer = io.BytesIO()
         image.save(buffer, format="png", compress_level=1)
         self.widget.value = buffer.getvalue()
+
+
+class StaticFigure:
+    """Mixin (before the widget class) for a widget with a ``view`` (`FigureImage` or None): its
+    display data adds the current figure as ``image/png`` (base64) to the widget's own bundle
+    (``text/plain`` and the ``application/vnd.jupyter.widget-view+json`` view, which live
+    front ends render first)."""
+
+    def _repr_mimebundle_(self, **kwargs):
+        bundle = super()._repr_mimebundle_(**kwargs)
+        view = getattr(self, "view", None)
+        png = view.png() if view is not None else b""
+        if bundle is not None and png:
+            bundle["image/png"] = base64.b64encode(png).decode("ascii")
+        return bundle

@@ -7,7 +7,8 @@
 
 The figure is a `workbench.widgets.figure_view.FigureImage` (an ``ipywidgets.Image`` whose value is
 replaced), the path that reaches the page from a worker thread; nothing is drawn into an
-``Output`` widget. ``synchronous=True`` computes in the caller (tests); ``update(value)`` moves the
+``Output`` widget; displayed, a view's output also carries the figure as ``image/png`` (static
+readers). ``synchronous=True`` computes in the caller (tests); ``update(value)`` moves the
 control and returns the state once shown. Errors become one line (``error``), never a traceback.
 
 The four views: `L1View` (L1 strength -> magnitude histogram, accuracy and sparsity after the cut),
@@ -32,11 +33,11 @@ from workbench.plotting.techniques import (draw_accuracy_sparsity, draw_latency_
                                            update_latency_bars, update_layer_curves, update_magnitudes,
                                            update_size_bars)
 from workbench.recovery.pruning_train import l1_regularised_pruning
-from workbench.widgets.figure_view import FigureImage
+from workbench.widgets.figure_view import FigureImage, StaticFigure
 from workbench.widgets.throttle import Coalescer
 
 
-class LiveFigure(widgets.VBox):
+class LiveFigure(StaticFigure, widgets.VBox):
     """``control`` + readout + error line + figure; see the module docstring.
 
     Parameters
