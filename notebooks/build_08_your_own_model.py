@@ -200,12 +200,7 @@ Given token ids, a causal LM gets the **perplexity** of the next token as its de
 and the dashboard, the allocator and fine-tuning follow that direction. For a random model
 a model guessing uniformly scores the vocabulary size, 128; the cell prints how close this one is. GPT-2's layers are
 `transformers`' `Conv1D` (a transposed Linear); the workbench compresses them like any Linear."""),
-    code("""import logging
-
-# importing transformers imports torchao, which logs (to stderr) about GPU kernels it cannot load here
-for noisy in ("torchao", "torch.utils._pytree"):
-    logging.getLogger(noisy).setLevel(logging.ERROR)
-from transformers import GPT2Config, GPT2LMHeadModel
+    code("""from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
 hf_logging.set_verbosity_error()  # the tiny vocabulary does not hold GPT-2's special token ids; we use none
