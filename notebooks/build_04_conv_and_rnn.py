@@ -118,7 +118,8 @@ gates.wait()  # the move is computed off the UI thread; wait until it is shown
 print(gates.plan.to_json())
 print({k: round(v, 3) if isinstance(v, float) else v for k, v in gates.after.items()})
 print(f"original: accuracy {gates.before['metric']:.3f}, {gates.before['params']} params")
-print(gates.size_note.value.replace("<b>", "").replace("</b>", ""))"""),
+print(gates.size_note.value.replace("<b>", "").replace("</b>", ""))
+assert gates.break_even(True)["hh"] == 31, 'the text above says rank 32 stores as much as dense W_hh'"""),
     md("""## Fusing the embedding into the GRU's input projection
 
 In `text-gru` (a topic classifier over sentences from a synthetic grammar, generated
@@ -136,6 +137,7 @@ from workbench.widgets.conv_rnn import latency_spread
 text = wb.load("text-gru")
 sizes = fusion_sizes(text.model.embed, text.model.rnn)
 print(sizes.to_dict())
+assert sizes.grows and sizes.after > 2 * sizes.before, "the text below says the table is more than twice as large"
 fused = wb.apply(text.model, get_recipe("fuse_embedding")(text.model, task=text))
 x = text.eval_inputs[:200]
 with torch.no_grad():

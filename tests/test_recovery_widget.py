@@ -13,7 +13,7 @@ from torch import nn  # noqa: E402
 import workbench as wb  # noqa: E402
 from conftest import state_bytes  # noqa: E402
 from workbench.plotting.recovery import add_result, draw_curves, draw_size_chart, update_curves  # noqa: E402
-from workbench.widgets.recovery import RecoveryExplorer  # noqa: E402
+from workbench.widgets.recovery import RecoveryExplorer, default_compressions  # noqa: E402
 
 
 @pytest.fixture
@@ -38,6 +38,17 @@ def test_finetune_click_grows_curves_and_adds_a_point(mlp_task, plans):
     assert state_bytes(compressed) == before
     explorer.distill_button.click()
     assert len(explorer.results) == 2 and explorer.results[1]["kind"] == "distill"
+
+
+def test_default_2_bit_preset_is_heavy_damage_and_the_mse_range_is_not(mlp_task):
+    plans = default_compressions(mlp_task)
+    heavy = plans["quantization, 2 bits, range = largest weight"]
+    assert {entry.params["clip"] for entry in heavy.layers.values()} == {"max"}
+    original = mlp_task.evaluate()
+    damaged = mlp_task.evaluate(wb.apply(mlp_task.model, heavy))
+    default_range = mlp_task.evaluate(wb.apply(mlp_task.model, wb.get_recipe("quant")(mlp_task.model, bits=2)))
+    mild = mlp_task.evaluate(wb.apply(mlp_task.model, plans["quantization, 4 bits"]))
+    assert damaged < original - 0.2 and damaged < default_range - 0.2 and mild > original - 0.02
 
 
 def test_cancel_keeps_the_compressed_model_and_adds_nothing(mlp_task, plans):

@@ -28,11 +28,13 @@ from workbench.registry import recipe, recipes
 from workbench.widgets.explorer import Explorer
 
 #: (label, recipe, options) tried by `default_compressions`; those whose recipe exists are offered.
+#: The 2-bit preset takes its range from the largest weight (``clip="max"``): most weights round
+#: to 0, a heavy damage to recover from (the default ``"mse"`` range loses far less before training).
 DEFAULT_CHOICES = (
     ("SVD, 25% of parameters per layer", "svd", {"ratio": 0.25}),
     ("SVD, 50% of parameters per layer", "svd", {"ratio": 0.5}),
     ("pruning, 80% sparsity", "prune", {"ratio": 0.2}),
-    ("quantization, 2 bits", "quant", {"bits": 2}),
+    ("quantization, 2 bits, range = largest weight", "quant", {"bits": 2, "clip": "max"}),
     ("quantization, 4 bits", "quant", {"bits": 4}),
 )
 
