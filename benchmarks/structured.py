@@ -54,7 +54,7 @@ def paired_latency(dense, pruned, inputs, repeats: int, warmup: int = 3) -> tupl
     return statistics.median(times[id(dense)]), statistics.median(times[id(pruned)])
 
 
-def minilm(ratio: float, threads: int, repeats: int, epochs: int) -> dict:
+def minilm(ratio: float, threads: int, repeats: int, epochs: int, lr: float) -> dict:
     torch.set_num_threads(threads)
     task = wb.load("minilm")
     start = time.perf_counter()
@@ -66,7 +66,7 @@ def minilm(ratio: float, threads: int, repeats: int, epochs: int) -> dict:
     cosine = task.evaluate(pruned)
     calibration = task.train_inputs if task.train_inputs is not None else task.calibration_inputs()
     start = time.perf_counter()
-    tuned = reconstruct_blocks(pruned, task.model, calibration, epochs=epochs, progress=False)
+    tuned = reconstruct_blocks(pruned, task.model, calibration, epochs=epochs, lr=lr, progress=False)
     blockwise_s = time.perf_counter() - start
     _, tuned_ms = paired_latency(task.model, tuned.model, inputs, max(5, repeats // 3))
     before, after = find_blocks(task.model), find_blocks(pruned)
@@ -77,7 +77,7 @@ def minilm(ratio: float, threads: int, repeats: int, epochs: int) -> dict:
                         "ffn_before": b.width, "ffn_after": a.width} for b, a in zip(before, after)],
             "dense_ms": dense_ms, "pruned_ms": pruned_ms, "speedup": dense_ms / pruned_ms,
             "tuned_ms": tuned_ms, "cosine_dense": task.evaluate(task.model), "cosine_pruned": cosine,
-            "cosine_blockwise": task.evaluate(tuned.model), "blockwise_epochs": epochs,
+            "cosine_blockwise": task.evaluate(tuned.model), "blockwise_epochs": epochs, "blockwise_lr": lr,
             "plan_s": plan_s, "blockwise_s": blockwise_s}
 
 
@@ -95,7 +95,7 @@ def minilm_table(r: dict) -> str:
     rows = [["dense", r["params"][0], "1.000", f"{r['dense_ms']:.1f}", "1.00x", f"{r['cosine_dense']:.4f}"],
             [f"heads + FFN pruned ({r['ratio']:g})", r["params"][1], f"{r['linear_params_kept']:.3f}",
              f"{r['pruned_ms']:.1f}", f"{r['speedup']:.2f}x", f"{r['cosine_pruned']:.4f}"],
-            [f"+ block-wise reconstruction ({r['blockwise_epochs']} epochs)", r["params"][1],
+            [f"+ block-wise reconstruction ({r['blockwise_epochs']} epochs, lr {r['blockwise_lr']:g})", r["params"][1],
              f"{r['linear_params_kept']:.3f}", f"{r['tuned_ms']:.1f}", f"{r['dense_ms'] / r['tuned_ms']:.2f}x",
              f"{r['cosine_blockwise']:.4f}"]]
     blocks = markdown_table(["block", "heads", "FFN width"],
@@ -122,10 +122,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--blockwise-epochs", type=int, default=8)
+    parser.add_argument("--blockwise-lr", type=float, default=1e-3)
     parser.add_argument("--skip-resnet", action="store_true")
     parser.add_argument("--no-write", action="store_true", help="print only; leave the docs alone")
     args = parser.parse_args()
-    results = {"minilm": minilm(args.ratio, args.threads, args.repeats, args.blockwise_epochs)}
+    results = {"minilm": minilm(args.ratio, args.threads, args.repeats, args.blockwise_epochs, args.blockwise_lr)}
     if not args.skip_resnet:
         results["digits-resnet"] = resnet(args.threads)
     print(dumps(results, indent=1))

@@ -204,3 +204,29 @@ def test_blockwise_reconstruction_runs_on_the_rebuilt_model():
     assert len(tuned) >= LAYERS and all(s["best_loss"] <= s["start_loss"] for s in tuned)
     assert any(s["best_loss"] < s["start_loss"] for s in tuned)
     assert head_pruning.find_blocks(result.model)[0].heads == HEADS // 2
+
+
+def test_the_command_line_prunes_a_llama_folder_and_reconstructs(tmp_path, capsys):
+    import json
+
+    from test_hf_folders import TEXTS, tiny_tokenizer, vocab_size
+    from workbench.cli import main
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        num_hidden_layers=LAYERS, hidden_size=HIDDEN, num_attention_heads=HEADS, num_key_value_heads=2,
+        intermediate_size=FFN, max_position_embeddings=64, vocab_size=vocab_size(), bos_token_id=2, eos_token_id=3,
+        pad_token_id=0))
+    model.eval().save_pretrained(tmp_path / "llama", safe_serialization=True)
+    tiny_tokenizer().save_pretrained(tmp_path / "llama")
+    (tmp_path / "texts.txt").write_text("\n".join(TEXTS * 2) + "\n")
+    code = main(["compress", str(tmp_path / "llama"), "--texts", str(tmp_path / "texts.txt"), "--method", "prune",
+                 "--structured", "--ratio", "0.5", "--blockwise", "1", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["after"]["params"] < out["before"]["params"]
+    assert [(b["heads_before"], b["heads_after"]) for b in out["blocks"]] == [(HEADS, HEADS // 2)] * LAYERS
+    assert all(b["ffn_after"] < b["ffn_before"] for b in out["blocks"])
+    assert out["linear_params_kept"] == pytest.approx(0.5, abs=0.02) and out["blockwise"]
+    assert main(["compress", str(tmp_path / "llama"), "--texts", str(tmp_path / "texts.txt"), "--method", "prune",
+                 "--structured", "--ratio", "0.1", "--json"]) == 2
+    assert "keeps 0 of the 2 attention units" in capsys.readouterr().err
