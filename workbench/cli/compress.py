@@ -43,7 +43,8 @@ FLAGS = {"ratio": "--ratio", "energy": "--energy", "ranks": "--rank", "layers": 
          "asymmetric": "--asymmetric", "clip": "--clip",
          "structured": "--structured", "activation_aware": "--activation-aware", "estimate": "--estimate",
          "sequential": "--sequential", "importance": "--importance", "round_to": "--round-to",
-         "global_ranking": "--global-ranking", "max_ratio": "--max-ratio", "n": "--n", "m": "--m"}
+         "global_ranking": "--global-ranking", "max_ratio": "--max-ratio", "n": "--n", "m": "--m",
+         "min_heads": "--min-heads"}
 
 
 def check_options_apply(method: str, recipe, options: dict) -> None:
@@ -70,6 +71,7 @@ def recipe_options(args) -> dict:
         "importance": args.importance, "round_to": args.round_to,
         "global_ranking": args.global_ranking or None, "max_ratio": args.max_ratio,
         "n": args.n, "m": args.m,
+        "min_heads": args.min_heads,
     }
     return {k: v for k, v in options.items() if v is not None}
 
@@ -95,7 +97,9 @@ def layer_rows(original, compressed, plan) -> list[dict]:
             after = count_params(nn.ModuleList([compressed.get_submodule(n) for n in names]))  # shared once
         except AttributeError:
             after = None
-        settings = {k: v for k, v in choice.params.items() if k != "layers"} if choice else {}
+        # a head-pruning step's per-block index lists are in the report's "blocks" rows, not on each layer
+        settings = {k: v for k, v in choice.params.items()
+                    if k not in ("layers", "blocks", "heads_removed", "ffn_removed")} if choice else {}
         rows.append({"name": name if len(names) == 1 else f"{' + '.join(names)} (tied)", "shape": shape,
                      "method": choice.method if choice else "dense",
                      "settings": settings, "params_before": before, "params_after": after})
@@ -236,9 +240,13 @@ def register(subparsers) -> None:
                                        "squared rounding error (mse) or the 99.9th percentile (percentile); "
                                        "default mse up to 4 bits, max above")
     parser.add_argument("--structured", action="store_true",
-                        help="prune whole channels/neurons; coupled channels (residual adds, BatchNorm) as one group")
-    parser.add_argument("--importance", choices=["magnitude", "taylor", "hessian"],
-                        help="--structured: how a group's channels are ranked (taylor/hessian use the training labels)")
+                        help="prune whole channels/neurons; coupled channels (residual adds, BatchNorm) as one group; "
+                             "transformers (BERT, GPT-2, Llama): attention heads and FFN width, --ratio of each block's Linears")
+    parser.add_argument("--importance", choices=["magnitude", "taylor", "hessian", "output", "weights"],
+                        help="--structured: how a group's channels are ranked (taylor/hessian use the training labels); "
+                             "transformers' heads and FFN units: output (energy on calibration data, default) or weights")
+    parser.add_argument("--min-heads", type=int,
+                        help="--structured on a transformer: attention heads (k/v groups) each block keeps at least")
     parser.add_argument("--round-to", type=int, help="--structured: keep each group's channels in multiples of this")
     parser.add_argument("--global-ranking", action="store_true",
                         help="--structured: one ranking over all groups (--ratio of all channels kept)")

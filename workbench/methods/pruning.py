@@ -21,11 +21,13 @@ from workbench.inventory import get_submodule, matrix_layers
 from workbench.kernels import prune as prune_kernels
 from workbench.layers.sparse import SparseConv2d, SparseLinear, sparse_from_layer
 from workbench.measure import count_params, latency_ms, speedup
-from workbench.methods import group_pruning
+from workbench.methods import group_pruning, head_pruning
 from workbench.methods.units import unit_names, unit_of, unit_table
 from workbench.plan import LayerPlan, Plan
 from workbench.registry import LayerContext, Method, register_method, register_recipe
 
+#: Calibration inputs that rank a transformer's heads and FFN units.
+HEAD_CALIBRATION = 256
 #: Kept fraction above which sparse storage (bitmap + values) is not smaller than dense float32.
 SPARSE_BREAKEVEN_RATIO = 1 - 1 / 32
 
@@ -174,10 +176,40 @@ def group_plan(model: nn.Module, task, ratio, layers, input_shape, **settings) -
     return Plan({}, (LayerPlan("prune_groups", params),), left_dense=dense)
 
 
+def head_plan(model: nn.Module, task, ratio, layers, importance, min_heads, round_to, global_ranking) -> Plan:
+    """The ``prune_heads`` step of a transformer (`workbench.methods.head_pruning`): heads and FFN
+    units chosen now (on the task's calibration inputs when there is a task), recorded in the plan."""
+    if global_ranking:
+        raise WorkbenchError("global_ranking ranks channel groups; transformer blocks each keep ratio of their "
+                             "Linear parameters (heads and FFN width), so it does not apply here")
+    if importance in ("taylor", "hessian"):
+        raise WorkbenchError(f"importance={importance!r} is for channel groups; heads and FFN units are ranked by "
+                             f"{' or '.join(head_pruning.IMPORTANCES)} (output: their output energy on calibration data)")
+    importance = {None: "output" if task is not None else "weights", "magnitude": "weights"}.get(importance, importance)
+    head_pruning.check_settings(ratio, importance, min_heads, round_to)
+    if importance == "output" and task is None:
+        raise WorkbenchError("importance='output' measures heads on calibration inputs: pass task= (or use 'weights')")
+    blocks = head_pruning.find_blocks(model)
+    if layers is not None:
+        blocks = [b for b in blocks if b.name in layers or set(b.linears) & set(layers)]
+        if not blocks:
+            raise WorkbenchError(f"layers {list(layers)} name no transformer block (nor one of its projections); "
+                                 f"blocks: {', '.join(b.name for b in head_pruning.find_blocks(model))}")
+    inputs = task.calibration_inputs(HEAD_CALIBRATION) if importance == "output" else None
+    rows = head_pruning.head_removals(model, ratio, inputs, min_heads, round_to, blocks=blocks)
+    params = {"ratio": float(ratio), "importance": importance, "min_heads": min_heads, "round_to": round_to,
+              "blocks": tuple(r["block"] for r in rows),
+              "heads_removed": tuple(tuple(r["heads_removed"]) for r in rows),
+              "ffn_removed": tuple(tuple(r["ffn_removed"]) for r in rows),
+              "layers": tuple(n for b in blocks for n in b.linears)}
+    return Plan({}, (LayerPlan("prune_heads", params),))
+
+
 def prune_plan(model: nn.Module, *, task=None, ratio: float | None = None, threshold: float | None = None,
                structured: bool = False, scope: str = "layer", layers: Sequence[str] | None = None,
-               input_shape: Sequence[int] | None = None, importance: str = "magnitude",
-               round_to: int | None = None, global_ranking: bool = False, max_ratio: float = 0.9) -> Plan:
+               input_shape: Sequence[int] | None = None, importance: str | None = None,
+               round_to: int | None = None, global_ranking: bool = False, max_ratio: float = 0.9,
+               min_heads: int = 0) -> Plan:
     """A pruning plan.
 
     Parameters
@@ -186,12 +218,17 @@ def prune_plan(model: nn.Module, *, task=None, ratio: float | None = None, thres
     threshold : unstructured only: keep ``|w| > threshold`` in every chosen layer (instead of ratio).
     structured : remove whole channel groups (a ``prune_groups`` step, `workbench.methods.group_pruning`):
         channels coupled by residual adds / normalization go together, one importance per group.
+        A BERT / GPT-2 / Llama model instead loses attention heads and FFN hidden units (a
+        ``prune_heads`` step, `workbench.methods.head_pruning`): ``ratio`` is then the kept fraction
+        of each block's Linear parameters, units ranked on the task's calibration inputs.
     scope : "layer" (each layer keeps ``ratio`` of its weights) or "global" (one magnitude cut
         over all chosen layers, keeping ``ratio`` of them in total).
     layers : layer names (default: every Linear/Conv2d; for structured, the groups holding them).
-    importance, round_to, global_ranking, max_ratio : structured only: "magnitude" (L2), "taylor"
-        or "hessian" (need a classifier task's labels); kept channels in multiples of ``round_to``;
-        one ranking over all groups, none losing more than ``max_ratio`` of its channels.
+    importance, round_to, global_ranking, max_ratio : structured only: "magnitude" (L2, the default),
+        "taylor" or "hessian" (need a classifier task's labels); kept channels in multiples of
+        ``round_to``; one ranking over all groups, none losing more than ``max_ratio`` of its channels.
+        Transformers: "output" (default with a task) or "weights"/"magnitude"; ``round_to`` for the FFN width.
+    min_heads : transformers: attention units (heads; k/v groups under GQA) each block keeps at least.
 
     A layer whose sparse storage would not be smaller than dense (kept fraction above
     ``SPARSE_BREAKEVEN_RATIO``) is left dense. A tied group is one unit (one mask for its shared
@@ -202,10 +239,12 @@ def prune_plan(model: nn.Module, *, task=None, ratio: float | None = None, thres
         if threshold is not None:
             raise WorkbenchError("structured pruning is set by ratio (kept fraction of channels), not threshold")
         prune_kernels.check_ratio(ratio)
+        if head_pruning.find_blocks(model):
+            return head_plan(model, task, ratio, layers, importance, min_heads, round_to, global_ranking)
         if layers is None and not structured_candidates(model):
             raise WorkbenchError("this model has no layer whose neurons can be removed (structured pruning "
                                  "takes nn.Linear / nn.Conv2d layers other than the output one)")
-        return group_plan(model, task, ratio, layers, input_shape, importance=importance, round_to=round_to,
+        return group_plan(model, task, ratio, layers, input_shape, importance=importance or "magnitude", round_to=round_to,
                           global_ranking=bool(global_ranking), max_ratio=max_ratio)
     given = [k for k, v in (("ratio", ratio), ("threshold", threshold)) if v is not None]
     if len(given) != 1:
@@ -314,6 +353,11 @@ def pruning_report(original: nn.Module, compressed: nn.Module, task=None, plan=N
         result["speed"] = speed
     if plan is not None and any(step.method == "prune_groups" for step in plan.steps):
         result["groups"] = group_pruning.group_rows(original, compressed, plan)
+    if plan is not None and any(step.method == "prune_heads" for step in plan.steps):
+        blocks = head_pruning.head_rows(original, compressed, plan)
+        result["blocks"] = blocks
+        result["linear_params_kept"] = (sum(r["linear_params_after"] for r in blocks)
+                                        / sum(r["linear_params_before"] for r in blocks))
     return result
 
 

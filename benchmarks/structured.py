@@ -1,0 +1,143 @@
+"""Structured pruning that makes models faster (issue 18): measured speed-ups and fidelity.
+
+* ``minilm``: MiniLM dense vs heads + FFN width pruned to ``--ratio`` (0.5) of the encoder's Linear
+  parameters (``get_recipe("prune")(model, task=task, ratio=0.5, structured=True)``, units ranked on
+  the calibration sentences). CPU latency of one forward pass on 64 evaluation sentences at
+  ``--threads`` (2) threads: median of ``--repeats`` runs after warm-up, the dense and the pruned
+  model timed alternately in the same run. Mean cosine to the original embeddings on the
+  unseen-topic evaluation sentences (``task.evaluate``), before and after block-wise
+  reconstruction (`workbench.recovery.blockwise.reconstruct_blocks` on the calibration sentences).
+* ``digits-resnet``: ``python -m workbench compress digits-resnet --method prune --structured
+  --ratio 0.5 --finetune 10 --json``: each coupled group's channels before/after, accuracy.
+
+Prints JSON and writes the tables to ``docs/results/structured.md``.
+Run: ``.venv/bin/python benchmarks/structured.py [--no-write] [--skip-resnet]`` (several minutes on 2 threads).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import workbench as wb
+from workbench.measure import count_params
+from workbench.methods.head_pruning import find_blocks, linear_params
+from workbench.recovery.blockwise import reconstruct_blocks
+from workbench.registry import get_recipe
+from workbench.results import dumps
+
+sys.path.insert(0, str(Path(__file__).parent))
+from doc_results import markdown_table, write_section  # noqa: E402
+
+SENTENCES = 64
+
+
+def paired_latency(dense, pruned, inputs, repeats: int, warmup: int = 3) -> tuple[float, float]:
+    """Median ms of ``model(inputs)`` for both models, timed alternately (each round: one run of each)."""
+    times = {id(dense): [], id(pruned): []}
+    with torch.inference_mode():
+        for model in (dense, pruned):
+            for _ in range(warmup):
+                model(inputs)
+        for _ in range(repeats):
+            for model in (dense, pruned):
+                start = time.perf_counter()
+                model(inputs)
+                times[id(model)].append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times[id(dense)]), statistics.median(times[id(pruned)])
+
+
+def minilm(ratio: float, threads: int, repeats: int, epochs: int, lr: float) -> dict:
+    torch.set_num_threads(threads)
+    task = wb.load("minilm")
+    start = time.perf_counter()
+    plan = get_recipe("prune")(task.model, task=task, ratio=ratio, structured=True)
+    pruned = wb.apply(task.model, plan)
+    plan_s = time.perf_counter() - start
+    inputs = task.eval_inputs[:SENTENCES]
+    dense_ms, pruned_ms = paired_latency(task.model, pruned, inputs, repeats)
+    cosine = task.evaluate(pruned)
+    calibration = task.train_inputs if task.train_inputs is not None else task.calibration_inputs()
+    start = time.perf_counter()
+    tuned = reconstruct_blocks(pruned, task.model, calibration, epochs=epochs, lr=lr, progress=False)
+    blockwise_s = time.perf_counter() - start
+    tuned_dense_ms, tuned_ms = paired_latency(task.model, tuned.model, inputs, max(5, repeats // 3))
+    before, after = find_blocks(task.model), find_blocks(pruned)
+    return {"ratio": ratio, "threads": threads, "sentences": len(inputs), "repeats": repeats,
+            "linear_params_kept": sum(linear_params(pruned, b) for b in after) / sum(linear_params(task.model, b) for b in before),
+            "params": [count_params(task.model), count_params(pruned)],
+            "blocks": [{"block": b.name, "heads_before": b.heads, "heads_after": a.heads,
+                        "ffn_before": b.width, "ffn_after": a.width} for b, a in zip(before, after)],
+            "dense_ms": dense_ms, "pruned_ms": pruned_ms, "speedup": dense_ms / pruned_ms,
+            "tuned_ms": tuned_ms, "tuned_dense_ms": tuned_dense_ms, "cosine_dense": task.evaluate(task.model), "cosine_pruned": cosine,
+            "cosine_blockwise": task.evaluate(tuned.model), "blockwise_epochs": epochs, "blockwise_lr": lr,
+            "plan_s": plan_s, "blockwise_s": blockwise_s}
+
+
+def resnet(threads: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    command = [sys.executable, "-m", "workbench", "compress", "digits-resnet", "--method", "prune", "--structured",
+               "--ratio", "0.5", "--finetune", "10", "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
+    result = json.loads(done.stdout)
+    return {"command": " ".join(command[1:]), "groups": result["groups"], "accuracy_before": result["before"]["metric"],
+            "accuracy_after": result["after"]["metric"], "params": [result["before"]["params"], result["after"]["params"]]}
+
+
+def minilm_table(r: dict) -> str:
+    rows = [["dense", r["params"][0], "1.000", f"{r['dense_ms']:.1f}", "1.00x", f"{r['cosine_dense']:.4f}"],
+            [f"heads + FFN pruned ({r['ratio']:g})", r["params"][1], f"{r['linear_params_kept']:.3f}",
+             f"{r['pruned_ms']:.1f}", f"{r['speedup']:.2f}x", f"{r['cosine_pruned']:.4f}"],
+            [f"+ block-wise reconstruction ({r['blockwise_epochs']} epochs, lr {r['blockwise_lr']:g})", r["params"][1],
+             f"{r['linear_params_kept']:.3f}", f"{r['tuned_ms']:.1f}", f"{r['tuned_dense_ms'] / r['tuned_ms']:.2f}x",
+             f"{r['cosine_blockwise']:.4f}"]]
+    blocks = markdown_table(["block", "heads", "FFN width"],
+                            [[b["block"], f"{b['heads_before']} -> {b['heads_after']}", f"{b['ffn_before']} -> {b['ffn_after']}"]
+                             for b in r["blocks"]])
+    return (f"CPU, {r['threads']} threads, one forward pass on {r['sentences']} evaluation sentences, median of "
+            f"{r['repeats']} runs after warm-up, dense and pruned timed alternately in the same run. Cosine: mean "
+            f"cosine to the original embeddings on the unseen-topic evaluation sentences. Plan (ranking on the "
+            f"calibration sentences) {r['plan_s']:.0f} s, block-wise reconstruction {r['blockwise_s']:.0f} s.\n\n"
+            + markdown_table(["model", "params", "encoder Linears kept", "latency ms", "speed-up", "cosine"], rows)
+            + "\n\n" + blocks)
+
+
+def resnet_table(r: dict) -> str:
+    rows = [[g["root"], g["channels_before"], g["channels_after"]] for g in r["groups"]]
+    return (f"`python {r['command']}`: accuracy {r['accuracy_before']:.4f} -> {r['accuracy_after']:.4f}, "
+            f"params {r['params'][0]} -> {r['params'][1]}.\n\n" + markdown_table(["group root", "channels before",
+                                                                                    "channels after"], rows))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--blockwise-epochs", type=int, default=8)
+    parser.add_argument("--blockwise-lr", type=float, default=1e-3)
+    parser.add_argument("--skip-resnet", action="store_true")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave the docs alone")
+    args = parser.parse_args()
+    results = {"minilm": minilm(args.ratio, args.threads, args.repeats, args.blockwise_epochs, args.blockwise_lr)}
+    if not args.skip_resnet:
+        results["digits-resnet"] = resnet(args.threads)
+    print(dumps(results, indent=1))
+    if args.no_write:
+        return
+    write_section("structured", f"structured minilm ratio={args.ratio:g} threads={args.threads}",
+                  minilm_table(results["minilm"]), title=f"MiniLM: heads and FFN width pruned to {args.ratio:g}")
+    if "digits-resnet" in results:
+        write_section("structured", "structured digits-resnet ratio=0.5 finetune=10", resnet_table(results["digits-resnet"]),
+                      title="digits-resnet: coupled channel groups at 0.5, 10 epochs of fine-tuning")
+
+
+if __name__ == "__main__":
+    main()
