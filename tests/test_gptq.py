@@ -267,7 +267,7 @@ def test_act_order_static_groups_and_identity_gram():
     assert all(torch.equal(a, b) for a, b in zip(ident, rtn))
 
 
-def test_act_order_and_sequential_settings(mlp_task):
+def test_act_order_and_sequential_settings(mlp_task, capsys):
     inputs = mlp_task.calibration_inputs()
     plain = wb.apply(mlp_task.model, wb.recipe("gptq")(mlp_task.model, bits=3), calibration_inputs=inputs)
     plan = wb.recipe("gptq")(mlp_task.model, bits=3, act_order=True, sequential=True)
@@ -280,6 +280,10 @@ def test_act_order_and_sequential_settings(mlp_task):
     assert torch.equal(built.fc2.codes(), alone[0])
     unseen = collect_layer_inputs(mlp_task.model, ["fc2"], inputs)["fc2"]
     assert not torch.equal(G.gptq_quantize(mlp_task.model.fc2.weight, gram(unseen), 3, act_order=True)[0], alone[0])
+    assert main(["compress", "digits-mlp", "--method", "gptq", "--bits", "3", "--act-order", "--sequential",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["plan"]["layers"]["fc2"] == {
+        "method": "gptq", "bits": 3, "act_order": True, "sequential": True}
     with pytest.raises(WorkbenchError, match="act_order=1 for layer 'fc1' must be true or false"):
         wb.apply(mlp_task.model, wb.Plan({"fc1": wb.LayerPlan("gptq", {"bits": 3, "act_order": 1})}),
                  calibration_inputs=inputs)
