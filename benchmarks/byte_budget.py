@@ -10,7 +10,11 @@ used and the task's metric, measured by the engine on the test data. Writes the 
 * digits-mlp / digits-cnn: the budget counts the whole model (biases included);
 * ``--minilm``: MiniLM's 36 encoder Linears, the budget a fraction of THEIR fp32 bytes (the
   embeddings, never compressed here, not counted), as in issue 17; slow on CPU (every option of
-  36 layers is built, GPTQ and activation-aware SVD included).
+  36 layers is built, GPTQ and activation-aware SVD included);
+* ``--minilm`` and ``--whole-file`` (alone: only this): the WHOLE saved MiniLM file, embeddings
+  included (`whole_file`: GPTQ on the 36 encoder Linears, row-wise codes for the embedding
+  tables), written by `workbench.save_compressed`, its size on disk and the mean cosine of the
+  model loaded back from it (`workbench.load_compressed`).
 
 Run: ``.venv/bin/python benchmarks/byte_budget.py [--minilm] [--no-write]`` (digits: ~2 minutes on 2 threads).
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +32,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import workbench as wb  # noqa: E402
+from workbench.inventory import embedding_units, matrix_layers  # noqa: E402
+from workbench.measure import saved_bytes  # noqa: E402
+from workbench.plan import LayerPlan, Plan  # noqa: E402
 from workbench.plotting.budget import draw_budget_fronts  # noqa: E402
 from workbench.results import dumps  # noqa: E402
 from workbench.select import DEFAULT_FAMILIES, build_menu, joint_allocate, joint_fronts  # noqa: E402
@@ -36,6 +44,47 @@ from doc_results import markdown_table, write_section  # noqa: E402
 
 BUDGETS = (0.0625, 0.094, 0.125, 0.25)
 HERE = Path(__file__).resolve().parent
+#: The whole-file plan: GPTQ settings of the encoder Linears, bits of the embedding tables' rows.
+WHOLE_FILE_LINEARS = {"bits": 4, "group_size": 128, "act_order": True, "sequential": True}
+WHOLE_FILE_TABLE_BITS = 4
+WHOLE_FILE_GOAL = (13e6, 0.97)  # issue 17: at most 13 MB, mean cosine at least 0.97
+
+
+def whole_file(name: str = "minilm", linears: dict = WHOLE_FILE_LINEARS,
+               table_bits: int = WHOLE_FILE_TABLE_BITS) -> dict:
+    """Size on disk (bytes) of the whole saved model and the metric of the model loaded back."""
+    task = wb.load(name)
+    model = task.model
+    layers = [info.name for info in matrix_layers(model) if "encoder" in info.name]
+    tables = [unit[0] for unit, _ in embedding_units(model)[0] if len(unit) == 1]
+    plan = Plan({**{n: LayerPlan("gptq", dict(linears)) for n in layers},
+                 **{n: LayerPlan("quant_embedding", {"bits": table_bits}) for n in tables}})
+    start = time.perf_counter()
+    built = wb.apply(model, plan, calibration_inputs=task.calibration_inputs())
+    build_s = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as folder:
+        path = wb.save_compressed(Path(folder) / f"{name}.safetensors", built, plan, name)
+        file_bytes = path.stat().st_size
+        loaded = wb.load_compressed(path).model
+    metric = float(task.evaluate(loaded))
+    return {"model": name, "linears": {"layers": len(layers), "gptq": dict(linears)},
+            "tables": {"names": tables, "bits": table_bits}, "file_bytes": file_bytes,
+            "original_file_bytes": saved_bytes(model), "metric": metric, "metric_name": task.metric_name,
+            "original_metric": float(task.evaluate(model)), "build_s": build_s,
+            "goal_met": file_bytes <= WHOLE_FILE_GOAL[0] and metric >= WHOLE_FILE_GOAL[1]}
+
+
+def whole_file_table(result: dict) -> str:
+    settings = ", ".join(f"{k}={v}" for k, v in result["linears"]["gptq"].items())
+    rows = [["whole file (embeddings included)", f"{result['file_bytes'] / 1e6:.2f} MB",
+             f"{result['file_bytes'] / result['original_file_bytes']:.3f}", f"{result['metric']:.4f}",
+             "met" if result["goal_met"] else "not met"]]
+    return (f"{result['model']}: the {result['linears']['layers']} encoder Linears by gptq ({settings}), the "
+            f"embedding tables ({', '.join(result['tables']['names'])}) as {result['tables']['bits']}-bit row-wise "
+            f"codes; written by `workbench.save_compressed`, size on disk; {result['metric_name']} of the model "
+            f"loaded back; original file {result['original_file_bytes'] / 1e6:.1f} MB, built in "
+            f"{result['build_s']:.0f} s. Goal: <= 13 MB at >= 0.97.\n\n"
+            + markdown_table(["file", "size", "of the original", result["metric_name"], "goal"], rows))
 
 
 def run_model(name: str, budgets, families, relative_to: str = "model", encoder_only: bool = False) -> dict:
@@ -98,14 +147,22 @@ def main() -> None:
     parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
     parser.add_argument("--families", default=",".join(DEFAULT_FAMILIES))
     parser.add_argument("--minilm", action="store_true", help="also MiniLM's 36 encoder Linears (slow)")
+    parser.add_argument("--whole-file", action="store_true",
+                        help="only the whole saved MiniLM file (embeddings included): size and mean cosine")
     parser.add_argument("--no-write", action="store_true", help="print only; leave the docs and charts alone")
     args = parser.parse_args()
     families = args.families.split(",")
     runs = [(name, "model", False) for name in args.models] + ([("minilm", "layers", True)] if args.minilm else [])
+    if args.whole_file:
+        runs = []
+    whole = whole_file() if args.minilm or args.whole_file else None
     results = [run_model(name, args.budgets, families, relative_to, encoder) for name, relative_to, encoder in runs]
-    print(dumps(results, indent=1))
+    print(dumps(results + ([whole] if whole else []), indent=1))
     if args.no_write:
         return
+    if whole:
+        write_section("byte-budget", "byte-budget minilm whole-file", whole_file_table(whole),
+                      title="minilm: the whole saved file, embeddings included")
     for result in results:
         chart(result, HERE / f"byte_budget_{result['model']}.png")
         write_section("byte-budget", f"byte-budget {result['model']} by=bytes families={args.families}",

@@ -58,6 +58,21 @@ cells = [
     nbf.v4.new_code_cell("from workbench.widgets import Dashboard\ndashboard = Dashboard(task)\ndashboard"),
     nbf.v4.new_code_cell("dashboard.set_rank('bert.encoder.layer.5.intermediate.dense', 96)['result']['metric']"),
     nbf.v4.new_markdown_cell(
+        "## The best model for a byte budget\nOne slider for the bytes of the 36 encoder Linears. Each layer gets "
+        "a menu of options (per-channel codes of 2 to 8 bits, truncated SVD at six ranks), each with its "
+        "exact bytes and its output error on the calibration inputs; a move re-solves the multiple-choice "
+        "knapsack (milliseconds) and evaluates the pick on the evaluation sentences (the whole encoder "
+        "runs: about a second, several on a busy machine). The menu is built once, when the explorer "
+        "opens (about 3 minutes measured on a busy 2-core CPU); a larger menu (GPTQ, quantized factors) "
+        "can be built apart with `workbench.select.build_menu` and handed over with `menu=`. "
+        "`python benchmarks/byte_budget.py --minilm` prints every family's front and the joint one."),
+    nbf.v4.new_code_cell(
+        "from workbench.inventory import matrix_layers\n"
+        "encoder = [info.name for info in matrix_layers(task.model) if '.encoder.' in info.name]\n"
+        "budget = wb.BudgetExplorer(task, families=('quant', 'svd'), layers=encoder, relative_to='layers',\n"
+        "                           budget=0.25, front_budgets=(0.125, 0.25, 0.5))\nbudget"),
+    nbf.v4.new_code_cell("budget.set_budget(0.2)['allocation'].metric  # a slider move, headless"),
+    nbf.v4.new_markdown_cell(
         "## Pruning and quantization\nThe threshold and bit-width explorers of notebooks 02 and 03 "
         "take MiniLM too. Magnitude pruning keeps more of the embedding than low rank at 80% of the "
         "weights (mean cosine 0.97 against 0.88 for whitened SVD). Quantization shows why grids "

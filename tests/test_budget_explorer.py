@@ -9,7 +9,7 @@ import workbench as wb
 from workbench.engine import Engine
 from workbench.engine.sizing import state_bytes as payload_bytes
 from workbench.errors import WorkbenchError
-from workbench.select import menu_table
+from workbench.select import build_menu, menu_table
 from conftest import state_bytes
 
 FAMILIES = ("quant", "gptq", "svd", "prune")
@@ -103,6 +103,20 @@ def test_pins_are_kept_and_bad_input_refused(mlp_task, engine):
         wb.BudgetExplorer(mlp_task, families=("quant",), budget=1.5, engine=engine, progress=False)
     with pytest.raises(WorkbenchError, match="'nope'"):
         wb.BudgetExplorer(mlp_task, families=("quant",), pinned={"nope": "dense"}, engine=engine, progress=False)
+
+
+def test_a_menu_built_apart_on_some_layers_is_only_re_solved(mlp_task, engine):
+    menu = build_menu(mlp_task, ("quant", "svd"), layers=["fc1", "fc2"], engine=engine)
+    given = wb.BudgetExplorer(mlp_task, families=("quant", "svd"), budget=0.3, relative_to="layers", engine=engine,
+                              menu=menu, synchronous=True, progress=False, front_budgets=(0.3,))
+    assert given.menu is menu and set(given.state["allocation"].choices) == {"fc1", "fc2"}
+    assert "fc3" not in given.plan.layers
+    assert given.state["allocation"].fraction_used <= 0.3
+    again = wb.joint_allocate(mlp_task, 0.3, "bytes", ("quant", "svd"), relative_to="layers", layers=["fc1", "fc2"],
+                              engine=engine)
+    assert given.plan == again.as_plan()                   # the same pick as a menu built on the spot
+    with pytest.raises(WorkbenchError, match="needs the engine it was built on"):
+        wb.BudgetExplorer(mlp_task, families=("quant", "svd"), menu=menu, progress=False)
 
 
 def test_task_model_untouched(mlp_task, explorer, snapshot):

@@ -238,3 +238,52 @@ def test_awq_layer_bytes_and_file_round_trip(mlp_task, tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(mlp_task.eval_inputs), model(mlp_task.eval_inputs))
     assert mlp_task.evaluate(model) >= mlp_task.evaluate(mlp_task.model) - 0.02
+
+
+# ----------------------------------------------------------------------------- act order, sequential
+@pytest.mark.parametrize("asymmetric", [True, False])
+def test_act_order_per_channel_is_gptq_on_the_permuted_columns(asymmetric):
+    """Oracle: per channel, act order = plain GPTQ on the columns sorted by descending diag(H),
+    codes put back in the stored order (the grid is the row's either way)."""
+    w, h = correlated(4, 6, 12, tokens=30)
+    order = torch.argsort(h.diagonal(), descending=True, stable=True)
+    assert not torch.equal(order, torch.arange(12))
+    codes, scale, zero = G.gptq_quantize(w, h, 3, asymmetric=asymmetric, act_order=True)
+    p_codes, p_scale, p_zero = G.gptq_quantize(w[:, order], h[order][:, order], 3, asymmetric=asymmetric)
+    assert torch.equal(codes[:, order], p_codes) and torch.equal(scale, p_scale) and torch.equal(zero, p_zero)
+
+
+def test_act_order_static_groups_and_identity_gram():
+    """Grouped: each stored group's grid is the original group's (static groups, as RTN's), and an
+    identity Gram (nothing to compensate) gives round-to-nearest exactly, in any column order."""
+    w, h = correlated(5, 8, 16, tokens=40, mix=0.5)
+    codes, scale, zero = G.gptq_quantize(w, h, 3, group_size=4, act_order=True)
+    rtn = G.rtn_quantize(w, 3, group_size=4)
+    assert torch.equal(scale, rtn[1]) and torch.equal(zero, rtn[2])
+    ours = G.calibration_error(w, G.dequantize_groups(codes, scale, zero), h)
+    assert ours < G.calibration_error(w, G.dequantize_groups(*rtn), h)
+    ident = G.gptq_quantize(w, torch.diag(torch.linspace(3, 1, 16, dtype=torch.float64)).flip(0), 3, 4,
+                            act_order=True)
+    assert all(torch.equal(a, b) for a, b in zip(ident, rtn))
+
+
+def test_act_order_and_sequential_settings(mlp_task, capsys):
+    inputs = mlp_task.calibration_inputs()
+    plain = wb.apply(mlp_task.model, wb.recipe("gptq")(mlp_task.model, bits=3), calibration_inputs=inputs)
+    plan = wb.recipe("gptq")(mlp_task.model, bits=3, act_order=True, sequential=True)
+    assert plan.layers["fc2"].params == {"bits": 3, "act_order": True, "sequential": True}
+    built = wb.apply(mlp_task.model, plan, calibration_inputs=inputs)
+    assert state_bytes(built) == state_bytes(plain)                       # same storage
+    # sequential: fc2's codes fit fc2's inputs in the model whose fc1 is already quantized
+    seen = collect_layer_inputs(built, ["fc2"], inputs)["fc2"]
+    alone = G.gptq_quantize(mlp_task.model.fc2.weight, gram(seen), 3, act_order=True)
+    assert torch.equal(built.fc2.codes(), alone[0])
+    unseen = collect_layer_inputs(mlp_task.model, ["fc2"], inputs)["fc2"]
+    assert not torch.equal(G.gptq_quantize(mlp_task.model.fc2.weight, gram(unseen), 3, act_order=True)[0], alone[0])
+    assert main(["compress", "digits-mlp", "--method", "gptq", "--bits", "3", "--act-order", "--sequential",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["plan"]["layers"]["fc2"] == {
+        "method": "gptq", "bits": 3, "act_order": True, "sequential": True}
+    with pytest.raises(WorkbenchError, match="act_order=1 for layer 'fc1' must be true or false"):
+        wb.apply(mlp_task.model, wb.Plan({"fc1": wb.LayerPlan("gptq", {"bits": 3, "act_order": 1})}),
+                 calibration_inputs=inputs)

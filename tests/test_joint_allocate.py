@@ -14,7 +14,7 @@ from workbench.engine.sizing import state_bytes as payload_bytes
 from workbench.errors import WorkbenchError
 from workbench.plan import LayerPlan, Plan
 from workbench.select import build_menu, joint_allocate, joint_fronts, menu_table
-from workbench.select._menu import output_error
+from workbench.select._menu import _module, output_error
 from conftest import state_bytes
 
 matplotlib.use("Agg")
@@ -68,6 +68,17 @@ def test_menu_costs_and_losses_are_measured(mlp_task, menu):
             expected = np.sum((xn @ (w.numpy() - w_r).T) ** 2) / np.sum((xn @ w.numpy().T) ** 2)
             assert menu.losses[l][k] == pytest.approx(expected, rel=1e-3)
             assert output_error(mlp_task.model.fc1, mlp_task.model.fc1, x) == 0
+
+
+def test_gram_proxy_equals_the_output_error_of_every_option(mlp_task, engine, menu):
+    """The menu's Linear proxy comes from the cached Gram; it is the output error on the inputs."""
+    checked = 0
+    for l, name in enumerate(menu.layers):
+        x, original = engine._calibration_inputs(name), mlp_task.model.get_submodule(name)
+        for choice, loss in zip(menu.choices[l][1:], menu.losses[l][1:]):
+            assert loss == pytest.approx(output_error(original, _module(engine, name, choice), x), rel=1e-4, abs=1e-9)
+            checked += 1
+    assert checked > 40
 
 
 @pytest.mark.parametrize("budget", [0.09, 0.11, 0.15, 0.3])

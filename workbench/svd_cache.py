@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 
 from workbench.byte_lru import ByteLRU
+from workbench.kernels import aware as aware_kernels
 from workbench.kernels import svd as svd_kernels
 
 DEFAULT_MAX_BYTES = 512 * 2**20
@@ -73,6 +74,12 @@ def cached(kind: str, tensors: tuple[torch.Tensor, ...], settings: tuple, comput
 def cached_svd(matrix: torch.Tensor) -> svd_kernels.SVD:
     """`workbench.kernels.svd.svd` of ``matrix: (m, n)``, computed once per distinct content."""
     return cached("svd", (matrix,), (), lambda: svd_kernels.svd(matrix.detach()))
+
+
+def cached_gram(x: torch.Tensor) -> torch.Tensor:
+    """`workbench.kernels.aware.gram` of ``x: (tokens, in)``: ``(in, in)`` float64, computed once per
+    distinct content (a layer's menu builds many options on the same inputs). Do not modify it."""
+    return cached("gram", (x,), (), lambda: aware_kernels.gram(x))
 
 
 def set_max_bytes(max_bytes: int) -> None:

@@ -40,7 +40,7 @@ def parse_ranks(items: list[str] | None) -> dict[str, int | tuple[int, int]] | N
 # CLI flag of each recipe option, for the message when a flag does not apply to the method
 FLAGS = {"ratio": "--ratio", "energy": "--energy", "ranks": "--rank", "layers": "--layers", "bits": "--bits",
          "scheme": "--scheme", "per_channel": "--per-channel", "group_size": "--group-size", "awq": "--awq",
-         "asymmetric": "--asymmetric", "clip": "--clip",
+         "act_order": "--act-order", "asymmetric": "--asymmetric", "clip": "--clip",
          "structured": "--structured", "activation_aware": "--activation-aware", "estimate": "--estimate",
          "sequential": "--sequential", "importance": "--importance", "round_to": "--round-to",
          "global_ranking": "--global-ranking", "max_ratio": "--max-ratio", "n": "--n", "m": "--m",
@@ -67,7 +67,7 @@ def recipe_options(args) -> dict:
         "per_channel": args.per_channel or None, "asymmetric": args.asymmetric or None, "clip": args.clip,
         "structured": args.structured or None, "activation_aware": args.activation_aware,
         "estimate": args.estimate, "group_size": args.group_size,
-        "awq": args.awq or None, "sequential": args.sequential or None,
+        "awq": args.awq or None, "act_order": args.act_order or None, "sequential": args.sequential or None,
         "importance": args.importance, "round_to": args.round_to,
         "global_ranking": args.global_ranking or None, "max_ratio": args.max_ratio,
         "n": args.n, "m": args.m,
@@ -234,6 +234,8 @@ def register(subparsers) -> None:
     parser.add_argument("--scheme", help="quantization scheme (uniform, kmeans)")
     parser.add_argument("--group-size", type=int, help="gptq: inputs sharing one scale (a divisor of each layer's input width)")
     parser.add_argument("--awq", action="store_true", help="gptq: activation-aware input scaling (AWQ) first")
+    parser.add_argument("--act-order", action="store_true",
+                        help="gptq: columns in descending order of input energy (static groups, same storage)")
     parser.add_argument("--per-channel", action="store_true", help="quantize per output channel")
     parser.add_argument("--asymmetric", action="store_true", help="asymmetric quantization (zero point)")
     parser.add_argument("--clip", help="quant, uniform: the grid's range from the largest weight (max), the least "

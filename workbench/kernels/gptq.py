@@ -139,13 +139,17 @@ def _inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
 
 def gptq_quantize(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size: int | None = None,
                   asymmetric: bool = True, damp: float = DEFAULT_DAMP, block_size: int = DEFAULT_BLOCK,
-                  name: str = "") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  name: str = "", act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ codes of ``weight: (out, in)`` for inputs with Gram ``gram: (in, in)`` (``X^T X``).
 
     Returns ``(codes, scale, zero_point)``: ``codes`` uint8 ``(out, in)`` in ``[0, 2^bits)``;
     ``scale`` (values exact in float16) and ``zero_point`` (integers) float32 ``(out, groups)``,
     ``groups = in // group_size`` (1 when ``group_size`` is None). Dequantize with
     `dequantize_groups`. ``damp``: relative dampening of the Gram's diagonal (> 0).
+    ``act_order``: quantize the columns in descending order of ``diag(H)`` (the inputs with the
+    most energy first, while the most columns are left to absorb their error); the groups stay the
+    contiguous column ranges of the stored layout, their grids fixed up front from the original
+    weights ("static groups"), so the codes are stored exactly as without it.
     """
     if weight.dim() != 2:
         raise WorkbenchError(f"weight must be a matrix (out, in); got shape {tuple(weight.shape)}")
@@ -159,13 +163,20 @@ def gptq_quantize(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_siz
         raise WorkbenchError(f"damp={damp!r}{where} must be > 0 (relative dampening of the Gram diagonal)")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise WorkbenchError(f"block_size={block_size!r} must be a positive integer")
-    u = _inverse_factor(gram, damp)
     w = weight.detach().double().clone()
     codes = torch.empty(out, width, dtype=torch.float64)
     scales = torch.empty(out, width // g, dtype=torch.float64)
     zeros = torch.empty_like(scales)
     if group_size is None:
         scales[:, 0], zeros[:, 0] = grid_params(w, bits, asymmetric)
+    order = torch.arange(width)
+    if act_order:
+        order = torch.argsort(gram.double().diagonal(), descending=True, stable=True)
+        for k in range(width // g):  # static groups: each grid from the original weights
+            scales[:, k], zeros[:, k] = grid_params(w[:, k * g:(k + 1) * g], bits, asymmetric)
+        w, gram = w[:, order], gram[order][:, order]
+    group_of = order // g  # the stored group of each (permuted) column
+    u = _inverse_factor(gram, damp)
     for start in range(0, width, block_size):
         stop = min(start + block_size, width)
         block = w[:, start:stop].clone()
@@ -173,16 +184,18 @@ def gptq_quantize(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_siz
         u_block = u[start:stop, start:stop]
         for i in range(stop - start):
             col = start + i
-            if group_size is not None and col % g == 0:  # the group's grid from its updated weights
+            if group_size is not None and not act_order and col % g == 0:  # the grid from the updated weights
                 current = torch.cat([block[:, i:], w[:, stop:]], dim=1)[:, :g]
                 scales[:, col // g], zeros[:, col // g] = grid_params(current, bits, asymmetric)
-            scale, zero = scales[:, col // g], zeros[:, col // g]
+            scale, zero = scales[:, group_of[col]], zeros[:, group_of[col]]
             code = round_codes(block[:, i:i + 1], scale, zero, bits, asymmetric)[:, 0]
             codes[:, col] = code
             err = (block[:, i] - scale * (code - zero)) / u_block[i, i]
             block[:, i:] -= err[:, None] * u_block[i, i:][None, :]
             errors[:, i] = err
         w[:, stop:] -= errors @ u[start:stop, stop:]
+    if act_order:
+        codes[:, order] = codes.clone()  # back to the stored column order
     return codes.to(torch.uint8), scales.float(), zeros.float()
 
 
@@ -206,7 +219,8 @@ def awq_candidates(gram: torch.Tensor, alphas=AWQ_ALPHAS) -> list[torch.Tensor]:
 
 def awq_quantize(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size: int | None = None,
                  asymmetric: bool = True, damp: float = DEFAULT_DAMP, block_size: int = DEFAULT_BLOCK,
-                 name: str = "", alphas=AWQ_ALPHAS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                 name: str = "", alphas=AWQ_ALPHAS,
+                 act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ of ``weight * s`` for the best ``s`` of `awq_candidates` (least calibration error).
 
     Returns ``(codes, scale, zero_point, input_scale)``: as `gptq_quantize`, plus ``input_scale``
@@ -216,7 +230,7 @@ def awq_quantize(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size
     best = None
     for s in awq_candidates(h, alphas):
         result = gptq_quantize(w * s, h / s[:, None] / s[None, :], bits, group_size, asymmetric, damp,
-                               block_size, name)
+                               block_size, name, act_order)
         error = calibration_error(w, dequantize_groups(*result).double() / s, h)
         if best is None or error < best[0]:
             best = (error, *result, s.float())

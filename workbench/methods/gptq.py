@@ -4,9 +4,12 @@ Conv1D, through `workbench.adapters`) into `GroupQuantLinear` (packed codes + pe
 Settings: ``bits`` (2..8), optional ``group_size`` (a divisor of the layer's input width; absent:
 one grid per output channel), ``asymmetric`` (default True), ``damp`` (relative dampening of the
 Gram diagonal, default 0.01), ``block_size`` (lazy-update block, default 128), ``awq``
-(activation-aware input scaling first, default False). The layer's
+(activation-aware input scaling first, default False), ``act_order`` (columns in descending order
+of input energy, static groups; default False), ``sequential`` (build the plan's layers in forward
+order, each on the inputs of the already-quantized model, `workbench.sequential`). The layer's
 calibration inputs come from ``apply(..., calibration_inputs=...)``; their Gram ``X^T X`` is
-the one activation-aware SVD uses (`workbench.kernels.aware.gram`). A saved model reloads through
+the one activation-aware SVD uses (`workbench.kernels.aware.gram`, cached by content:
+`workbench.svd_cache.cached_gram`). A saved model reloads through
 `gptq_skeleton` (shapes only), with no calibration data. Conv2d is not handled (refused by type).
 """
 from __future__ import annotations
@@ -16,15 +19,15 @@ from typing import Any, Mapping, Sequence
 from torch import nn
 
 from workbench.errors import WorkbenchError
-from workbench.kernels import aware as aware_kernels
 from workbench.inventory import matrix_layers
 from workbench.kernels import gptq as gptq_kernels
 from workbench.layers.grouped import GroupQuantLinear
 from workbench.methods.quantization import _chosen, quantization_errors
 from workbench.plan import LayerPlan, Plan
 from workbench.registry import LayerContext, Method, check_options, register_method, register_recipe
+from workbench.svd_cache import cached_gram
 
-SETTINGS = ("bits", "group_size", "asymmetric", "damp", "block_size", "awq")
+SETTINGS = ("bits", "group_size", "asymmetric", "damp", "block_size", "awq", "act_order", "sequential")
 
 
 def check_gptq(module: nn.Module, params: Mapping[str, Any], name: str) -> None:
@@ -40,8 +43,9 @@ def check_settings(params: Mapping[str, Any], width: int, name: str) -> None:
     damp = params.get("damp", gptq_kernels.DEFAULT_DAMP)
     if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp > 0:
         raise WorkbenchError(f"damp={damp!r} for layer {name!r} must be a number > 0")
-    if not isinstance(params.get("awq", False), bool):
-        raise WorkbenchError(f"awq={params['awq']!r} for layer {name!r} must be true or false")
+    for flag in ("awq", "act_order", "sequential"):
+        if not isinstance(params.get(flag, False), bool):
+            raise WorkbenchError(f"{flag}={params[flag]!r} for layer {name!r} must be true or false")
 
 
 def build_gptq(module: nn.Module, params: Mapping[str, Any], context: LayerContext) -> nn.Module:
@@ -50,13 +54,16 @@ def build_gptq(module: nn.Module, params: Mapping[str, Any], context: LayerConte
     if context.inputs is None:
         raise WorkbenchError(f"gptq for layer {context.name!r} needs calibration inputs; "
                              "pass calibration_inputs to workbench.apply")
-    x = context.inputs.reshape(-1, context.inputs.shape[-1])
+    x = context.inputs  # the same tensor object each time: its Gram's cache key is hashed once
+    if x.dim() != 2:
+        x = x.reshape(-1, x.shape[-1])
     asymmetric = bool(params.get("asymmetric", True))
     quantize = gptq_kernels.awq_quantize if params.get("awq") else gptq_kernels.gptq_quantize
     codes, scale, zero, *input_scale = quantize(
-        module.weight, aware_kernels.gram(x), params["bits"], params.get("group_size"), asymmetric,
+        module.weight, cached_gram(x), params["bits"], params.get("group_size"), asymmetric,
         float(params.get("damp", gptq_kernels.DEFAULT_DAMP)),
-        int(params.get("block_size", gptq_kernels.DEFAULT_BLOCK)), context.name)
+        int(params.get("block_size", gptq_kernels.DEFAULT_BLOCK)), context.name,
+        act_order=bool(params.get("act_order", False)))
     return GroupQuantLinear.from_codes(codes, scale, zero, module.bias, params["bits"], asymmetric, context.name,
                                        input_scale=input_scale[0] if input_scale else None)
 
@@ -78,6 +85,7 @@ register_method(Method("gptq", build_gptq, (nn.Linear,), needs_inputs=True, skel
 
 def gptq_plan(model: nn.Module, *, bits: int | None = None, group_size: int | None = None,
               asymmetric: bool | None = None, damp: float | None = None, awq: bool | None = None,
+              act_order: bool | None = None, sequential: bool | None = None,
               layers: Sequence[str] | None = None) -> Plan:
     """GPTQ every Linear / transformers Conv1D (or ``layers``) to ``bits`` bits (2..8).
 
@@ -85,6 +93,9 @@ def gptq_plan(model: nn.Module, *, bits: int | None = None, group_size: int | No
     grid per output channel. ``asymmetric``: zero-point grid (default True). ``damp``: relative
     dampening of the Gram diagonal (default 0.01). ``awq``: activation-aware input scaling
     before GPTQ (`workbench.kernels.gptq.awq_quantize`; five GPTQ runs a layer, ``2 * in`` bytes more).
+    ``act_order``: columns in descending order of input energy (static groups; same storage).
+    ``sequential``: each layer quantized on the inputs of the model whose earlier layers are
+    already quantized (`workbench.sequential`).
     """
     if bits is None:
         raise WorkbenchError("gptq needs bits (2..8), e.g. --bits 4")
@@ -99,8 +110,9 @@ def gptq_plan(model: nn.Module, *, bits: int | None = None, group_size: int | No
         params["asymmetric"] = bool(asymmetric)
     if damp is not None:
         params["damp"] = damp
-    if awq:
-        params["awq"] = True
+    for flag, value in (("awq", awq), ("act_order", act_order), ("sequential", sequential)):
+        if value:
+            params[flag] = True
     widths = {info.name: info.shape[1] for info in matrix_layers(model)}
     for name in names:  # every layer's settings checked before the plan is made
         check_settings(params, widths[name], name)

@@ -15,7 +15,9 @@ whose factor cache the SVD families share) and records, per option:
   model's cost is the sum of its layers' costs exactly;
 * its loss: ``loss="proxy"`` (default): the relative output error of that layer alone on its
   calibration inputs ``X``, ``||f_hat(X) - f(X)||^2 / ||X W^T||^2`` (bias excluded from the
-  denominator; a conv's output maps likewise). It needs no forward pass of the model, but it is a
+  denominator; a conv's output maps likewise). For a Linear it is computed from the cached Gram
+  ``H = X^T X`` (`gram_output_error`: ``trace(D H D^T) / trace(W H W^T)``, ``D = W_hat - W``; the
+  same number, without running every option on every calibration token). It needs no forward pass of the model, but it is a
   PROXY: it ignores how errors propagate and how much each layer matters to the metric.
   ``loss="sensitivity"``: the measured loss of quality (metric's direction, clipped at 0) with that
   layer alone compressed, on the validation split (`selection_task`: held out from training, or
@@ -36,13 +38,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from workbench.adapters import canonical
+from workbench.adapters import canonical, matrix_kind
 from workbench.engine import Engine
 from workbench.errors import WorkbenchError
 from workbench.inventory import embedding_units, get_submodule
 from workbench.plan import LayerPlan, Plan
 from workbench.registry import get_method
 from workbench.select._sensitivity import COSTS, quality_loss, selection_task
+from workbench.svd_cache import cached_gram
 from workbench.zoo.task import Task
 
 FAMILIES = ("quant", "kmeans", "gptq", "svd", "svd_aware", "svd_quant", "svd_residual", "prune", "quant_embedding")
@@ -142,6 +145,19 @@ class JointMenu:
 
 
 @torch.no_grad()
+def gram_output_error(original: nn.Module, replacement: nn.Module, gram: torch.Tensor) -> float:
+    """`output_error` of an affine ``replacement`` of the Linear ``original`` from the inputs' Gram
+    ``gram: (in, in)`` (float64): ``trace(D H D^T) / trace(W H W^T)`` with ``W: (out, in)`` and
+    ``D = W_hat - W``, ``W_hat^T = replacement(I) - replacement(0)`` (any bias cancels)."""
+    weight = canonical(original).weight.detach().double()
+    probe = torch.cat([torch.zeros(1, weight.shape[1]), torch.eye(weight.shape[1])]).to(canonical(original).weight)
+    responses = replacement(probe).double()
+    d = (responses[1:] - responses[:1]).T - weight
+    energy = float(((weight @ gram) * weight).sum())
+    return float(((d @ gram) * d).sum()) / energy if energy > 0 else 0.0
+
+
+@torch.no_grad()
 def output_error(original: nn.Module, replacement: nn.Module, x: torch.Tensor) -> float:
     """``||replacement(x) - original(x)||^2 / ||original(x) - bias||^2`` (0 when the denominator is)."""
     reference = original(x)
@@ -165,8 +181,10 @@ def _module(engine: Engine, name: str, choice: LayerPlan) -> nn.Module:
 def _loss_function(engine: Engine, task: Task, loss: str):
     if loss == "proxy":
         def proxy(name: str, choice: LayerPlan) -> float:
-            return output_error(get_submodule(engine.original, name), _module(engine, name, choice),
-                                engine._calibration_inputs(name))
+            original, x = get_submodule(engine.original, name), engine._calibration_inputs(name)
+            if matrix_kind(original) == "linear" and x.dim() == 2:
+                return gram_output_error(original, _module(engine, name, choice), cached_gram(x))
+            return output_error(original, _module(engine, name, choice), x)
         return proxy
     judge = Engine(selection_task(task, "validation"), preview=False, freeze_gc=False,
                    calibration_samples=engine.calibration_samples)

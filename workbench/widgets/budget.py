@@ -28,7 +28,7 @@ from workbench.engine import Engine
 from workbench.errors import WorkbenchError
 from workbench.plan import LayerPlan, Plan
 from workbench.plotting.budget import draw_budget_fronts, update_budget_pick
-from workbench.select import JointAllocation, build_menu, check_families, joint_allocate, joint_fronts, menu_table
+from workbench.select import JointAllocation, JointMenu, build_menu, check_families, joint_allocate, joint_fronts, menu_table
 from workbench.widgets.dashboard import direction_note
 from workbench.widgets.explorer import Explorer
 
@@ -86,18 +86,24 @@ class BudgetExplorer(Explorer):
     synchronous : compute in the caller's thread (tests, scripts).
     progress : a tqdm bar while the menu is built.
     front_budgets : budgets at which the fronts are traced (drawn once).
+    layers : candidate layers (default: every matrix layer), e.g. MiniLM's encoder Linears.
+    menu : a menu already built on ``engine`` (`workbench.select.build_menu` with these
+        ``families``): the explorer then only re-solves (a large model's menu is built once, apart).
     """
 
     def __init__(self, task, families: Sequence[str] | str | None = None, by: str = "bytes", *,
                  budget: float = 0.15, pinned: Mapping[str, LayerPlan | str | None] | None = None, relative_to: str = "model",
                  engine: Engine | None = None, synchronous: bool = False, progress: bool = True,
-                 front_budgets: Sequence[float] = FRONT_BUDGETS):
+                 front_budgets: Sequence[float] = FRONT_BUDGETS, layers: Sequence[str] | None = None,
+                 menu: JointMenu | None = None):
         super().__init__(task, engine or Engine(task, preview=False, freeze_gc=False), synchronous,
                          figsize=(6.4, 3.8), dpi=80)
         self.families, self.by, self.relative_to = check_families(families), by, relative_to
         self.pinned = pins = _pins(pinned)
-        self.menu = build_menu(task, self.families, engine=self.engine, progress=progress,
-                               extra={name: [c] for name, c in pins.items() if c is not None})
+        if menu is not None and engine is None:
+            raise WorkbenchError("a menu given to BudgetExplorer needs the engine it was built on (engine=)")
+        self.menu = menu or build_menu(task, self.families, layers=layers, engine=self.engine, progress=progress,
+                                       extra={name: [c] for name, c in pins.items() if c is not None})
         unknown = [name for name in pins if name not in self.menu.layers]
         if unknown:
             raise WorkbenchError(f"pinned layers {unknown} are not candidate layers; candidates: "
