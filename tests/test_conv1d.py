@@ -236,5 +236,6 @@ def test_bad_choices_on_a_conv1d_are_refused(gpt2):
         wb.apply(gpt2, Plan({name: LayerPlan("svd_rnn", {"rank_ih": 2})}))
     with pytest.raises(WorkbenchError, match=r"rank=33.*32"):  # min(out, in) of the (128, 32) matrix
         wb.apply(gpt2, Plan({name: LayerPlan("svd", {"rank": 33})}))
-    with pytest.raises(WorkbenchError, match="cannot be pruned structurally"):
-        wb.get_recipe("prune")(gpt2, ratio=0.5, structured=True, layers=[name], input_shape=(1, TOKENS))
+    # structured pruning of a GPT-2 projection prunes its block's heads and FFN width (a prune_heads step)
+    (step,) = wb.get_recipe("prune")(gpt2, ratio=0.5, structured=True, layers=[name]).steps
+    assert step.method == "prune_heads" and step.params["blocks"] == ("lm.transformer.h.0",)
