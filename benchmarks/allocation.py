@@ -1,7 +1,7 @@
 """Uniform vs energy vs greedy vs convex allocation at 30% of parameters on digits-mlp and digits-cnn.
 
-Choices use a validation split carved from the training data; accuracy is measured on the test
-split. Prints one table row per (model, allocator) and a JSON line with everything.
+Choices use the models' held-out validation split (never trained on); accuracy is measured on
+the test split. Prints one table row per (model, allocator) and a JSON line with everything.
 Run: .venv/bin/python benchmarks/allocation.py [--budget 0.3] [--by params]
 """
 import argparse
