@@ -1,7 +1,7 @@
 """The lessons' explorers in a real browser (JupyterLab and Voilà, headless Debian Chromium through
 Playwright): once the notebook has run (JupyterLab: "Run All Cells"; Voilà: the app), a slider
-moved with the keyboard (02 pruning, 03 quantization), a button pressed (05 recovery, JupyterLab
-only), or the control of each of the four views of 09 (more techniques: a slider, three dropdowns)
+moved with the keyboard (02 pruning and its structured-pruning explorer, 03 quantization), a button
+pressed (05 recovery, JupyterLab only), or the control of each of the four views of 09 (more techniques: a slider, three dropdowns)
 moved must change the explorer's figure (``img.wb-figure``, drawn on the compute thread into an
 ``ipywidgets.Image``), with no error or stderr output in the page. Servers serve copies of the
 notebooks (JupyterLab autosaves outputs) and are started and stopped by `benchmarks/ui_latency.py`."""
@@ -87,6 +87,44 @@ def test_explorer_figures_follow_their_controls_in_voila(notebook, tmp_path):
         page.keyboard.press("ArrowRight")
         page.wait_for_function(FIGURE_CHANGED_JS, arg=before, timeout=60_000)
         assert_quiet(page, notebook)
+
+
+# Lesson 02's structured-pruning explorer (`wb.StructuredExplorer` on digits-resnet): after the cells ran,
+# every group slider sits at half; one channel fewer in the first group must redraw its figure (kept
+# channels, measured speed-up beside the FLOP ratio): a pruned model built and timed, from the compute thread.
+STRUCTURED = ".wb-structured"
+STRUCTURED_FIGURE_JS = FIGURE_CHANGED_JS.replace(FIGURE, f"{STRUCTURED} img.wb-figure")
+
+
+def move_structured_slider(page, notebook: str, wait_ms: int) -> None:
+    """Press ArrowLeft on the structured explorer's first slider; its figure must change, quietly."""
+    page.wait_for_function(STRUCTURED_FIGURE_JS, arg="", timeout=wait_ms)
+    figure = page.locator(f"{STRUCTURED} img.wb-figure").first
+    before, table = figure.get_attribute("src"), page.locator(".wb-structured-table").first.inner_text()
+    page.locator(f"{STRUCTURED} .widget-slider .noUi-handle").first.focus()
+    page.keyboard.press("ArrowLeft")
+    page.wait_for_function(STRUCTURED_FIGURE_JS, arg=before, timeout=120_000)
+    page.wait_for_function("prev => document.querySelector('.wb-structured-table').innerText !== prev",
+                           arg=table, timeout=120_000)
+    assert_quiet(page, notebook)
+    assert page.locator(f"{STRUCTURED} .wb-explorer-error").first.inner_text().strip() == "", notebook
+
+
+def test_structured_explorer_figure_follows_its_slider_in_jupyterlab(tmp_path):
+    notebook = "02_pruning.ipynb"
+    shutil.copy(NOTEBOOKS / notebook, tmp_path / notebook)
+    with ui_latency.serve("lab", tmp_path / notebook) as url, ui_latency.browser_page() as page:
+        run_all(page, url, notebook, timeout_ms=400_000)
+        move_structured_slider(page, notebook, 60_000)
+        page.locator(f"{STRUCTURED} img.wb-figure").first.screenshot(path=str(tmp_path / "02-structured.png"))
+
+
+def test_structured_explorer_figure_follows_its_slider_in_voila(tmp_path):
+    notebook = "02_pruning.ipynb"
+    shutil.copy(NOTEBOOKS / notebook, tmp_path / notebook)
+    with ui_latency.serve("voila", tmp_path / notebook) as url, ui_latency.browser_page() as page:
+        page.goto(url, timeout=400_000)  # Voilà runs the notebook before it answers
+        move_structured_slider(page, notebook, 400_000)
 
 
 # Lesson 09: four views (`workbench.widgets.techniques`), each `.wb-explorer` with its own figure. After its

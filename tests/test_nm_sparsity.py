@@ -3,6 +3,7 @@ input; the measured speed-up beside the FLOP ratio of pruning results; latency a
 import itertools
 import math
 
+from matplotlib.collections import LineCollection
 import pytest
 import torch
 from torch import nn
@@ -212,6 +213,15 @@ def test_pareto_figure_draws_latency_on_x():
     assert ax.get_xlabel().startswith("measured latency (ms")
     xs = sorted(float(x) for line in ax.get_lines() if line.get_label() != "Pareto front" for x in line.get_xdata())
     assert xs == [0.5, 1.0, 1.8]
+    assert not [c for c in ax.collections if isinstance(c, LineCollection)]  # no quartiles: no bars
+    spread = [{**r, "latency_q1_ms": r["latency_ms"] * 0.8, "latency_q3_ms": r["latency_ms"] * 1.5} for r in rows]
+    spread[0] = {**spread[0], "latency_q1_ms": None, "latency_q3_ms": None}  # a point without a spread
+    bars = pareto_figure(spread, ["structured", "original"], None, "accuracy", x="latency").axes[0]
+    segments = sorted((round(seg[0][0], 6), round(seg[1][0], 6)) for c in bars.collections
+                      if isinstance(c, LineCollection) for seg in c.get_segments())
+    assert segments == [(0.4, 0.75), (1.44, 2.7)]  # quartiles around the medians 0.5 and 1.8; 1.0 none
+    flat = pareto_figure(spread, ["structured", "original"], None, "accuracy", x="bytes").axes[0]
+    assert not [c for c in flat.collections if isinstance(c, LineCollection) and len(c.get_segments())]
     with pytest.raises(WorkbenchError, match=r"x='flops' must be one of bytes, latency"):
         pareto_figure(rows, [], None, "accuracy", x="flops")
     with pytest.raises(WorkbenchError, match="no point has a measured latency_ms"):

@@ -1,10 +1,13 @@
 """Pareto front against brute-force dominance; advisor choices and explanations; real measurements."""
 import random
 
+import numpy as np
 import pytest
 
 import workbench as wb
 from workbench.errors import WorkbenchError
+from workbench.measure import latency_spread
+from workbench.select import pareto
 from workbench.select.pareto import Point, advise, collect_points, pareto_front
 
 
@@ -53,6 +56,33 @@ def test_collect_points_measures_for_real(mlp_task):
     greedy = next(p for p in points if p.method == "svd greedy")
     assert greedy.metric > svd.metric  # the allocation beats the uniform ratio at the same budget
     assert skipped == []
+
+
+def test_collect_points_records_median_and_quartiles_after_warmup(mlp_task, monkeypatch):
+    calls = []
+
+    def fake_samples(model, example, repeats, warmup):  # known timings: the oracle is exact
+        calls.append((repeats, warmup))
+        return [10.0, 1.0, 4.0, 2.0, 3.0, 9.0, 5.0]
+
+    monkeypatch.setattr(pareto, "latency_samples", fake_samples)
+    points, _ = collect_points(mlp_task, methods=["int8"], combinations=False, allocations=(), recovery=False,
+                               latency_repeats=7, progress=False)
+    assert calls and all(call == (7, pareto.LATENCY_WARMUP) for call in calls) and pareto.LATENCY_WARMUP > 0
+    q1, median, q3 = np.percentile([10.0, 1.0, 4.0, 2.0, 3.0, 9.0, 5.0], [25, 50, 75])
+    for point in points:
+        assert (point.latency_q1_ms, point.latency_ms, point.latency_q3_ms) == pytest.approx((q1, median, q3))
+    # the fields are added, none renamed: positional construction and the old keys still work
+    row = Point("m", "p", 0.9, 1, 2, 3, 4.0, {"a": 1}).to_dict()
+    assert row["latency_ms"] == 4.0 and row["settings"] == {"a": 1} and row["latency_q1_ms"] is None
+
+
+def test_latency_spread_matches_numpy_percentiles():
+    samples = list(np.random.default_rng(0).exponential(2.0, 40))
+    assert tuple(latency_spread(samples).values()) == pytest.approx(np.percentile(samples, [50, 25, 75]))
+    assert latency_spread([3.0]) == {"median_ms": 3.0, "q1_ms": 3.0, "q3_ms": 3.0}
+    with pytest.raises(WorkbenchError, match="at least one timing"):
+        latency_spread([])
 
 
 def test_family_summary_picks_the_best_and_the_smallest_close_point():

@@ -60,6 +60,21 @@ def test_pareto_chart_has_a_short_legend_and_labels_that_do_not_overlap(figure):
     assert selection.compact_number(20000) == "20k" and selection.compact_number(0.2) == "0.2"
 
 
+def test_pareto_chart_draws_the_latency_spread_as_error_bars(figure):
+    ax = figure.subplots()
+    x, y = [1.0, 2.0, 4.0], [0.9, 0.95, 0.97]
+    spread = [(0.8, 1.5), None, (3.0, 6.0)]
+    artists = selection.draw_pareto(ax, x, y, ["a", "b", "c"], ["m", "m", "n"], [True, True, True],
+                                    annotate=False, spread=spread)
+    bars = [a for a in artists if isinstance(a, matplotlib.container.ErrorbarContainer)]
+    segments = sorted(tuple(map(tuple, seg)) for bar in bars for seg in bar.lines[2][0].get_segments())
+    assert segments == [((0.8, 0.9), (1.5, 0.9)), ((3.0, 0.97), (6.0, 0.97))]  # point b has no spread: no bar
+    plain = plt.figure().subplots()
+    assert not [a for a in selection.draw_pareto(plain, x, y, ["a", "b", "c"], ["m", "m", "n"], [True] * 3,
+                                                 annotate=False) if isinstance(a, matplotlib.container.ErrorbarContainer)]
+    plt.close(plain.figure)
+
+
 def test_spectra_are_clipped_at_the_floor(figure):
     ax = figure.subplots()
     s = np.array([4.0, 2.0, 1.0, 1e-3, 1e-16, 1e-17])  # two numerical zeros (constant-zero input columns)

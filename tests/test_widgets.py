@@ -11,6 +11,8 @@ import workbench as wb
 from conftest import state_bytes
 from workbench.errors import WorkbenchError
 from workbench.inventory import matrix_layers
+from workbench.kernels.svd import breakeven_rank
+from workbench.layers.lowrank import LowRankLinear
 from workbench.plotting.spectra import spectra_figure, update_rank_markers
 from workbench.plotting.tradeoff import draw_tradeoff, update_tradeoff
 from workbench.registry import methods
@@ -91,6 +93,34 @@ def test_dashboard_move_updates_readouts_and_artists_in_place(mlp_task, mlp_dash
     state = d.set_rank("fc2", d.sliders["fc2"].max)
     assert state["plan"] == wb.Plan({}) and state["result"]["params"] == d.base["params"]
     assert state_bytes(mlp_task.model) == before
+
+
+def test_dashboard_marks_breakeven_and_says_when_a_rank_builds_a_layer_larger_than_dense(mlp_task, gru_task):
+    d = Dashboard(mlp_task, synchronous=True, reference=False)
+    shapes = {info.name: info.shape for info in matrix_layers(mlp_task.model)}
+    for knob in d.knobs:  # the break-even rank is on every slider; dense at the right end
+        assert knob.breakeven == breakeven_rank(shapes[knob.layer]) > 0
+        slider = d.sliders[knob.layer]
+        assert f"(break-even {knob.breakeven})" in slider.description
+        assert slider.value == slider.max == knob.maximum and slider.min == 1
+    (m, n), b = shapes["fc2"], d.knobs[1].breakeven
+    state = d.set_rank("fc2", b)  # at break-even: factors, fewer weights than dense, no warning
+    assert state["result"]["params"] - d.base["params"] == b * (m + n) - m * n < 0
+    assert "larger than dense" not in d.readouts["size"].value
+    rank = b + 20  # above: the engine builds factors all the same, with MORE weights than the dense layer
+    state = d.set_rank("fc2", rank)
+    assert state["plan"] == wb.Plan({"fc2": wb.LayerPlan("svd", {"rank": rank})})
+    assert isinstance(wb.apply(mlp_task.model, state["plan"]).fc2, LowRankLinear)
+    assert state["result"]["params"] - d.base["params"] == rank * (m + n) - m * n > 0
+    size = d.readouts["size"].value
+    assert "larger than dense" in size and f"fc2 rank {rank} &gt; break-even {b}" in size
+    assert f"{rank * (m + n) / (m * n):.0%} of its dense weights" in size
+    assert "fc2" not in wb.get_recipe("svd")(mlp_task.model, ranks={"fc2": rank}).layers  # the recipe: dense
+    d.set_rank("fc2", d.sliders["fc2"].max)  # dense again: no warning
+    assert "larger than dense" not in d.readouts["size"].value
+    # a recurrent knob: its break-even is the last per-gate rank storing fewer weights than both dense sides
+    for knob in (k for k in knobs_for(gru_task.model) if k.weights is not None and k.layer == "rnn"):
+        assert knob.weights(knob.breakeven) < knob.dense_weights <= knob.weights(knob.breakeven + 1)
 
 
 def test_dashboard_shows_errors_as_a_message(mlp_dashboard):

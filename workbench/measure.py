@@ -6,7 +6,7 @@ import os
 import statistics
 import tempfile
 import time
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -82,6 +82,17 @@ def latency_ms(model: nn.Module, example: torch.Tensor, repeats: int = 50, warmu
     Runs on the model's device (``example`` moved there once, before timing); on CUDA the device
     is synchronized before each clock read, so a time covers the kernels, not their queueing."""
     return statistics.median(latency_samples(model, example, repeats, warmup))
+
+
+def latency_spread(samples: Sequence[float]) -> dict[str, float]:
+    """``{"median_ms", "q1_ms", "q3_ms"}`` of timings in ms (quartiles as ``numpy.percentile``'s linear
+    interpolation, ``statistics.quantiles(method="inclusive")``; one sample: all three equal it)."""
+    if not samples:
+        raise WorkbenchError("latency_spread needs at least one timing; got none")
+    q1 = q3 = samples[0]
+    if len(samples) > 1:
+        q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
+    return {"median_ms": statistics.median(samples), "q1_ms": q1, "q3_ms": q3}
 
 
 @torch.no_grad()

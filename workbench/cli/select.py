@@ -175,8 +175,11 @@ def _save_chart(points, front, front_latency, out: Path, metric_name: str) -> No
     for x, on, name in (("bytes", front, "pareto_bytes.png"), ("latency_ms", front_latency, "pareto_latency.png")):
         fig, ax = plt.subplots(figsize=(8, 5))
         usable = [p for p in points if getattr(p, x) is not None]
+        spread = ([(p.latency_q1_ms, p.latency_q3_ms) if p.latency_q1_ms is not None else None for p in usable]
+                  if x == "latency_ms" else None)
         draw_pareto(ax, [getattr(p, x) for p in usable], [p.metric for p in usable], [p.label for p in usable],
-                    [p.method for p in usable], [p.label in on for p in usable], xlabel=x, ylabel=metric_name)
+                    [p.method for p in usable], [p.label in on for p in usable], ylabel=metric_name, spread=spread,
+                    xlabel="latency (ms, median; bars: quartiles)" if spread else x)
         fig.tight_layout()
         atomic_write(out / name, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
         plt.close(fig)

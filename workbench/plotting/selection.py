@@ -151,10 +151,13 @@ def place_labels(ax, xs: Sequence[float], ys: Sequence[float], texts: Sequence[s
 def draw_pareto(ax, x: Sequence[float], metric: Sequence[float], labels: Sequence[str],
                 methods: Sequence[str], front: Sequence[bool], xlabel: str = "bytes",
                 ylabel: str = "accuracy", annotate: bool = True, logx: bool = True,
-                max_series: int = MAX_SERIES) -> list:
+                max_series: int = MAX_SERIES, spread: Sequence[tuple[float, float] | None] | None = None) -> list:
     """Scatter of every point coloured by method (at most ``max_series`` colours: `group_series`
     folds the rest into "other"); the Pareto front drawn as a step line, its points ringed and
-    labelled without overlaps (`place_labels`). ``front[i]`` is True for points on the front."""
+    labelled without overlaps (`place_labels`). ``front[i]`` is True for points on the front.
+
+    ``spread[i]``: ``(low, high)`` of point i on the x axis, drawn as a horizontal error bar in its
+    colour (latency: the quartiles of the timed runs around the median ``x[i]``); None: no bar."""
     x, metric = np.asarray(x, dtype=float), np.asarray(metric, dtype=float)
     artists = []
     methods = group_series(methods, max_series)
@@ -163,6 +166,11 @@ def draw_pareto(ax, x: Sequence[float], metric: Sequence[float], labels: Sequenc
     for k, kind in enumerate(kinds):
         idx = [i for i, m in enumerate(methods) if m == kind]
         artists.append(ax.scatter(x[idx], metric[idx], color=cmap(k % 10), label=kind, zorder=3))
+        bars = [i for i in idx if spread is not None and spread[i] is not None]
+        if bars:
+            low, high = np.asarray([spread[i] for i in bars], dtype=float).T
+            artists.append(ax.errorbar(x[bars], metric[bars], xerr=[x[bars] - low, high - x[bars]], fmt="none",
+                                       ecolor=cmap(k % 10), elinewidth=1, capsize=2, zorder=2))
     on = np.asarray(front, dtype=bool)
     if on.any():
         order = np.argsort(x[on])

@@ -62,14 +62,27 @@ def sensitivity_figure(grid: Sequence[float], curves: dict[str, Sequence[float]]
 
 #: x axes of `pareto_figure`: name -> (point field, scale to the unit shown, axis label).
 PARETO_AXES = {"bytes": ("bytes", 1 / 1024, "saved size (KiB, log)"),
-               "latency": ("latency_ms", 1.0, "measured latency (ms per sample, log)")}
+               "latency": ("latency_ms", 1.0, "measured latency (ms per sample, median; bars: quartiles; log)")}
+#: the spread drawn around a point's x value, per x axis: (low field, high field).
+PARETO_SPREAD = {"latency": ("latency_q1_ms", "latency_q3_ms")}
+
+
+def _xerr(points: Sequence[dict], x: str, field: str, scale: float):
+    """``[below, above]`` distances for ``errorbar`` (0 where a point has no spread), or None."""
+    low, high = PARETO_SPREAD.get(x, (None, None))
+    if low is None or not any(p.get(low) is not None and p.get(high) is not None for p in points):
+        return None
+    below = [(p[field] - p[low]) * scale if p.get(low) is not None else 0.0 for p in points]
+    above = [(p[high] - p[field]) * scale if p.get(high) is not None else 0.0 for p in points]
+    return [below, above]
 
 
 def pareto_figure(points: Sequence[dict], front: Sequence[str], chosen: dict | None,
                   metric_name: str, x: str = "bytes") -> Figure:
     """Metric against saved kilobytes (``x="bytes"``) or measured ms (``x="latency"``) of every
     measured option; the Pareto front (labels in ``front``, computed on the same axis) joined.
-    Points without a value on the axis are left out."""
+    Points without a value on the axis are left out. On the latency axis a point with quartiles
+    (``latency_q1_ms``, ``latency_q3_ms``) gets them as a horizontal error bar around its median."""
     if x not in PARETO_AXES:
         raise WorkbenchError(f"x={x!r} must be one of {', '.join(PARETO_AXES)} (the Pareto chart's x axis)")
     field, scale, label = PARETO_AXES[x]
@@ -83,8 +96,9 @@ def pareto_figure(points: Sequence[dict], front: Sequence[str], chosen: dict | N
     for name in families:
         mine = [p for p in points if p["method"] == name]
         marker = "*" if name == "original" else "o"
-        ax.plot([p[field] * scale for p in mine], [p["metric"] for p in mine], marker, color=colors[name],
-                ms=9 if marker == "*" else 5, alpha=0.85, label=name)
+        ax.errorbar([p[field] * scale for p in mine], [p["metric"] for p in mine], xerr=_xerr(mine, x, field, scale),
+                    fmt=marker, color=colors[name], ms=9 if marker == "*" else 5, alpha=0.85, label=name,
+                    elinewidth=1, capsize=2)
     on_front = sorted((p for p in points if p["label"] in front), key=lambda p: p[field])
     if on_front:
         ax.plot([p[field] * scale for p in on_front], [p["metric"] for p in on_front], "k-", lw=1,

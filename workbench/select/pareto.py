@@ -3,7 +3,8 @@
 `collect_points` runs each registered recipe (`workbench.registry.recipes()`) at a few settings,
 combinations such as SVD then int8, recovery by distillation, and (optionally) architecture
 search results, and measures each result for real: task metric on the test data, stored
-parameters, bytes of the saved state_dict, FLOPs and CPU latency (batch 1). A method that fails
+parameters, bytes of the saved state_dict, FLOPs and CPU latency (batch 1: median and quartiles of
+the timed runs after `LATENCY_WARMUP` untimed ones). A method that fails
 on this model is listed in ``skipped`` with its reason rather than hidden.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ from workbench.errors import WorkbenchError
 from workbench.measure import measure
 from workbench.registry import get_recipe, recipes
 from workbench.zoo.task import Task
-from workbench.measure import latency_ms
+from workbench.measure import latency_samples, latency_spread
 from workbench.select._allocate import allocate
 from workbench.recovery import distill_finetune
 from workbench.recovery import train_student
@@ -51,7 +52,9 @@ COMBINATIONS: list[tuple[str, dict, str, dict]] = [
 @dataclass
 class Point:
     """One measured option. ``metric`` on the test data; ``bytes``: saved state_dict file;
-    ``latency_ms``: median CPU time of one sample; ``settings``: how it was made."""
+    ``latency_ms``: median CPU time (ms) of one sample over the timed runs after warm-up,
+    ``latency_q1_ms`` / ``latency_q3_ms``: their quartiles (the spread; None when not measured);
+    ``settings``: how it was made."""
 
     method: str
     label: str
@@ -61,6 +64,8 @@ class Point:
     flops: int | None = None
     latency_ms: float | None = None
     settings: dict = field(default_factory=dict)
+    latency_q1_ms: float | None = None
+    latency_q3_ms: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -71,14 +76,19 @@ def _label(method: str, settings: dict) -> str:
     return f"{method}({inner})" if inner else method
 
 
+#: untimed runs before a point's latency is timed (caches, allocator, lazy initialisation)
+LATENCY_WARMUP = 5
+
+
 def _point(method: str, label: str, model, task: Task, settings: dict, latency: bool,
            repeats: int = 20) -> Point:
-
     m = measure(model, task, latency=False)
+    spread = {}
     if latency:
-        m["latency_ms"] = latency_ms(model, task.example_input, repeats=repeats, warmup=2)
+        t = latency_spread(latency_samples(model, task.example_input, repeats=repeats, warmup=LATENCY_WARMUP))
+        spread = {"latency_ms": t["median_ms"], "latency_q1_ms": t["q1_ms"], "latency_q3_ms": t["q3_ms"]}
     return Point(method, label, float(m["metric"]), int(m["params"]), int(m["bytes"]), int(m["flops"]),
-                 m.get("latency_ms"), settings)
+                 settings=settings, **spread)
 
 
 def _recipe_model(task: Task, model, method: str, settings: dict):
@@ -158,7 +168,8 @@ def collect_points(task: Task, methods: Sequence[str] | None = None, *, combinat
     for row in search_results:
         points.append(Point("search", f"search {row['label']}", float(row["test"]), int(row["params"]),
                             int(row.get("saved_bytes", row["bytes"])), row.get("flops"),
-                            row.get("latency_ms"), {"widths": row["widths"], "family": row["family"]}))
+                            row.get("latency_ms"), {"widths": row["widths"], "family": row["family"]},
+                            row.get("latency_q1_ms"), row.get("latency_q3_ms")))
     return points, skipped
 
 

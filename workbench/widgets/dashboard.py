@@ -13,6 +13,11 @@ lists gets an ``svd`` rank knob, every tied group offered as one (`workbench.inv
 recurrent layer gets an ``svd_rnn`` knob when that method is registered; `register_knob_provider`
 adds more kinds.
 
+Each slider's label names its break-even rank (the largest rank whose factors store fewer weights
+than the dense layer, `workbench.kernels.svd.breakeven_rank` for a matrix); dense is the right end.
+A rank above break-even is still built as factors (the plan says ``svd`` at that rank; only the
+``svd`` recipe leaves such a layer dense), so the size readout then says "larger than dense".
+
 The dashboard is the pattern every explorer follows (`workbench.widgets.explorer.Explorer`); its
 figure host (`workbench.widgets.figure_view.FigureImage`) blits the moving artists of the chart.
 """
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import ipywidgets as widgets
@@ -27,7 +33,8 @@ import ipywidgets as widgets
 from workbench.engine import Engine
 from workbench.errors import WorkbenchError
 from workbench.inventory import matrix_layers, tied_groups
-from workbench.layers.recurrent import max_rank, recurrent_layers, rnn_kind, unsupported_reason
+from workbench.kernels.svd import factored_params
+from workbench.layers.recurrent import factored_weights, max_rank, recurrent_layers, rnn_kind, unsupported_reason
 from workbench.plan import LayerPlan, Plan
 from workbench.plotting.tradeoff import draw_tradeoff, update_tradeoff
 from workbench.registry import methods, recipe
@@ -44,6 +51,10 @@ class Knob:
 
     ``members``: for a tied group, every layer sharing the weight (``layer`` is the first); the
     knob's choice goes to all of them (`entries`), so the group is compressed as one.
+    ``dense_weights`` and ``weights(rank)``: the weights the layer stores dense and as factors at
+    ``rank`` (bias not included); ``breakeven``: the largest rank storing fewer than dense (0: none).
+    A rank above it is still BUILT as factors (the slider's plan says ``svd`` at that rank; only the
+    ``svd`` recipe leaves such a layer dense), so that layer is larger than dense.
     """
 
     layer: str
@@ -52,6 +63,21 @@ class Knob:
     to_choice: Callable[[int], LayerPlan | None]
     preview: bool = False   # the engine can preview this layer (a matrix layer)
     members: tuple[str, ...] = ()
+    dense_weights: int = 0
+    weights: Callable[[int], int] | None = None
+
+    @property
+    def breakeven(self) -> int | None:
+        """Largest rank whose factors store fewer weights than the dense layer (None: unknown)."""
+        if self.weights is None:
+            return None
+        return max((r for r in range(1, self.maximum) if self.weights(r) < self.dense_weights), default=0)
+
+    def weight_ratio(self, rank: int) -> float | None:
+        """Weights stored at ``rank`` over the dense layer's (1.0 at ``maximum``: dense)."""
+        if rank >= self.maximum:
+            return 1.0
+        return None if self.weights is None else self.weights(rank) / self.dense_weights
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -72,13 +98,24 @@ def _svd_choice(rank: int) -> LayerPlan:
     return LayerPlan("svd", {"rank": rank})
 
 
+def _svd_weights(shape: tuple[int, int]) -> dict:
+    """`Knob` size fields of an ``(m, n)`` matrix factorized as ``(m, r) @ (r, n)``."""
+    return {"dense_weights": shape[0] * shape[1], "weights": partial(factored_params, tuple(shape))}
+
+
 def _matrix_knobs(model) -> list[Knob]:
     knobs = [Knob(info.name, f"{info.name} {info.shape[0]}x{info.shape[1]}", min(info.shape), _svd_choice,
-                  preview=True) for info in matrix_layers(model)]
+                  preview=True, **_svd_weights(info.shape)) for info in matrix_layers(model)]
     knobs += [Knob(group.info.name, f"{group.label} {group.info.shape[0]}x{group.info.shape[1]}",
-                   min(group.info.shape), _svd_choice, members=group.names)
+                   min(group.info.shape), _svd_choice, members=group.names, **_svd_weights(group.info.shape))
               for group in tied_groups(model) if group.info is not None]
     return knobs
+
+
+def _rnn_weights(kind: str, n_in: int, h: int, ih: int, hh: int, rank: int | None) -> int:
+    """Recurrent weights (both sides) at per-gate ``rank`` (None: dense); a side at its full rank stays dense."""
+    return sum(factored_weights(kind, side, n_in, h, None if rank is None or rank >= full else rank, True)
+               for side, full in (("ih", ih), ("hh", hh)))
 
 
 def _recurrent_knobs(model) -> list[Knob]:
@@ -94,7 +131,9 @@ def _recurrent_knobs(model) -> list[Knob]:
         def to_choice(r: int, ih=ih, hh=hh) -> LayerPlan:
             return LayerPlan("svd_rnn", {"rank_ih": r if r < ih else None, "rank_hh": r if r < hh else None,
                                          "per_gate": True})
-        knobs.append(Knob(name, f"{name} {kind} {h} (per gate)", max(ih, hh), to_choice))
+        knobs.append(Knob(name, f"{name} {kind} {h} (per gate)", max(ih, hh), to_choice,
+                          dense_weights=_rnn_weights(kind, n_in, h, ih, hh, None),
+                          weights=partial(_rnn_weights, kind, n_in, h, ih, hh)))
     return knobs
 
 
@@ -119,6 +158,13 @@ def knob_groups(model, knobs: list[Knob]) -> dict[str, list[tuple[Knob, str]]]:
         group, label = groups.get(knob.layer, ("", knob.description))
         out.setdefault(group, []).append((knob, label))
     return out
+
+
+def slider_label(knob: Knob, label: str) -> str:
+    """``label`` with the knob's break-even rank marked: ``"fc2 128x128 (break-even 63)"``."""
+    if knob.breakeven is None:
+        return label
+    return f"{label} (break-even {knob.breakeven})" if knob.breakeven else f"{label} (no rank saves)"
 
 
 def knobs_for(model) -> list[Knob]:
@@ -169,8 +215,8 @@ class Dashboard(Explorer):
         groups = knob_groups(task.model, self.knobs)
         for knob, label in (entry for members in groups.values() for entry in members):
             slider = widgets.IntSlider(value=knob.maximum, min=1, max=knob.maximum, step=1,
-                                       description=label, continuous_update=True,
-                                       style={"description_width": "160px"}, layout={"width": "520px"})
+                                       description=slider_label(knob, label), continuous_update=True,
+                                       style={"description_width": "230px"}, layout={"width": "590px"})
             slider.add_class("wb-rank-slider")
             self.controls[knob.layer] = slider
         self.sliders = self.controls  # {layer: slider}
@@ -213,6 +259,30 @@ class Dashboard(Explorer):
         """The slider values showing ``plan``; `WorkbenchError` if the sliders cannot show it."""
         return slider_values_for_plan(self.knobs, plan)
 
+    def larger_than_dense(self, ranks: dict[str, int]) -> dict[str, float]:
+        """``{layer: stored weights / dense weights}`` for every knob whose rank is above its
+        break-even: the engine builds that layer as factors (``svd`` at the slider's rank), larger
+        than the dense layer it replaces (the ``svd`` recipe would have left it dense)."""
+        out = {}
+        for layer, rank in ranks.items():
+            knob = self._knobs[layer]
+            if knob.breakeven is not None and knob.breakeven < rank < knob.maximum:
+                out[layer] = knob.weight_ratio(rank)
+        return out
+
+    def larger_note(self, ranks: dict[str, int]) -> str:
+        """The size readout's warning line ("" when every factorized layer saves weights)."""
+        larger = self.larger_than_dense(ranks)
+        if not larger:
+            return ""
+        parts = ", ".join(f"{layer} rank {ranks[layer]} &gt; break-even {self._knobs[layer].breakeven}: "
+                          f"{ratio:.0%} of its dense weights" for layer, ratio in larger.items())
+        verdict = "larger than dense" if max(larger.values()) > 1 else "as large as dense"
+        return (f"<br><span class='wb-larger-than-dense' style='color:#b00'>&#9888; <b>{verdict}</b>: "
+                f"{parts}. Built as factors all the same (the <code>svd</code> recipe would keep "
+                f"{'this layer' if len(larger) == 1 else 'these layers'} dense); "
+                "move right to the end for dense.</span>")
+
     # ------------------------------------------------------------------ compute
     def compute(self, ranks: dict[str, int]) -> dict:
         """``{"ranks", "plan", "result"}`` where ``result`` is `Engine.evaluate` of the plan."""
@@ -235,7 +305,8 @@ class Dashboard(Explorer):
         self.readouts["accuracy"].value = (f"{self.task.metric_name} <b>{result['metric']:.4f}</b> "
                                            f"(original {base['metric']:.4f}; {direction_note(self.task)})")
         self.readouts["size"].value = (f"total size <b>{result['bytes'] / 1024:,.1f} KiB</b> "
-                                       f"= {result['bytes'] / base['bytes']:.1%} of {base['bytes'] / 1024:,.1f} KiB")
+                                       f"= {result['bytes'] / base['bytes']:.1%} of {base['bytes'] / 1024:,.1f} KiB"
+                                       + self.larger_note(state["ranks"]))
         self.readouts["params"].value = f"params <b>{result['params']:,}</b> ({result['params'] / base['params']:.1%})"
         self.readouts["bytes"].value = (f"bytes <b>{result['bytes']:,}</b> "
                                         "<span title='sum of numel*element_size of the state dict; "
