@@ -186,8 +186,34 @@ def test_quantization_explorer_follows_the_explorer_contract(mlp_task):
 def test_tucker_explorer_follows_the_explorer_contract(cnn_task):
     from workbench.widgets.conv_rnn import TuckerExplorer
     e = TuckerExplorer(cnn_task, "conv2", rank_out=8, rank_in=8, latency_repeats=1, synchronous=True)
-    assert e.view is None  # a table, no figure
     check_explorer_contract(e, e.rank_in, 4, lambda: e.readout.value, {"rank_out": 999}, "rank")
+
+
+def test_tucker_explorer_draws_each_modes_spectrum_with_the_chosen_rank(cnn_task):
+    """The figure: per channel mode, the chosen rank, sigma^2 kept (oracle: the unfolding's
+    singular values from torch) and the break-even rank at the other mode's rank (oracle: the
+    weight count `tucker_params` crosses the dense kernel's there). A rank slider move changes the PNG."""
+    import torch
+
+    from workbench.kernels.tensor import tucker_params
+    from workbench.widgets.conv_rnn import TuckerExplorer
+    e = TuckerExplorer(cnn_task, "conv2", rank_out=24, rank_in=12, latency_repeats=1, synchronous=True)
+    kernel = cnn_task.model.conv2.weight.detach().double()
+    shape, dense = tuple(kernel.shape), kernel.numel()
+    before = e.view.png()
+    assert before[:4] == b"\x89PNG"
+    e.rank_out.value = 5
+    assert e.view.png() != before and e.error.value == ""
+    for mode, axis, rank, other in (("out", 0, 5, 12), ("in", 1, 12, 5)):
+        parts = e.artists[mode]
+        s = torch.linalg.svdvals(kernel.movedim(axis, 0).reshape(shape[axis], -1))
+        kept = float((s[:rank] ** 2).sum() / (s ** 2).sum())
+        assert list(parts["rank"].get_xdata()) == [rank, rank]
+        assert f"rank {rank} of {shape[axis]}: {kept:.1%}" in parts["energy"].get_text()
+        limit = parts["break_even"].get_xdata()[0]
+        ranks = (lambda r: (r, other)) if mode == "out" else (lambda r: (other, r))
+        assert tucker_params(shape, ranks(limit)) < dense <= tucker_params(shape, ranks(limit + 1))
+        assert parts["break_even"].get_visible() == (limit < shape[axis])
 
 
 def test_gate_rank_explorer_follows_the_explorer_contract(gru_task):
