@@ -67,7 +67,10 @@ Move the sliders: the table compares the compressed model with the original (acc
 test split, stored parameters, FLOPs counted by `torch.utils.flop_counter`, median CPU latency
 for one sample, timed when you press "measure latency": median and quartiles of 30 runs after 3
 warm-up runs). The line above the table compares the factors' weights with the dense kernel and
-gives the break-even rank: above it Tucker stores *more* than the kernel it replaces."""),
+gives the break-even rank: above it Tucker stores *more* than the kernel it replaces. The figure
+below shows the spectra of the kernel's two channel unfoldings (output channels, input channels):
+the dashed line is each slider's rank, with the share of sigma^2 it keeps, and the red dotted line
+that mode's break-even rank at the other slider's rank (absent when every rank stays smaller)."""),
     code("""tucker = TuckerExplorer(cnn, "conv2", rank_out=24, rank_in=12, latency_repeats=30)
 tucker"""),
     code("""# what the "measure latency" button does, run here so the page shows the numbers:

@@ -216,8 +216,34 @@ def test_quantization_explorer_follows_the_explorer_contract(mlp_task):
 def test_tucker_explorer_follows_the_explorer_contract(cnn_task):
     from workbench.widgets.conv_rnn import TuckerExplorer
     e = TuckerExplorer(cnn_task, "conv2", rank_out=8, rank_in=8, latency_repeats=1, synchronous=True)
-    assert e.view is None  # a table, no figure
     check_explorer_contract(e, e.rank_in, 4, lambda: e.readout.value, {"rank_out": 999}, "rank")
+
+
+def test_tucker_explorer_draws_each_modes_spectrum_with_the_chosen_rank(cnn_task):
+    """The figure: per channel mode, the chosen rank, sigma^2 kept (oracle: the unfolding's
+    singular values from torch) and the break-even rank at the other mode's rank (oracle: the
+    weight count `tucker_params` crosses the dense kernel's there). A rank slider move changes the PNG."""
+    import torch
+
+    from workbench.kernels.tensor import tucker_params
+    from workbench.widgets.conv_rnn import TuckerExplorer
+    e = TuckerExplorer(cnn_task, "conv2", rank_out=24, rank_in=12, latency_repeats=1, synchronous=True)
+    kernel = cnn_task.model.conv2.weight.detach().double()
+    shape, dense = tuple(kernel.shape), kernel.numel()
+    before = e.view.png()
+    assert before[:4] == b"\x89PNG"
+    e.rank_out.value = 5
+    assert e.view.png() != before and e.error.value == ""
+    for mode, axis, rank, other in (("out", 0, 5, 12), ("in", 1, 12, 5)):
+        parts = e.artists[mode]
+        s = torch.linalg.svdvals(kernel.movedim(axis, 0).reshape(shape[axis], -1))
+        kept = float((s[:rank] ** 2).sum() / (s ** 2).sum())
+        assert list(parts["rank"].get_xdata()) == [rank, rank]
+        assert f"rank {rank} of {shape[axis]}: {kept:.1%}" in parts["energy"].get_text()
+        limit = parts["break_even"].get_xdata()[0]
+        ranks = (lambda r: (r, other)) if mode == "out" else (lambda r: (other, r))
+        assert tucker_params(shape, ranks(limit)) < dense <= tucker_params(shape, ranks(limit + 1))
+        assert parts["break_even"].get_visible() == (limit < shape[axis])
 
 
 def test_gate_rank_explorer_follows_the_explorer_contract(gru_task):
@@ -236,6 +262,37 @@ def test_real_model_explorer_follows_the_explorer_contract():
                             "mode='svd'")
     original, compressed = e.similarities()
     assert f"compressed {compressed:.3f}" in e.similarity.value and -1.0 <= original <= 1.0 + 1e-6
+    # the figure: each encoder Linear's rank at the slider's ratio (oracle: rank_for_ratio of its weight shape)
+    from workbench.kernels.svd import rank_for_ratio
+    from workbench.zoo import minilm
+    shown = e.view.png()
+    e.ratio.value = 0.3
+    assert e.view.png() != shown and "at 30% of its weights" in e.heatmap.axes.get_title()
+    texts = iter(e.heatmap.axes.texts)
+    for block in range(len(e.names) // len(minilm.LAYER_TYPES)):
+        for kind in minilm.LAYER_TYPES:
+            name = next(n for n in e.names if minilm.block_of(n) == block and minilm.layer_type(n) == kind)
+            weight = e.task.model.get_submodule(name).weight
+            assert next(texts).get_text() == str(rank_for_ratio(tuple(weight.shape), 0.3)), name
+
+
+def test_layer_grid_places_each_minilm_layer_by_block_and_type_and_the_heatmap_follows():
+    from workbench.plotting.heatmaps import draw_rank_heatmap, update_rank_heatmap
+    from workbench.widgets.real_model import layer_grid
+    from workbench.zoo import minilm
+    values = {f"bert.encoder.layer.{b}.{suffix}": 10 * b + t for b in (1, 0)
+              for t, suffix in enumerate(("attention.self.query", "attention.self.key", "attention.self.value",
+                                          "attention.output.dense", "intermediate.dense", "output.dense"))}
+    grid, rows, cols = layer_grid(values)
+    assert rows == ["block 0", "block 1"] and cols == list(minilm.LAYER_TYPES)
+    assert grid.tolist() == [[0, 1, 2, 3, 4, 5], [10, 11, 12, 13, 14, 15]]
+    ax = Figure().subplots()
+    image = draw_rank_heatmap(ax, grid, rows, cols, vmin=0, vmax=20)
+    update_rank_heatmap(image, grid[::-1], title="moved")
+    assert [t.get_text() for t in ax.texts] == [f"{v:.0f}" for v in grid[::-1].ravel()]
+    assert image.get_clim() == (0, 20) and ax.get_title() == "moved"
+    with pytest.raises(ValueError, match="shape"):
+        update_rank_heatmap(image, grid[:1])
 
 
 def test_recovery_explorer_follows_the_explorer_contract(mlp_task):

@@ -25,10 +25,11 @@ from torch import nn
 
 from workbench.engine import Engine
 from workbench.errors import WorkbenchError
-from workbench.kernels.tensor import tucker_params
+from workbench.kernels.tensor import tucker_params, unfolding_spectrum
 from workbench.layers.recurrent import GATES, check_rnn, factored_weights, gate_matrices, max_rank
 from workbench.plan import LayerPlan, Plan
 from workbench.plotting.gates import draw_break_even, draw_gate_spectra, update_break_even, update_rank_markers
+from workbench.plotting.tucker import draw_tucker_spectra, update_tucker_ranks
 from workbench.widgets.explorer import Explorer
 from workbench.widgets.persistence import check_plan_shape, check_slider_value
 
@@ -157,7 +158,9 @@ class _RankExplorer(Explorer):
 
 
 class TuckerExplorer(_RankExplorer):
-    """Sliders ``rank_out`` and ``rank_in`` for one Conv2d of ``task.model``.
+    """Sliders ``rank_out`` and ``rank_in`` for one Conv2d of ``task.model``, above the spectra of
+    the kernel's two channel unfoldings (`workbench.plotting.tucker`): each mode's chosen rank, its
+    break-even rank at the other mode's rank, and the fraction of sigma^2 kept (blitted).
 
     ``latency_repeats``: runs timed by "measure latency"; ``engine``: the `Engine` to evaluate
     plans with (default: a new one on ``task``); ``synchronous``: compute in the caller's thread.
@@ -170,13 +173,22 @@ class TuckerExplorer(_RankExplorer):
         conv = task.model.get_submodule(layer)
         if not isinstance(conv, nn.Conv2d):
             raise WorkbenchError(f"layer {layer!r} is a {type(conv).__name__}; the Tucker explorer needs a Conv2d")
-        super().__init__(task, engine, synchronous, latency_repeats)
+        super().__init__(task, engine, synchronous, latency_repeats, figsize=(8, 2.8))
         self.layer = layer
         out, inp = conv.out_channels, conv.in_channels
         self.kernel_shape = tuple(conv.weight.shape)
         self.rank_out = widgets.IntSlider(rank_out or max(1, out // 2), min=1, max=out, description="rank out")
         self.rank_in = widgets.IntSlider(rank_in or max(1, inp // 2), min=1, max=inp, description="rank in")
+        start = {"rank_out": self.rank_out.value, "rank_in": self.rank_in.value}
+        spectra = {mode: unfolding_spectrum(conv.weight, axis).double().numpy() for mode, axis in (("out", 0), ("in", 1))}
+        self.artists = draw_tucker_spectra(self.view.figure.subplots(1, 2), spectra, *self._mode_ranks(start))
+        self.view.figure.tight_layout()
         self._finish({"rank_out": self.rank_out, "rank_in": self.rank_in})
+
+    def _mode_ranks(self, settings: dict) -> tuple[dict, dict]:
+        """``({"out", "in"} ranks, {"out", "in"} break-even ranks at the other mode's rank)``."""
+        ranks = {"out": settings["rank_out"], "in": settings["rank_in"]}
+        return ranks, {"out": self.break_even_rank_out(ranks["in"]), "in": self.break_even_rank_in(ranks["out"])}
 
     def plan_for(self, settings: dict) -> Plan:
         return Plan({self.layer: LayerPlan("tucker", {"rank_out": settings["rank_out"],
@@ -194,6 +206,15 @@ class TuckerExplorer(_RankExplorer):
         out, inp, kh, kw = self.kernel_shape
         dense = out * inp * kh * kw
         return max(0, (dense - inp * rank_in - 1) // (rank_in * kh * kw + out))
+
+    def break_even_rank_in(self, rank_out: int) -> int:
+        """Largest ``rank_in`` whose Tucker-2 factors hold fewer weights than the dense kernel, at ``rank_out``."""
+        out, inp, kh, kw = self.kernel_shape
+        return max(0, (out * inp * kh * kw - out * rank_out - 1) // (rank_out * kh * kw + inp))
+
+    def render(self, state: dict) -> None:
+        super().render(state)
+        self.draw(update_tucker_ranks(self.artists, *self._mode_ranks(state["settings"])))
 
     def size_text(self, settings: dict) -> str:
         out, inp, kh, kw = self.kernel_shape

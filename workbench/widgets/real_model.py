@@ -5,8 +5,9 @@ It follows the explorer contract (`workbench.widgets.explorer.Explorer`): settin
 "mode", "first", "second"}`` -> a `Plan` (every encoder Linear at the rank keeping ``ratio`` of its
 weights: ``svd``, or ``svd_aware`` with ``aware=mode``) -> the `Engine`'s model for that plan ->
 fidelity on the evaluation sentences and the two sentences' similarity (`compute`, off the UI
-thread through the coalescer) -> readouts (`render`). `compressed` is the real model
-`workbench.apply` builds for the plan shown (what the library and the CLI build).
+thread through the coalescer) -> readouts and the figure, each layer's rank by block and type
+(`render`). `compressed` is the real model `workbench.apply` builds for the plan shown (what the
+library and the CLI build).
 
 What is expensive is done once: ``svd`` is a view of slices of each weight's cached SVD; an aware
 mode fits each layer's activation-aware basis once (its calibration inputs collected once), and
@@ -16,6 +17,7 @@ recalled at once.
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Mapping
 
 import ipywidgets as widgets
 import numpy as np
@@ -27,7 +29,7 @@ from workbench.errors import WorkbenchError
 from workbench.inventory import matrix_layers
 from workbench.kernels import aware as aware_kernels, svd as svd_kernels
 from workbench.plan import LayerPlan, Plan
-from workbench.plotting.heatmaps import draw_rank_heatmap
+from workbench.plotting.heatmaps import draw_rank_heatmap, update_rank_heatmap
 from workbench.spectra import model_spectra
 from workbench.widgets.explorer import Explorer
 from workbench.widgets.persistence import check_plan_shape
@@ -38,14 +40,19 @@ _MODELS_KEPT = 3        # compressed models kept (a sentence edit after moving b
 _SIMILARITY_MEMO = 64
 
 
+def layer_grid(values: Mapping[str, float]) -> tuple[np.ndarray, list[str], list[str]]:
+    """``{encoder Linear name: value}`` as ``(grid (blocks, types), block labels, type labels)``
+    (`workbench.zoo.minilm.LAYER_TYPES` order; a layer not named stays 0)."""
+    blocks = sorted({minilm.block_of(name) for name in values})
+    grid = np.zeros((len(blocks), len(minilm.LAYER_TYPES)))
+    for name, value in values.items():
+        grid[blocks.index(minilm.block_of(name)), minilm.LAYER_TYPES.index(minilm.layer_type(name))] = value
+    return grid, [f"block {b}" for b in blocks], list(minilm.LAYER_TYPES)
+
+
 def effective_rank_table(model) -> tuple[np.ndarray, list[str], list[str]]:
     """``(values (blocks, types), block labels, type labels)`` of each encoder Linear's effective rank."""
-    spectra = model_spectra(model)
-    blocks = sorted({minilm.block_of(s.name) for s in spectra})
-    values = np.zeros((len(blocks), len(minilm.LAYER_TYPES)))
-    for s in spectra:
-        values[minilm.block_of(s.name), minilm.LAYER_TYPES.index(minilm.layer_type(s.name))] = s.effective_rank
-    return values, [f"block {b}" for b in blocks], list(minilm.LAYER_TYPES)
+    return layer_grid({s.name: s.effective_rank for s in model_spectra(model)})
 
 
 def _check_mode(mode) -> str:
@@ -68,8 +75,9 @@ class RealModelExplorer(Explorer):
     def __init__(self, task, calibration_sequences: int = 96, eval_sentences: int = 32, mode: str = "plain",
                  synchronous: bool = False):
         _check_mode(mode)
-        super().__init__(task, synchronous=synchronous)
+        super().__init__(task, synchronous=synchronous, figsize=(6.4, 3.2), dpi=80)
         self.names = [info.name for info in matrix_layers(task.model)]
+        self.shapes = {name: tuple(task.model.get_submodule(name).weight.shape) for name in self.names}
         self.engine = Engine(task, subset=eval_sentences, preview=False, calibration_samples=calibration_sequences)
         self.eval_inputs = self.engine.task.eval_inputs
         with torch.no_grad():
@@ -85,22 +93,31 @@ class RealModelExplorer(Explorer):
         self.second = widgets.Text(value="A boat was caught in bad weather at sea.", description="sentence 2")
         self.similarity = widgets.HTML()
         self.controls.update(ratio=self.ratio, mode=self.mode, first=self.first, second=self.second)
+        grid, blocks, types = layer_grid(self.ranks_for(self.ratio.value))
+        self.full_rank = max(min(shape) for shape in self.shapes.values())
+        self.heatmap = draw_rank_heatmap(self.view.figure.subplots(), grid, blocks, types,
+                                         title=self._title(self.ratio.value), vmin=0, vmax=self.full_rank)
+        self.view.figure.tight_layout()
         self.compose([widgets.HBox([self.ratio, self.mode]), self.readout, self.first, self.second,
                       self.similarity])
         self.watch()
         self.refresh()
 
     # ------------------------------------------------------------------ settings and plans
+    def ranks_for(self, ratio: float) -> dict[str, int]:
+        """``{encoder Linear: the rank keeping ``ratio`` of its weights}`` (`svd_kernels.rank_for_ratio`)."""
+        return {name: svd_kernels.rank_for_ratio(self.shapes[name], ratio) for name in self.names}
+
+    def _title(self, ratio: float) -> str:
+        return f"rank of each encoder Linear at {ratio:.0%} of its weights (colour scale 0..{self.full_rank})"
+
     def plan_for(self, settings: dict) -> Plan:
         """Every encoder Linear at the rank keeping ``ratio`` of its weights: "svd" (plain) or
         "svd_aware" with ``aware=mode``."""
-        ratio, mode = settings["ratio"], _check_mode(settings["mode"])
-        choices = {}
-        for name in self.names:
-            rank = svd_kernels.rank_for_ratio(tuple(self.task.model.get_submodule(name).weight.shape), ratio)
-            choices[name] = (LayerPlan("svd", {"rank": rank}) if mode == "plain"
-                             else LayerPlan("svd_aware", {"rank": rank, "aware": mode}))
-        return Plan(choices)
+        mode = _check_mode(settings["mode"])
+        return Plan({name: LayerPlan("svd", {"rank": rank}) if mode == "plain"
+                     else LayerPlan("svd_aware", {"rank": rank, "aware": mode})
+                     for name, rank in self.ranks_for(settings["ratio"]).items()})
 
     def settings_for(self, plan: Plan) -> dict:
         """The slider and mode whose `plan_for` is ``plan``; `WorkbenchError` if no position gives it."""
@@ -174,6 +191,8 @@ class RealModelExplorer(Explorer):
                               f"nearest-neighbour agreement {state['neighbour_agreement']:.0%}")
         self.similarity.value = (f"similarity: original {state['similarity']['original']:.3f}, "
                                  f"compressed {state['similarity']['compressed']:.3f}")
+        update_rank_heatmap(self.heatmap, layer_grid(self.ranks_for(state["ratio"]))[0], self._title(state["ratio"]))
+        self.draw()
 
 
 def rank_heatmap(model, ax=None):
