@@ -5,7 +5,6 @@ Not a command itself (no ``register``): `workbench.cli.compress` adds these flag
 from __future__ import annotations
 
 import math
-import time
 
 from torch import nn
 
@@ -46,26 +45,15 @@ def check_recovery_arguments(args) -> None:
 
 def reconstruct(args, task, compressed: nn.Module) -> tuple[nn.Module, list | None]:
     """``(model, stages)`` after ``--blockwise EPOCHS`` (`workbench.recovery.blockwise`), or
-    ``(compressed, None)`` without the flag. Calibration: the task's whole training split. When
-    heads or FFN units were removed (``prune_heads``), the blocks' output projections are first
-    refit by least squares (`workbench.recovery.refit`), logged as the first stage."""
+    ``(compressed, None)`` without the flag. Calibration: the task's whole training split."""
     if args.blockwise is None:
         return compressed, None
     if args.blockwise < 1:
         raise WorkbenchError(f"--blockwise {args.blockwise}: give the number of passes per block, an integer >= 1")
-    from workbench.methods.head_pruning import find_blocks
     from workbench.recovery.blockwise import reconstruct_blocks
-    from workbench.recovery.refit import refit_projections
     calibration = task.train_inputs if task.train_inputs is not None else task.calibration_inputs()
-    widths = [[(b.name, b.heads, b.width) for b in find_blocks(m)] for m in (compressed, task.model)]
-    stages = []
-    if widths[0] and widths[0] != widths[1]:  # heads / FFN units removed: least-squares start first
-        started = time.perf_counter()
-        compressed = refit_projections(compressed, task.model, calibration)
-        stages.append({"stage": "least-squares refit of the output projections",
-                       "seconds": round(time.perf_counter() - started, 2)})
     result = reconstruct_blocks(compressed, task.model, calibration, epochs=args.blockwise)
-    return result.model, stages + result.stages
+    return result.model, result.stages
 
 
 def recover(args, task, compressed: nn.Module) -> tuple[nn.Module, dict | None]:
