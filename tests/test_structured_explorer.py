@@ -172,8 +172,8 @@ def test_knobs_are_data(mlp_task):
         GroupKnob("fc2", 4, "rows", (0, 1, 2, 3))
     with pytest.raises(WorkbenchError, match="rank each of its 4 units once"):
         GroupKnob("fc2", 4, "heads", (0, 1, 1, 3))
-    with pytest.raises(WorkbenchError, match=r"no step is registered .*'prune_heads'"):
-        StructuredExplorer(mlp_task, knobs=[GroupKnob("h", 2, "heads", (0, 1), method="prune_heads")],
+    with pytest.raises(WorkbenchError, match=r"no step is registered .*'prune_rows'"):
+        StructuredExplorer(mlp_task, knobs=[GroupKnob("h", 2, "heads", (0, 1), method="prune_rows")],
                            synchronous=True, **FAST)
     with pytest.raises(WorkbenchError, match="batch=4 is not one of"):
         StructuredExplorer(mlp_task, knobs=knobs, synchronous=True, **{**FAST, "batch": 4})

@@ -17,6 +17,7 @@ _HOMES = {
     "FigureImage": "workbench.widgets.figure_view",
     "FoldView": "workbench.widgets.techniques",
     "GateRankExplorer": "workbench.widgets.conv_rnn",
+    "HeadKnob": "workbench.widgets.structured_heads",
     "L1View": "workbench.widgets.techniques",
     "LiveFigure": "workbench.widgets.techniques",
     "PruningExplorer": "workbench.widgets.pruning",
@@ -27,6 +28,7 @@ _HOMES = {
     "StructuredExplorer": "workbench.widgets.structured",
     "SweepView": "workbench.widgets.techniques",
     "TuckerExplorer": "workbench.widgets.conv_rnn",
+    "head_knobs": "workbench.widgets.structured_heads",
 }
 
 __all__ = sorted(_HOMES)

@@ -4,8 +4,9 @@ ratio and the MEASURED latency and speed-up of the really smaller model, live.
 A knob is data (`GroupKnob`: group name, ``channels`` (units in the group), ``kind`` = "channels" |
 "heads" | "ffn", the units ranked once, most important first, and the whole-model step that removes
 them). Moving a slider keeps that many of the group's best units; the knobs of one step method
-become one step (`register_group_step`: ``prune_groups`` is built in; head / FFN-width knobs are added
-by supplying their knobs and registering their step). `channel_knobs` ranks the coupled channel
+become one step (`register_group_step`: ``prune_groups`` is built in; head / FFN-width knobs of
+transformer blocks come from `workbench.widgets.structured_heads.head_knobs`, whose module registers
+``prune_heads``). `channel_knobs` ranks the coupled channel
 groups of a CNN / MLP once (Torch-Pruning's dependency graph, `workbench.methods.group_pruning`).
 
 Settings ``{group: kept, "batch": batch size}`` -> `Plan` (one step per method) -> `Engine.evaluate`
