@@ -114,7 +114,7 @@ def browser_page():
 
 def open_dashboard(page, kind: str, url: str, timeout_ms: int = 180_000) -> None:
     """Load the page; in JupyterLab run all cells. Returns once the dashboard's sliders are shown."""
-    page.goto(url)
+    page.goto(url, timeout=timeout_ms)  # Voilà runs the notebook before it answers
     if kind == "lab":
         page.wait_for_selector(".jp-Notebook", timeout=timeout_ms)
         with contextlib.suppress(Exception):  # kernel chooser: only when the notebook names no kernel

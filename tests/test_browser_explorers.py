@@ -31,7 +31,7 @@ FIGURE_CHANGED_JS = """prev => { const i = document.querySelector('%s');
   return i && i.getAttribute('src') && i.getAttribute('src') !== prev; }""" % FIGURE
 
 
-def run_all(page, url: str, notebook: str, timeout_ms: int = 180_000) -> str:
+def run_all(page, url: str, notebook: str, timeout_ms: int = 400_000) -> str:
     """Open ``notebook`` in a workspace of its own (no other tab restored), run all its cells,
     wait until they ran; returns the figure's src."""
     page.goto(re.sub(r"/lab/tree/[^?]+", f"/lab/workspaces/{notebook[:2]}/tree/{notebook}", url))
@@ -80,8 +80,8 @@ def test_explorer_figures_follow_their_controls_in_jupyterlab(tmp_path):
 def test_explorer_figures_follow_their_controls_in_voila(notebook, tmp_path):
     shutil.copy(NOTEBOOKS / notebook, tmp_path / notebook)
     with ui_latency.serve("voila", tmp_path / notebook) as url, ui_latency.browser_page() as page:
-        page.goto(url, timeout=180_000)  # Voilà runs the notebook before it answers
-        page.wait_for_function(FIGURE_CHANGED_JS, arg="", timeout=180_000)
+        page.goto(url, timeout=400_000)  # Voilà runs the notebook before it answers
+        page.wait_for_function(FIGURE_CHANGED_JS, arg="", timeout=400_000)
         before = page.locator(FIGURE).first.get_attribute("src")
         page.locator(".wb-explorer .widget-slider .noUi-handle").first.focus()
         page.keyboard.press("ArrowRight")
