@@ -72,12 +72,14 @@ def test_app_keeps_files_in_the_browser_and_turns_away_visitors_past_the_limit(t
     try:
         ui_latency.wait_for_port(port, server)
         with ui_latency.browser_page() as page:
-            page.goto(url)
-            page.wait_for_selector(".wb-save-load .widget-upload", timeout=60_000)
+            page.goto(url, timeout=180_000)  # Voilà runs the notebook before it answers
+            page.wait_for_selector(".wb-save-load .widget-upload", timeout=180_000)
             handle = page.locator(".wb-test-rank .noUi-handle")
             handle.focus()
             for _ in range(3):
                 page.keyboard.press("ArrowRight")
+            page.wait_for_function("() => document.querySelector('.wb-test-rank .widget-readout').innerText === '3'",
+                                   timeout=20_000)  # the slider shows 3 before the configuration is saved
             name = page.locator(".wb-save-load input[type=text]")
             save = page.get_by_role("button", name="Save this configuration")
             status = page.locator(".wb-save-load .widget-html").last
@@ -103,7 +105,8 @@ def test_app_keeps_files_in_the_browser_and_turns_away_visitors_past_the_limit(t
             chooser.value.set_files([{"name": "mine.json", "mimeType": "application/json", "buffer": content}])
             page.wait_for_function("() => document.querySelector('.wb-test-rank .widget-readout').innerText === '3'",
                                    timeout=20_000)
-            assert "loaded 1 layer setting(s) from mine.json" in status.inner_text()
+            page.wait_for_function("t => document.body.innerText.includes(t)",  # the status follows the slider
+                                   arg="loaded 1 layer setting(s) from mine.json", timeout=20_000)
 
             second = page.context.browser.new_context().new_page()  # another visitor, own cookies
             response = second.goto(url)
