@@ -1,7 +1,8 @@
 """Per-layer option menus across compression families, each option with its exact cost and a loss.
 
 A *family* is a way to compress one layer (``FAMILIES``): round-to-nearest b-bit codes
-(``quant``), k-means codebooks (``kmeans``), error-compensated codes (``gptq``), truncated SVD
+(``quant``), k-means codebooks (``kmeans``), error-compensated codes (``gptq``, columns in act
+order: same storage, lower error), truncated SVD
 (``svd``), activation-aware SVD (``svd_aware``), SVD factors in b-bit codes (``svd_quant``), fp32
 factors plus a b-bit residual (``svd_residual``), magnitude pruning into sparse storage
 (``prune``); and for embedding tables, row-wise b-bit codes (``quant_embedding``, with
@@ -104,7 +105,8 @@ def family_options(family: str, module: nn.Module) -> list[LayerPlan]:
                 for b in KMEANS_BITS]
     if family == "gptq":
         groups = [None, *(g for g in GROUP_SIZES if width % g == 0 and width > g)]
-        return [LayerPlan("gptq", {"bits": b} if g is None else {"bits": b, "group_size": g})
+        return [LayerPlan("gptq", {"bits": b, "act_order": True} if g is None
+                          else {"bits": b, "group_size": g, "act_order": True})
                 for b in QUANT_BITS for g in groups]
     if family in ("svd", "svd_aware"):
         return [LayerPlan(family, {"rank": r}) for r in _ranks(RANK_FRACTIONS, out * width // (out + width))]
