@@ -226,26 +226,3 @@ def test_tucker_explorer_break_even_agrees_with_the_weight_count(cnn_task):
     assert "larger than dense" in explorer.size_note.value and explorer.after["params"] > explorer.before["params"]
     explorer.rank_in.value = 4
     assert "every rank out (up to 64) stays smaller" in explorer.size_note.value
-
-
-def test_latency_spread_is_the_median_and_quartiles_of_the_timed_runs():
-    """A module that sleeps 1 ms per call: the median is at least 1 ms, q1 <= median <= q3; warm-up runs
-    are not timed (the call counter sees warmup + repeats calls)."""
-    import time as _time
-
-    from workbench.widgets.conv_rnn import latency_spread
-
-    class Sleeper(torch.nn.Module):
-        calls = 0
-
-        def forward(self, x):
-            Sleeper.calls += 1
-            _time.sleep(0.001)
-            return x
-
-    model = Sleeper().train()
-    spread = latency_spread(model, torch.zeros(1), repeats=7, warmup=3)
-    assert Sleeper.calls == 10 and model.training
-    assert spread["repeats"] == 7 and 1.0 <= spread["q1"] <= spread["median"] <= spread["q3"]
-    with pytest.raises(WorkbenchError, match="repeats=0"):
-        latency_spread(model, torch.zeros(1), repeats=0)

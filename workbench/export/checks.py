@@ -13,7 +13,6 @@ Every number is measured on real files and real runs. Inputs are never modified.
 from __future__ import annotations
 
 import os
-import statistics
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ from workbench.compress import apply
 from workbench.errors import WorkbenchError
 from workbench.export.files import check_writable_dir, load_compressed, save_compressed
 from workbench.export.onnx_format import export_onnx, onnx_max_error
-from workbench.measure import count_params, latency_samples
+from workbench.measure import count_params, latency_samples, latency_spread
 from workbench.methods.tensor import fold_bn_plan, foldable_pairs
 from workbench.plan import Plan
 
@@ -50,12 +49,7 @@ def interleaved_timings(models: dict[str, nn.Module], example: torch.Tensor, rep
 
 
 def _summary(samples: list[float]) -> dict:
-    if len(samples) >= 2:
-        q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
-    else:
-        q1 = q3 = samples[0]
-    return {"median_ms": statistics.median(samples), "q1_ms": q1, "q3_ms": q3, "min_ms": min(samples),
-            "repeats": len(samples)}
+    return {**latency_spread(samples), "min_ms": min(samples), "repeats": len(samples)}
 
 
 def batchnorm_count(model: nn.Module) -> int:
