@@ -40,7 +40,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q --nbval-lax notebooks/
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check workbench tests
+	$(VENV)/bin/ruff check workbench tests benchmarks
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mkdocs build --strict -d "$$(mktemp -d)"
 

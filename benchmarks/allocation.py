@@ -34,8 +34,9 @@ def main() -> None:
             doc_rows.append([f"`{name}`", allocator, f"{r.metric:.4f}", f"{r.validation_metric:.4f}",
                              f"{r.fraction_used:.3f}", ranks])
         best = max((a for a in results if a != "uniform"), key=lambda a: results[a].metric)
+        verdict = "beats" if results[best].metric > results["uniform"].metric else "DOES NOT beat"
         print(f"{name}: best allocator {best} {results[best].metric:.4f} vs uniform "
-              f"{results['uniform'].metric:.4f} ({'beats' if results[best].metric > results['uniform'].metric else 'DOES NOT beat'} uniform); {seconds:.1f} s")
+              f"{results['uniform'].metric:.4f} ({verdict} uniform); {seconds:.1f} s")
         out[name] = {"original": task.evaluate(), "seconds": seconds,
                      **{a: {"metric": r.metric, "validation_metric": r.validation_metric,
                             "fraction_used": r.fraction_used, "ranks": r.ranks} for a, r in results.items()}}

@@ -26,9 +26,11 @@ import time
 
 import torch
 from doc_results import markdown_table, write_section
+from matplotlib.figure import Figure
 
 import workbench as wb
 from workbench.inventory import matrix_layers
+from workbench.plotting.heatmaps import draw_fidelity_by_ratio
 from workbench.recovery.blockwise import reconstruct_blocks
 from workbench.registry import get_recipe
 from workbench.select.aware_budget import allocated_plan
@@ -144,11 +146,8 @@ def main() -> None:
                       + doc_table(table, name, args.ratios, args.variants, key.get(name, "accuracy")),
                       title=f"{name}: benchmarks/aware_fidelity.py {settings}")
     if args.chart:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from workbench.plotting.heatmaps import draw_fidelity_by_ratio
-        fig, axes = plt.subplots(1, len(args.models), figsize=(4 * len(args.models), 3.2), squeeze=False)
+        fig = Figure(figsize=(4 * len(args.models), 3.2))  # no pyplot: no GUI backend, nothing to close
+        axes = fig.subplots(1, len(args.models), squeeze=False)
         for ax, name in zip(axes[0], args.models):
             series = {v: [next(r for r in table if r["model"] == name and r["ratio"] == q and r["variant"] == v)
                           [key.get(name, "accuracy")] for q in args.ratios] for v in args.variants

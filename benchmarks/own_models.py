@@ -147,7 +147,8 @@ def main() -> None:
         f"p95); speed-up | {b['ids_p50_ms']:.0f} / {b['ids_p95_ms']:.0f} ms ({b['ids_p95_ratio_to_minilm']:.2f}x); "
         f"{b['ids_speedup']:.1f}x |",
         f"| 6-block BERT | stages | {b['stages_found']} |",
-        f"| GPT-2, 4 blocks | block weights kept by SVD at ratio 0.5 | {g['kept']:.3f} ({g['block_params_before']:,} -> {g['block_params_after']:,}) |",
+        f"| GPT-2, 4 blocks | block weights kept by SVD at ratio 0.5 | {g['kept']:.3f} "
+        f"({g['block_params_before']:,} -> {g['block_params_after']:,}) |",
         f"| GPT-2 | a move in the last block | from stage {g['from_stage']} of {g['stages']}, {g['stages_run']} run |",
         f"| residual CNN + BatchNorm | a move in the last block | from stage {r['from_stage']} of {r['stages']}, {r['stages_run']} run |",
     ]

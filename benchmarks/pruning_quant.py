@@ -69,7 +69,7 @@ def int8_latency(task, repeats):
     x = torch.randn(64, 384)
     out["Linear 384->1536 batch 64"] = {"fp32_ms": latency_ms(big, x, repeats), "int8_ms": latency_ms(big_int8, x, repeats)}
     try:
-        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_  # noqa: PLC0415 - optional, not installed by default
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ao = nn.Sequential(nn.Linear(384, 1536)).eval()

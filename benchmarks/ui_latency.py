@@ -101,7 +101,7 @@ def serve(kind: str, notebook: Path = NOTEBOOK):
 
 @contextlib.contextmanager
 def browser_page():
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import sync_playwright  # noqa: PLC0415 - test extra, only for the browser timings
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)

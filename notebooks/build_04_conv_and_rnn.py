@@ -77,12 +77,12 @@ tucker"""),
 tucker.measure_latency()
 tucker.wait()
 lat = tucker.latency_spread()
-t_orig, t_tucker = lat["original"]["median"], lat["compressed"]["median"]
+t_orig, t_tucker = lat["original"]["median_ms"], lat["compressed"]["median_ms"]
 flops_ratio = tucker.after["flops"] / tucker.before["flops"]
 print(f"FLOPs: {flops_ratio:.0%} of the original; latency {t_tucker:.3f} ms against {t_orig:.3f} ms "
-      f"(quartiles {lat['compressed']['q1']:.3f}–{lat['compressed']['q3']:.3f} and "
-      f"{lat['original']['q1']:.3f}–{lat['original']['q3']:.3f})")
-overlap = lat["compressed"]["q1"] <= lat["original"]["q3"] and lat["original"]["q1"] <= lat["compressed"]["q3"]
+      f"(quartiles {lat['compressed']['q1_ms']:.3f}–{lat['compressed']['q3_ms']:.3f} and "
+      f"{lat['original']['q1_ms']:.3f}–{lat['original']['q3_ms']:.3f})")
+overlap = lat["compressed"]["q1_ms"] <= lat["original"]["q3_ms"] and lat["original"]["q1_ms"] <= lat["compressed"]["q3_ms"]
 if overlap:
     print(f"No clear difference (median ratio {t_tucker / t_orig:.2f}, the quartile ranges overlap): the FLOPs saved "
           "are eaten by the overhead of running three small convs instead of one.")
@@ -135,7 +135,7 @@ With `3H > E` fusion **grows** the model. What it buys is FLOPs; whether those t
 measurement, below."""),
     code("""import torch
 from workbench.layers.fusion import fusion_sizes
-from workbench.widgets.conv_rnn import latency_spread
+from workbench.measure import latency_samples, latency_spread
 
 text = wb.load("text-gru")
 sizes = fusion_sizes(text.model.embed, text.model.rnn)
@@ -148,12 +148,12 @@ with torch.no_grad():
 fusion = {}
 for name, model in (("original", text.model), ("fused", fused)):
     m = wb.measure(model, text, latency=False)
-    m["latency"] = latency_spread(model, text.example_input, repeats=50, warmup=5)
+    m["latency"] = latency_spread(latency_samples(model, text.example_input, repeats=50, warmup=5))
     fusion[name] = m
     lat = m["latency"]
     print(f"{name:9s} accuracy {m['metric']:.3f}  params {m['params']:6d}  FLOPs {m['flops']:7d}  "
-          f"latency {lat['median']:.3f} ms [{lat['q1']:.3f}–{lat['q3']:.3f}]")
-speed = fusion["original"]["latency"]["median"] / fusion["fused"]["latency"]["median"]
+          f"latency {lat['median_ms']:.3f} ms [{lat['q1_ms']:.3f}–{lat['q3_ms']:.3f}]")
+speed = fusion["original"]["latency"]["median_ms"] / fusion["fused"]["latency"]["median_ms"]
 print(f"fused: {fusion['fused']['params'] / fusion['original']['params']:.2f}x the parameters, "
       f"{fusion['fused']['flops'] / fusion['original']['flops']:.2f}x the FLOPs, "
       + (f"{speed:.2f}x faster." if speed > 1 else f"{1 / speed:.2f}x slower."))"""),

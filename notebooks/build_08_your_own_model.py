@@ -88,7 +88,7 @@ print(f"trained: 3 epochs on {len(train)} images in {time.perf_counter() - start
 
 `wb.load` takes the module itself. `eval_data` is what every readout is measured on (here the
 397 held-out images), `train_data` what fine-tuning and the allocator's sensitivity analysis
-train or choose on (the workbench carves its validation split from it, never from the test
+train or choose on (the workbench takes its validation data from it, never from the test
 images), and `metric(outputs, targets) -> float` is yours, higher is better. Tensors, `(x, y)`
 pairs and DataLoaders are all accepted. Your module is never modified, and it stays in the mode
 you left it in."""),

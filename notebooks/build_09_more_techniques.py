@@ -67,9 +67,11 @@ folded into that layer's weights and bias: `w' = w * gamma / sqrt(var + eps)`,
 `b' = (b - mean) * gamma / sqrt(var + eps) + beta`. The outputs are the same up to float rounding;
 one layer less runs.
 
-`digits-resnet` has six BatchNorms. The `fold_bn` step folds those that follow their layer inside
-an `nn.Sequential` (the stem and the shortcut); the ones inside the residual blocks are called from
-the block's own `forward` and stay."""),
+`digits-resnet` has six BatchNorms, each right after a convolution: in the stem, two in each
+residual block (called from the block's own `forward`) and one in block 2's shortcut. The `fold_bn`
+step finds the pairs in the model's torch.fx graph and folds all six; a BatchNorm whose input is
+not the lone output of a convolution (after an add, say) would stay, listed in `fold["left"]` with
+the reason."""),
     code("""resnet = wb.load("digits-resnet")
 fold = fold_bn_check(resnet.model, resnet.eval_inputs)
 print(f"folded {len(fold['pairs'])} BatchNorms into {', '.join(layer for layer, _ in fold['pairs'])}; "

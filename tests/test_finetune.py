@@ -1,5 +1,5 @@
 """The fine-tuning loop: trains only what compression left trainable, keeps the result compressed,
-stops early on a validation split carved from the training split, cancels without loss, refuses
+stops early on a validation split held out of the training split, cancels without loss, refuses
 bad input."""
 import copy
 import dataclasses
@@ -41,9 +41,9 @@ def test_early_stopping_judges_the_held_out_split_where_the_task_has_one(mlp_tas
     assert x_fit is mlp_task.train_inputs and y_fit is mlp_task.train_targets
     assert x_val is mlp_task.val_inputs and y_val is mlp_task.val_targets
     without = dataclasses.replace(mlp_task, val_inputs=None, val_targets=None)
-    carved = fit_and_validation(without, 0.2, seed=3)
+    held_out = fit_and_validation(without, 0.2, seed=3)
     expected = validation_split(mlp_task.train_inputs, mlp_task.train_targets, 0.2, seed=3)
-    assert all(torch.equal(a, b) for a, b in zip(carved, expected))
+    assert all(torch.equal(a, b) for a, b in zip(held_out, expected))
 
 
 def test_finetune_recovers_factors_only_and_leaves_the_input_alone(mlp_task, svd_small):

@@ -43,7 +43,7 @@ def lm_small(lm_task):
 
 
 def validation_metrics(task, model, seed=0, val_fraction=0.15):
-    """The task metric of ``model`` on the validation split fine-tuning carves (the oracle)."""
+    """The task metric of ``model`` on the validation split fine-tuning holds out (the oracle)."""
     *_, x_val, y_val = validation_split(task.train_inputs, task.train_targets, val_fraction, seed)
     return float(task.metric(task.outputs(model, inputs=x_val), y_val))
 

@@ -84,6 +84,22 @@ def test_state_dict_round_trip_restores_the_decoded_index():
     assert "columns" not in layer.state_dict()  # the decoded index is a cache, never saved
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_training_view_is_the_masked_dense_linear_and_repacks_to_the_same_pattern(bias):
+    torch.manual_seed(3)
+    linear = nn.Linear(16, 6, bias=bias)
+    layer = NMSparseLinear.from_linear(linear, 2, 4)
+    dense, mask = layer.to_masked()
+    expected = nm_kernels.nm_mask(linear.weight, 2, 4)
+    assert type(dense) is nn.Linear and torch.equal(mask, expected)
+    assert torch.equal(dense.weight, linear.weight.detach() * expected)  # kept weights as they were, zeros elsewhere
+    assert (dense.bias is None) == (not bias) and (not bias or torch.equal(dense.bias, linear.bias))
+    with torch.no_grad():
+        dense.weight.add_(mask * 0.5)  # "training" moves only kept weights
+    again = NMSparseLinear.from_masked(dense, 2, 4, mask=mask)
+    assert torch.equal(again.mask(), mask) and torch.equal(again.dense_weight(), dense.weight)
+
+
 def test_recipe_applies_to_every_linear_without_touching_the_original(mlp_task, tmp_path):
     before = {k: v.clone() for k, v in mlp_task.model.state_dict().items()}
     plan = get_recipe("nm")(mlp_task.model, n=2, m=4)

@@ -56,7 +56,7 @@ def test_validation_split_is_the_held_out_one(mlp_task):
     assert sens.selection_task(mlp_task, "test") is mlp_task
 
 
-def test_validation_split_is_carved_from_train_without_a_held_out_one(mlp_task):
+def test_validation_split_is_sampled_from_train_without_a_held_out_one(mlp_task):
     task = dataclasses.replace(mlp_task, val_inputs=None, val_targets=None)
     val = sens.selection_task(task, "validation", n=100)
     train_rows = {tuple(r.tolist()) for r in task.train_inputs}

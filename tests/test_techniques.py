@@ -47,7 +47,7 @@ def test_fold_bn_check_is_exact_and_leaves_the_model_alone():
     before = state_bytes(net)
     x = torch.randn(32, 1, 8, 8)
     report = checks.fold_bn_check(net, x)
-    assert report["pairs"] == [("0", "1"), ("4", "5")]
+    assert report["pairs"] == [("0", "1"), ("4", "5")] and report["left"] == {}
     assert (report["bn_before"], report["bn_after"]) == (2, 0)
     # the layers had biases already: folding only removes each BN's gamma and beta (2 per channel)
     assert report["params_before"] - report["params_after"] == 2 * 4 + 2 * 6

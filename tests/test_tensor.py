@@ -1,4 +1,5 @@
 """Tucker-2, CP and spatial SVD of conv kernels; their layer sequences; BatchNorm folding."""
+import copy
 import json
 from collections import OrderedDict
 
@@ -228,24 +229,101 @@ def test_tucker_explorer_break_even_agrees_with_the_weight_count(cnn_task):
     assert "every rank out (up to 64) stays smaller" in explorer.size_note.value
 
 
-def test_latency_spread_is_the_median_and_quartiles_of_the_timed_runs():
-    """A module that sleeps 1 ms per call: the median is at least 1 ms, q1 <= median <= q3; warm-up runs
-    are not timed (the call counter sees warmup + repeats calls)."""
-    import time as _time
+def _randomise_bn_statistics(model):
+    with torch.no_grad():
+        for bn in model.modules():
+            if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.running_mean is not None:
+                bn.running_mean.uniform_(-1, 1)
+                bn.running_var.uniform_(0.5, 2)
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.uniform_(-0.5, 0.5)
+    return model.eval()
 
-    from workbench.widgets.conv_rnn import latency_spread
 
-    class Sleeper(torch.nn.Module):
-        calls = 0
+def test_fold_bn_folds_the_batchnorms_inside_residual_blocks():
+    """digits-resnet: the stem's BN, both BNs of each block (called from the block's forward) and the
+    shortcut's BN all follow a lone conv output; every one folds, the outputs stay."""
+    from workbench.methods.tensor import bn_fold_analysis
 
-        def forward(self, x):
-            Sleeper.calls += 1
-            _time.sleep(0.001)
-            return x
+    task = wb.load("digits-resnet")
+    model, x = copy.deepcopy(task.model).train(), task.eval_inputs[:64]
+    before = state_bytes(model)
+    pairs, left = bn_fold_analysis(model)
+    assert pairs == [("stem", "bn"), ("block1.conv1", "block1.bn1"), ("block1.conv2", "block1.bn2"),
+                     ("block2.conv1", "block2.bn1"), ("block2.conv2", "block2.bn2"),
+                     ("block2.shortcut.conv", "block2.shortcut.bn")] and left == {}
+    folded = wb.apply(model, get_recipe("fold_bn")(model)).eval()
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    assert all(isinstance(folded.get_submodule(bn), nn.Identity) for _, bn in pairs)
+    assert model.training and state_bytes(model) == before  # the input model is untouched, still training
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model.eval()(x), atol=1e-5, rtol=0)
 
-    model = Sleeper().train()
-    spread = latency_spread(model, torch.zeros(1), repeats=7, warmup=3)
-    assert Sleeper.calls == 10 and model.training
-    assert spread["repeats"] == 7 and 1.0 <= spread["q1"] <= spread["median"] <= spread["q3"]
-    with pytest.raises(WorkbenchError, match="repeats=0"):
-        latency_spread(model, torch.zeros(1), repeats=0)
+
+class _Unfoldable(nn.Module):
+    """One BN of each kind that must stay, beside one that folds (``c2 -> b_ok``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b_after_add = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.c2, self.b_ok = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.c3, self.b_shared_input = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.c4, self.b_twice = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.c5, self.b_no_stats = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4, track_running_stats=False)
+        self.b_unused = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.b_after_add(self.c1(x) + 1)            # input is an add, not a conv output
+        y = self.b_ok(self.c2(y))
+        z = self.c3(y)
+        y = self.b_shared_input(z) + z                  # the conv output is also used by the add
+        y = self.b_twice(self.c4(y)) + self.b_twice(y)  # one BN module called twice
+        return self.b_no_stats(self.c5(y))
+
+
+def test_fold_bn_leaves_the_batchnorms_it_cannot_fold_and_says_why():
+    from workbench.methods.tensor import bn_fold_analysis
+
+    torch.manual_seed(0)
+    model = _randomise_bn_statistics(_Unfoldable())
+    pairs, left = bn_fold_analysis(model)
+    assert pairs == [("c2", "b_ok")]
+    assert "the result of add()" in left["b_after_add"]
+    assert "'c3' is also used elsewhere" in left["b_shared_input"]
+    assert left["b_twice"] == "called 2 times in forward"
+    assert "track_running_stats=False" in left["b_no_stats"]
+    assert left["b_unused"] == "never called in forward"
+    folded = wb.apply(model, get_recipe("fold_bn")(model))
+    assert isinstance(folded.b_ok, nn.Identity) and all(
+        isinstance(getattr(folded, name), nn.BatchNorm2d) for name in left)
+    x = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=0)
+
+
+class _Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.seq = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+        self.conv, self.bn = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.seq(x)
+        if y.sum() > 0:  # data-dependent control flow: torch.fx cannot trace this
+            y = -y
+        return self.bn(self.conv(y))
+
+
+def test_fold_bn_without_a_graph_folds_only_nn_sequential_neighbours():
+    from workbench.methods.tensor import bn_fold_analysis
+
+    torch.manual_seed(0)
+    model = _randomise_bn_statistics(_Untraceable())
+    pairs, left = bn_fold_analysis(model)
+    assert pairs == [("seq.0", "seq.1")] and list(left) == ["bn"] and "could not trace" in left["bn"]
+    folded = wb.apply(model, get_recipe("fold_bn")(model))
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=0)
+    with pytest.raises(UnsupportedLayerError, match="'b': its input is the output of ReLU"):
+        get_recipe("fold_bn")(nn.Sequential(OrderedDict([("a", nn.ReLU()), ("b", nn.BatchNorm2d(3))])))

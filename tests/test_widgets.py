@@ -316,16 +316,16 @@ def test_recovery_explorer_follows_the_explorer_contract(mlp_task):
 
 def test_latency_is_measured_only_when_asked(cnn_task, monkeypatch):
     from workbench.widgets import conv_rnn
-    timed = []
-    monkeypatch.setattr(conv_rnn, "latency_spread", lambda model, x, repeats, warmup: timed.append(repeats) or
-                        {"median": 1.5, "q1": 1.25, "q3": 1.75, "repeats": repeats})
+    timed = []  # inclusive quartiles of these five samples: 1.25, 1.5 (median), 1.75 (exclusive: 1.125, 1.875)
+    monkeypatch.setattr(conv_rnn, "latency_samples", lambda model, x, repeats, warmup: timed.append(repeats) or
+                        [2.0, 1.0, 1.5, 1.75, 1.25])
     e = conv_rnn.TuckerExplorer(cnn_task, "conv2", rank_out=8, rank_in=8, latency_repeats=3, synchronous=True)
     e.rank_in.value = 4
     assert timed == [] and e.after["latency_ms"] is None and "measure latency" in e.readout.value
     e.latency_button.click()  # the original and the shown plan, once each
     assert timed == [3, 3] and e.after["latency_ms"] == 1.5 and e.before["latency_ms"] == 1.5
     assert "<td>1.500 [1.250–1.750]</td>" in e.readout.value and "100%" in e.readout.value
-    assert e.latency_spread()["compressed"]["q3"] == 1.75
+    assert e.latency_spread()["compressed"] == {"median_ms": 1.5, "q1_ms": 1.25, "q3_ms": 1.75}
     e.rank_in.value = 5
     e.rank_in.value = 4  # moving back shows the figure measured for that plan, no new runs
     assert timed == [3, 3] and e.after["latency_ms"] == 1.5

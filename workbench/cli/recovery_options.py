@@ -84,7 +84,7 @@ def recover(args, task, compressed: nn.Module) -> tuple[nn.Module, dict | None]:
     kind = "distill" if args.distill else ("qat" if is_qat else "finetune")
     history = {"kind": kind, "epoch": [h["epoch"] for h in result.history], **result.history_dict(),
                "lr": lr, "metric_split": ("validation (held out from training)" if task.val_inputs is not None
-                                 else "validation (carved from the training split)")}
+                                 else "validation (held out of the training split)")}
     if args.distill:
         history.update(temperature=4.0 if args.temperature is None else args.temperature,
                        alpha=0.9 if args.alpha is None else args.alpha)

@@ -200,7 +200,7 @@ def register(subparsers) -> None:
                    help="kept ratios (svd/prune) or bits (quant; integers)")
     p.add_argument("--layers", nargs="+", help="restrict to these layers")
     p.add_argument("--split", default="validation", choices=["validation", "test"],
-                   help="data scored (validation: held out from training, or carved from the training split)")
+                   help="data scored (validation: the held-out split, or samples of the training split)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run_sensitivity)
 

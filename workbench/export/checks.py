@@ -13,7 +13,6 @@ Every number is measured on real files and real runs. Inputs are never modified.
 from __future__ import annotations
 
 import os
-import statistics
 from pathlib import Path
 
 import torch
@@ -23,8 +22,8 @@ from workbench.compress import apply
 from workbench.errors import WorkbenchError
 from workbench.export.files import check_writable_dir, load_compressed, save_compressed
 from workbench.export.onnx_format import export_onnx, onnx_max_error
-from workbench.measure import count_params, latency_samples
-from workbench.methods.tensor import fold_bn_plan, foldable_pairs
+from workbench.measure import count_params, latency_samples, latency_spread
+from workbench.methods.tensor import bn_fold_analysis, fold_bn_plan
 from workbench.plan import Plan
 
 
@@ -50,12 +49,7 @@ def interleaved_timings(models: dict[str, nn.Module], example: torch.Tensor, rep
 
 
 def _summary(samples: list[float]) -> dict:
-    if len(samples) >= 2:
-        q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
-    else:
-        q1 = q3 = samples[0]
-    return {"median_ms": statistics.median(samples), "q1_ms": q1, "q3_ms": q3, "min_ms": min(samples),
-            "repeats": len(samples)}
+    return {**latency_spread(samples), "min_ms": min(samples), "repeats": len(samples)}
 
 
 def batchnorm_count(model: nn.Module) -> int:
@@ -77,12 +71,14 @@ def max_abs_difference(a: nn.Module, b: nn.Module, inputs: torch.Tensor) -> floa
 def fold_bn_check(model: nn.Module, inputs: torch.Tensor) -> dict:
     """Fold every foldable BatchNorm of ``model`` (a copy) and compare on ``inputs`` ``(n, ...)``.
 
-    Returns ``{"model": folded copy, "pairs": [(layer, bn)], "max_abs_diff", "params_before",
-    "params_after", "bn_before", "bn_after"}``. `UnsupportedLayerError` (a `WorkbenchError`)
+    Returns ``{"model": folded copy, "pairs": [(layer, bn)], "left": {bn: why it stays},
+    "max_abs_diff", "params_before", "params_after", "bn_before", "bn_after"}``
+    (`workbench.methods.tensor.bn_fold_analysis`). `UnsupportedLayerError` (a `WorkbenchError`)
     when nothing can be folded.
     """
     folded = apply(model, fold_bn_plan(model))
-    return {"model": folded, "pairs": foldable_pairs(model),
+    pairs, left = bn_fold_analysis(model)
+    return {"model": folded, "pairs": pairs, "left": left,
             "max_abs_diff": max_abs_difference(model, folded, inputs),
             "params_before": count_params(model), "params_after": count_params(folded),
             "bn_before": batchnorm_count(model), "bn_after": batchnorm_count(folded)}

@@ -20,6 +20,7 @@ from torch import nn
 from workbench.errors import UnsupportedLayerError, WorkbenchError
 from workbench.kernels import nm as nm_kernels
 from workbench.kernels.quant import packed_size
+from workbench.layers.sparse import masked_linear
 
 
 def _refresh_after_load(module: "NMSparseLinear", incompatible_keys) -> None:
@@ -82,12 +83,7 @@ class NMSparseLinear(nn.Module):
 
     def to_masked(self) -> tuple[nn.Linear, torch.Tensor]:
         """``(dense nn.Linear with zeros at pruned entries, bool mask (out, in))``."""
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None).to(self.values.device)
-        with torch.no_grad():
-            linear.weight.copy_(self.dense_weight())
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear, self.mask()
+        return masked_linear(self.dense_weight(), self.bias, self.mask())
 
     def payload_bytes(self) -> int:
         """Bytes of the state dict's tensors: `workbench.kernels.nm.nm_bytes` for this layer's dtype."""

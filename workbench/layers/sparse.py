@@ -135,6 +135,22 @@ class _SparseWeight(nn.Module):
         return f"shape={self.weight_shape}, kept={self.kept()} ({self.density():.1%}), format={self.format}"
 
 
+def masked_linear(weight: torch.Tensor, bias: torch.Tensor | None,
+                  mask: torch.Tensor) -> tuple[nn.Linear, torch.Tensor]:
+    """``(nn.Linear holding a copy of weight and bias, mask)``: the training view of a pruned linear layer.
+
+    ``weight``: ``(out, in)`` with zeros at pruned entries; ``bias``: ``(out,)`` or None; ``mask``:
+    bool ``(out, in)``, returned as given. The layer is float32 (PyTorch's default), on ``weight``'s device.
+    """
+    out_features, in_features = weight.shape
+    linear = nn.Linear(in_features, out_features, bias=bias is not None).to(weight.device)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    return linear, mask
+
+
 class SparseLinear(_SparseWeight):
     """A pruned ``nn.Linear``: ``(…, in) -> (…, out)`` computed from the sparse storage."""
 
@@ -156,12 +172,7 @@ class SparseLinear(_SparseWeight):
 
     def to_masked(self) -> tuple[nn.Linear, torch.Tensor]:
         """``(dense nn.Linear with zeros at pruned entries, bool mask (out, in))`` for fine-tuning."""
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None).to(self.values.device)
-        with torch.no_grad():
-            linear.weight.copy_(self.dense_weight())
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear, self.mask()
+        return masked_linear(self.dense_weight(), self.bias, self.mask())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.format == "csr":

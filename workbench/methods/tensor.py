@@ -13,18 +13,24 @@ int sets both modes, capped at each mode's size, or a pair ``(rank_out, rank_in)
 ``estimate="vbmf"`` (Tucker: VBMF on each channel unfolding). A conv whose chosen ranks would not
 save weights is left dense. Grouped/depthwise convs are left dense (the reason is in the error).
 
-The ``fold_bn`` step folds every BatchNorm that directly follows a Conv2d/Linear inside an
-``nn.Sequential`` into that layer (inference-time exact: uses the running statistics).
+The ``fold_bn`` step folds every BatchNorm2d (BatchNorm1d) whose input is the output of a Conv2d
+(Linear) into that layer (inference-time exact: uses the running statistics), wherever the pair
+sits: in an ``nn.Sequential`` or called from a module's own ``forward`` (a residual block), as
+`torch.fx` traces the model. A BatchNorm is left in place when its input is not a lone layer
+output (after an add or an activation; the layer's output also used elsewhere; the layer or the
+BatchNorm called more than once) or it has no running statistics; `bn_fold_analysis` says which and
+why. A model torch.fx cannot trace falls back to neighbours inside an ``nn.Sequential``.
 """
 from __future__ import annotations
 
 import copy
 import functools
 import math
+from collections import Counter
 from typing import Any, Mapping
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from workbench.errors import UnsupportedLayerError, WorkbenchError
 from workbench.inventory import get_submodule, set_submodule
@@ -192,18 +198,89 @@ def fold_bn_into(layer: nn.Module, bn: nn.Module) -> nn.Module:
 _FOLDABLE = ((nn.Conv2d, nn.BatchNorm2d), (nn.Linear, nn.BatchNorm1d))
 
 
-def foldable_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """``[(layer name, bn name)]``: BatchNorms directly after a Conv2d/Linear in an nn.Sequential."""
+def _foldable_types(layer: nn.Module, bn: nn.Module) -> bool:
+    return any(isinstance(layer, la) and type(bn) is lb for la, lb in _FOLDABLE)
+
+
+def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """``[(layer name, bn name)]``: foldable neighbours inside an nn.Sequential (no tracing)."""
     pairs = []
     for parent_name, parent in model.named_modules():
         if not isinstance(parent, nn.Sequential):
             continue
         children = list(parent.named_children())
         for (name_a, a), (name_b, b) in zip(children, children[1:]):
-            if any(isinstance(a, la) and type(b) is lb for la, lb in _FOLDABLE):
+            if _foldable_types(a, b):
                 prefix = f"{parent_name}." if parent_name else ""
                 pairs.append((prefix + name_a, prefix + name_b))
     return pairs
+
+
+def _describe(model: nn.Module, node: Any) -> str:
+    """What an fx graph node computes, in words (``"the output of ReLU 'act'"``, ``"add()"``)."""
+    if not isinstance(node, fx.Node):
+        return f"the constant {node!r}"
+    if node.op == "call_module":
+        return f"the output of {type(model.get_submodule(node.target)).__name__} {node.target!r}"
+    if node.op == "placeholder":
+        return f"the model's input {node.target!r}"
+    name = getattr(node.target, "__name__", str(node.target))
+    return f"the result of .{name}()" if node.op == "call_method" else f"the result of {name}()"
+
+
+def _traced_pairs(model: nn.Module, bns: dict[str, None]) -> tuple[list[tuple[str, str]], dict[str, str]]:
+    """`bn_fold_analysis` from the torch.fx graph of ``model`` (raises if it cannot be traced)."""
+    graph = fx.symbolic_trace(model).graph
+    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+    pairs, left, seen = [], {}, set()
+    for node in graph.nodes:
+        if node.op != "call_module" or node.target not in bns or node.target in seen:
+            continue
+        seen.add(node.target)
+        bn, source = model.get_submodule(node.target), node.args[0] if node.args else None
+        layer = model.get_submodule(source.target) if getattr(source, "op", None) == "call_module" else None
+        if calls[node.target] > 1:
+            left[node.target] = f"called {calls[node.target]} times in forward"
+        elif len(node.args) != 1 or node.kwargs or layer is None or not _foldable_types(layer, bn):
+            left[node.target] = (f"its input is {_describe(model, source)}, not the output of a Conv2d "
+                                 "(a Linear for BatchNorm1d)")
+        elif calls[source.target] > 1:
+            left[node.target] = f"{source.target!r} before it is called {calls[source.target]} times in forward"
+        elif len(source.users) > 1:
+            left[node.target] = f"the output of {source.target!r} is also used elsewhere ({len(source.users)} users)"
+        elif bn.running_mean is None or bn.running_var is None:
+            left[node.target] = "no running statistics (track_running_stats=False)"
+        else:
+            pairs.append((source.target, node.target))
+    left.update({name: "never called in forward" for name in bns if name not in seen})
+    return pairs, left
+
+
+def bn_fold_analysis(model: nn.Module) -> tuple[list[tuple[str, str]], dict[str, str]]:
+    """``(pairs, left)``: ``pairs`` ``[(layer name, bn name)]`` that `build_fold_bn` folds, in graph
+    order; ``left`` ``{bn name: why it stays}`` for every other BatchNorm of ``model``.
+
+    The pairs come from the torch.fx graph (a BatchNorm whose only input is the output of a
+    Conv2d/Linear used nowhere else, each called once); when torch.fx cannot trace ``model``,
+    from neighbours inside an ``nn.Sequential``, and ``left`` says so. ``model`` is not modified.
+    """
+    bns = {name: None for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    if not bns:
+        return [], {}
+    try:
+        return _traced_pairs(model, bns)
+    except Exception as error:  # any tracing failure (data-dependent control flow, custom ops): no graph
+        pairs = [(a, b) for a, b in _sequential_pairs(model)
+                 if model.get_submodule(b).running_mean is not None]
+        folded = {b for _, b in pairs}
+        reason = (f"torch.fx could not trace the model ({type(error).__name__}); only BatchNorms right after "
+                  "their layer inside an nn.Sequential are folded")
+        return pairs, {name: reason for name in bns if name not in folded}
+
+
+def foldable_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """``[(layer name, bn name)]``: the BatchNorms `build_fold_bn` folds (`bn_fold_analysis`)."""
+    return bn_fold_analysis(model)[0]
 
 
 def build_fold_bn(model: nn.Module, params: Mapping[str, Any], context: LayerContext) -> nn.Module:
@@ -224,9 +301,10 @@ register_method(Method("fold_bn", build_fold_bn, (nn.Module,), kind="step",
 
 def fold_bn_plan(model: nn.Module) -> Plan:
     """The plan with the single step ``fold_bn``."""
-    if not foldable_pairs(model):
-        raise UnsupportedLayerError("no BatchNorm directly after a Conv2d/Linear inside an nn.Sequential "
-                                    "was found; nothing to fold")
+    pairs, left = bn_fold_analysis(model)
+    if not pairs:
+        why = "; ".join(f"{bn!r}: {reason}" for bn, reason in left.items()) or "the model has no BatchNorm"
+        raise UnsupportedLayerError(f"no BatchNorm takes the lone output of a Conv2d/Linear ({why}); nothing to fold")
     return Plan({}, (LayerPlan("fold_bn", {}),))
 
 

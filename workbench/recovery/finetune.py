@@ -1,6 +1,7 @@
 """One fine-tuning loop for any compressed model (factorized, pruned, quantized), with optional
-knowledge distillation, early stopping on a validation split carved from the TRAINING split, a
-progress bar, a per-epoch history and cancellation.
+knowledge distillation, early stopping on a validation split (the task's held-out one, else a part
+of the TRAINING split held out: `validation_split`), a progress bar, a per-epoch history and
+cancellation.
 
 The loop never touches the model it is given: it trains a deep copy in which each compressed
 layer is swapped for its training view (`workbench.recovery.views`), so only what the compression

@@ -17,8 +17,8 @@ that layer alone compressed, in the metric's direction: an accuracy's drop, a pe
 (``loss="proxy"``: discarded sigma^2 weighted by the input activation energy along each singular
 direction, relative to the layer's output energy). Every allocation is then applied and
 evaluated for real; ``metric`` is measured on the task's test data, while choices use the
-validation split (`workbench.select._sensitivity.selection_task`: held out from training, or
-carved from the training data for a task without one).
+validation split (`workbench.select._sensitivity.selection_task`: the task's held-out split, or
+samples of the training split for a task without one).
 """
 from __future__ import annotations
 

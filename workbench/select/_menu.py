@@ -21,8 +21,8 @@ whose factor cache the SVD families share) and records, per option:
   same number, without running every option on every calibration token). It needs no forward pass of the model, but it is a
   PROXY: it ignores how errors propagate and how much each layer matters to the metric.
   ``loss="sensitivity"``: the measured loss of quality (metric's direction, clipped at 0) with that
-  layer alone compressed, on the validation split (`selection_task`: held out from training, or
-  carved from the training data; one incremental engine evaluation per option).
+  layer alone compressed, on the validation split (`selection_task`: the task's held-out split, or
+  samples of the training data; one incremental engine evaluation per option).
 
 Options the method refuses for a layer (a type it does not take, a rank above break-even, a group
 size that does not divide the width) are left out and counted in ``JointMenu.refused``. Layers of

@@ -8,7 +8,7 @@ compressed model, so the allocators in `workbench.select._allocate` can budget w
 
 Scores are computed on a *selection* split: ``split="validation"`` (default) is the task's
 held-out validation split (``Task.val_inputs``: the digits models never trained on it), or, for a
-task without one, a part carved from the training split; either way choosing ranks never looks
+task without one, samples of the training split; either way choosing ranks never looks
 at the test data. ``split="test"`` uses the task's evaluation data. Results are cached in memory (and on disk with ``cache_dir``), keyed by
 the model's weights, the method, the grid and the split.
 """
@@ -65,7 +65,7 @@ def selection_task(task: Task, split: str = "validation", n: int = VALIDATION_SA
     if split == "test":
         return task
     if split != "validation":
-        raise WorkbenchError(f"split={split!r} must be 'validation' (held out, or carved from train) or 'test'")
+        raise WorkbenchError(f"split={split!r} must be 'validation' (the held-out split, or samples of the training split) or 'test'")
     inputs, targets = task.val_inputs, task.val_targets
     if inputs is None or targets is None:
         inputs, targets = task.train_inputs, task.train_targets
@@ -264,7 +264,8 @@ def sensitivity(task: Task, method: str = "svd", grid: Sequence[float] | None = 
     method : a registered recipe (``workbench.registry.recipes()``): "svd", "prune", "quant", ...
     grid : values of the recipe option ``option`` (kept ratio in (0, 1], or bits); default per option.
     layers : layers to analyse (default: every Linear / ungrouped Conv2d).
-    split : "validation" (carved from train; default) or "test".
+    split : "validation" (default: the held-out split, or samples of the training split; `selection_task`)
+        or "test".
     executor : None (in this process) or anything `workbench.select.sweeps.map_items` accepts
         ("processes", a ``concurrent.futures.Executor``, a ``dask.distributed.Client``).
     cache_dir : also keep results as JSON files here (default: memory only).

@@ -5,19 +5,16 @@ settings -> `Plan` (`plan_for`) -> `workbench.engine.Engine` (the layer's ``tuck
 ``svd_rnn`` module is built once per choice and memoised; the forward runs from that layer's
 stage on) -> accuracy, parameters, FLOPs (`compute`, off the UI thread through the coalescer) ->
 the table and the artists (`render`). CPU latency is measured only when asked: the "measure
-latency" button (``measure_latency()``) times the built model (`latency_spread`: the median and
-quartiles of ``latency_repeats`` runs after 3 warm-up runs), off the UI thread too, and remembers
-the figures per plan. Errors (a rank above a mode's size, an unsupported layer) are shown on the
-error line, never as a traceback.
+latency" button (``measure_latency()``) times the built model (`workbench.measure.latency_samples`
+of ``latency_repeats`` runs after 3 warm-up runs, summarised by `workbench.measure.latency_spread`:
+median and quartiles), off the UI thread too, and remembers the figures per plan. Errors (a rank
+above a mode's size, an unsupported layer) are shown on the error line, never as a traceback.
 
 Rank sliders follow the dashboard: the right end keeps the layer dense, and the break-even rank
 (where the factors hold as many weights as the dense matrix) is drawn on the spectra and named in
 the readout, which says "larger than dense" above it.
 """
 from __future__ import annotations
-
-import statistics
-import time
 
 import ipywidgets as widgets
 import torch
@@ -27,6 +24,7 @@ from workbench.engine import Engine
 from workbench.errors import WorkbenchError
 from workbench.kernels.tensor import tucker_params, unfolding_spectrum
 from workbench.layers.recurrent import GATES, check_rnn, factored_weights, gate_matrices, max_rank
+from workbench.measure import latency_samples, latency_spread
 from workbench.plan import LayerPlan, Plan
 from workbench.plotting.gates import draw_break_even, draw_gate_spectra, update_break_even, update_rank_markers
 from workbench.plotting.tucker import draw_tucker_spectra, update_tucker_ranks
@@ -37,38 +35,16 @@ ROWS = (("accuracy", "metric", "{:.3f}"), ("parameters", "params", "{:,}"), ("FL
         ("latency (ms, CPU, batch 1; median [quartiles])", "latency_ms", "{:.3f}"))
 
 
-@torch.no_grad()
-def latency_spread(model: nn.Module, example: torch.Tensor, repeats: int = 30, warmup: int = 3) -> dict:
-    """CPU wall time of ``model(example)`` in ms: ``{"median", "q1", "q3", "repeats"}`` over
-    ``repeats`` timed runs after ``warmup`` untimed ones (model in eval mode, restored after)."""
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise WorkbenchError(f"repeats={repeats!r} must be a positive integer")
-    was_training = model.training
-    model.eval()
-    try:
-        for _ in range(warmup):
-            model(example)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(example)
-            times.append((time.perf_counter() - start) * 1e3)
-    finally:
-        model.train(was_training)
-    q1, _, q3 = statistics.quantiles(times, n=4) if repeats > 1 else (times[0],) * 3
-    return {"median": statistics.median(times), "q1": q1, "q3": q3, "repeats": repeats}
-
-
 def _spread_text(spread: dict | None) -> str:
-    return "—" if spread is None else f"{spread['median']:.3f} [{spread['q1']:.3f}–{spread['q3']:.3f}]"
+    return "—" if spread is None else f"{spread['median_ms']:.3f} [{spread['q1_ms']:.3f}–{spread['q3_ms']:.3f}]"
 
 
 def measures_table(before: dict, after: dict) -> str:
     """HTML table original / compressed / ratio of `ROWS`; a latency not measured yet shows "—".
 
-    A latency is a number (ms) or a `latency_spread` dict (shown as median [quartiles])."""
+    A latency is a number (ms) or a `workbench.measure.latency_spread` dict (shown as median [quartiles])."""
     def median(v):
-        return v["median"] if isinstance(v, dict) else v
+        return v["median_ms"] if isinstance(v, dict) else v
 
     def row(key: str, fmt: str) -> list[str]:
         a, b = before[key], after[key]
@@ -94,7 +70,7 @@ class _RankExplorer(Explorer):
         self.latency_repeats = latency_repeats
         base = self.engine.base
         self.before = {"metric": base["metric"], "params": base["params"], "flops": base["flops"], "latency_ms": None}
-        self._latency: dict[Plan, float] = {}
+        self._latency: dict[Plan, dict[str, float]] = {}
         self.readout = widgets.HTML()
         self.latency_button = widgets.Button(description="measure latency",
                                              tooltip=f"median of {latency_repeats} CPU runs after 3 warm-up runs, "
@@ -121,12 +97,14 @@ class _RankExplorer(Explorer):
 
     def _latency_of(self, plan: Plan) -> dict:
         if plan not in self._latency:  # a built copy: the task's model is not even put in eval mode
-            self._latency[plan] = latency_spread(self.engine.build(plan), self.task.example_input,
-                                                 repeats=self.latency_repeats, warmup=3)
+            samples = latency_samples(self.engine.build(plan), self.task.example_input,
+                                      repeats=self.latency_repeats, warmup=3)
+            self._latency[plan] = latency_spread(samples)
         return self._latency[plan]
 
     def latency_spread(self) -> dict:
-        """``{"original", "compressed"}``: the `latency_spread` dicts of the plan shown (None if not measured)."""
+        """``{"original", "compressed"}``: the `workbench.measure.latency_spread` dicts (``{"median_ms",
+        "q1_ms", "q3_ms"}``) of the plan shown (None if not measured)."""
         plan = self.state.get("plan")
         return {"original": self._latency.get(Plan()), "compressed": self._latency.get(plan)}
 
@@ -140,9 +118,9 @@ class _RankExplorer(Explorer):
             self._latency_of(plan)
         spread, before = self._latency.get(plan), self._latency.get(Plan())
         after = {"metric": result["metric"], "params": result["params"], "flops": result["flops"],
-                 "latency_ms": spread["median"] if spread else None}
+                 "latency_ms": spread["median_ms"] if spread else None}
         return {"settings": {k: v for k, v in settings.items() if k != "latency"}, "plan": plan, "after": after,
-                "before_latency": before["median"] if before else None,
+                "before_latency": before["median_ms"] if before else None,
                 "spreads": {"before": before, "after": spread}}
 
     def size_text(self, settings: dict) -> str:

@@ -73,7 +73,8 @@ class Task:
         calibration); targets as ``eval_targets``.
     val_inputs, val_targets : a validation split the model was never trained on, where there is
         one (the digits models): what sensitivity, allocation and early stopping judge by. Without
-        one, those carve a validation part from the training split.
+        one, they use the training split: early stopping holds out a part of it, sensitivity and
+        allocation score samples of it.
     description : one line for listings.
     live_subset : evaluation samples the live tools use by default (`workbench.engine.Engine`,
         ``bench latency``) where a full evaluation is too slow for a slider move; None = all.
