@@ -136,6 +136,9 @@ def outputs_of(cell, stem: str, index: int, images: Path) -> list[str]:
                 parts.append(f"*(a live `{name}`: run the notebook to use its controls)*")
             elif WIDGET in data:
                 continue  # a progress bar: its display data is its first state (0%), drop it
+            elif "<table" in data.get("text/html", ""):  # a DataFrame or Styler: its table, not its repr
+                html = "\n".join(line for line in data["text/html"].splitlines() if line.strip())
+                parts.append(f'<div class="wb-table">\n{html}\n</div>')
             elif "text/plain" in data:
                 parts.append(fence(data["text/plain"]))
     return parts
