@@ -1,4 +1,4 @@
-"""``MODEL [--constructor MODULE:FN] [--data FILE]``: the model argument every command shares.
+"""``MODEL [--constructor MODULE:FN] [--data FILE] [--calibration SET]``: the model argument every command shares.
 
 Not a command itself (no ``register``). ``MODEL`` is an embedded model name (see ``models``) or
 the path of the user's model: a state_dict ``.pt`` / ``.safetensors`` file with
@@ -6,8 +6,9 @@ the path of the user's model: a state_dict ``.pt`` / ``.safetensors`` file with
 folder is importable), or a TorchScript file made of layers the workbench can rebuild as plain
 modules (`eager_from_torchscript`: ``nn.Sequential`` chains of Linear, Conv2d, LayerNorm,
 activations, Flatten, Dropout); another TorchScript file is refused naming its first such layer.
-``--data FILE`` is a ``torch.save``'d dict of tensors, read with ``torch.load(...,
-weights_only=True)``:
+``--calibration SET`` picks an embedded model's calibration set (minilm: ``default`` or
+``extended``, `workbench.zoo.minilm.calibration_topics`). ``--data FILE`` is a ``torch.save``'d
+dict of tensors, read with ``torch.load(..., weights_only=True)``:
 
 * ``inputs``: the evaluation inputs ``(n, ...)`` (required);
 * ``targets``: their labels ``(n, ...)`` (optional);
@@ -31,7 +32,7 @@ import torch
 from torch import nn
 
 from workbench.errors import WorkbenchError
-from workbench.zoo import Task, available_models, load
+from workbench.zoo import Task, available_models, load, model_options
 from workbench.zoo.user import load_model, load_user
 from workbench.zoo.hf import is_model_folder
 
@@ -54,6 +55,9 @@ def add_model_arguments(parser, default: str | None = None) -> None:
     parser.add_argument("--data", metavar="FILE",
                         help="torch.save'd dict of tensors: inputs, and optionally targets, train_inputs, "
                              "train_targets (read with weights_only=True)")
+    parser.add_argument("--calibration", metavar="SET",
+                        help="for an embedded model with calibration sets (minilm): default (727 rows) or extended "
+                             "(1727 rows, 40 more topics)")
     parser.add_argument("--texts", metavar="FILE.txt",
                         help="for a Hugging Face folder: evaluation texts, one per line, tokenized with the "
                              "folder's tokenizer")
@@ -187,7 +191,12 @@ def data_options(data: dict[str, torch.Tensor]) -> dict:
 def load_task(args) -> Task:
     """A `Task` from ``args.model`` and, for a path, ``args.constructor`` and ``args.data``."""
     constructor, data_file = getattr(args, "constructor", None), getattr(args, "data", None)
-    texts = getattr(args, "texts", None)
+    texts, calibration = getattr(args, "texts", None), getattr(args, "calibration", None)
+    if calibration is not None and (args.model not in available_models()
+                                    or "calibration" not in model_options(args.model)):
+        with_sets = [m for m in available_models() if "calibration" in model_options(m)]
+        raise WorkbenchError(f"--calibration {calibration!r}: {args.model!r} has no calibration sets; only the "
+                             f"embedded {', '.join(with_sets)} (your own model's come from --data train_inputs)")
     if args.model in available_models():
         if constructor or data_file or texts:
             flags = " and ".join(f for f, v in (("--constructor", constructor), ("--data", data_file),
@@ -195,7 +204,7 @@ def load_task(args) -> Task:
             verb = "are" if " and " in flags else "is"
             raise WorkbenchError(f"{flags} {verb} for your own model files; the embedded model {args.model!r} "
                                  "brings its own architecture and data")
-        return load(args.model)
+        return load(args.model, **({"calibration": calibration} if calibration is not None else {}))
     if not Path(args.model).exists():
         raise WorkbenchError(f"unknown model {args.model!r}: not an embedded model ({', '.join(available_models())}) "
                              "and no such file")

@@ -13,17 +13,22 @@ from workbench.zoo.digits import DIGITS_MODELS, build_digits_task
 from workbench.zoo.text import DESCRIPTION as TEXT_DESCRIPTION, build_text_task
 from workbench.zoo.minilm import DESCRIPTION as MINILM_DESCRIPTION, build_minilm_task
 
-_BUILDERS: dict[str, tuple[Callable[[], Task], str]] = {}
+_BUILDERS: dict[str, tuple[Callable[..., Task], str, tuple[str, ...]]] = {}
 
 
-def register_model(name: str, builder: Callable[[], Task], description: str) -> None:
-    """Make ``load(name)`` call ``builder()``."""
-    _BUILDERS[name] = (builder, description)
+def register_model(name: str, builder: Callable[..., Task], description: str, options: tuple[str, ...] = ()) -> None:
+    """Make ``load(name, **kw)`` call ``builder(**kw)``; ``options``: the keywords ``builder`` takes."""
+    _BUILDERS[name] = (builder, description, tuple(options))
 
 
 def available_models() -> dict[str, str]:
     """``{name: one-line description}`` of every embedded model."""
-    return {name: description for name, (_, description) in _BUILDERS.items()}
+    return {name: description for name, (_, description, _) in _BUILDERS.items()}
+
+
+def model_options(name: str) -> tuple[str, ...]:
+    """The keyword options an embedded model's ``load`` takes (``minilm``: ``calibration``)."""
+    return _BUILDERS[name][2]
 
 
 def load(source, /, **options) -> Task:
@@ -31,6 +36,8 @@ def load(source, /, **options) -> Task:
 
     ``source`` is positional only, so ``name=`` labels a user model's task.
 
+    Embedded models take the options they registered (`model_options`): ``load("minilm",
+    calibration="extended")`` calibrates on more topics (`workbench.zoo.minilm.calibration_topics`).
     For the user's models (a module, a model file or a local Hugging Face folder), ``options`` are
     those of `workbench.zoo.user.load_user` (``eval_data``, ``train_data``, ``calibration_data``,
     ``metric``, ``output``, ``texts``, ``tokenizer``, ...; see ``LOAD_OPTIONS``). Raises `WorkbenchError` naming
@@ -38,11 +45,12 @@ def load(source, /, **options) -> Task:
     accepted options when one is unknown.
     """
     if isinstance(source, str) and source in _BUILDERS:
-        if options:
-            raise WorkbenchError(f"options {sorted(options)} are for your own models; "
-                                 f"the embedded model {source!r} takes none")
-        builder, _ = _BUILDERS[source]
-        return builder()
+        builder, _, accepted = _BUILDERS[source]
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:
+            takes = f"takes only {', '.join(accepted)}" if accepted else "takes none"
+            raise WorkbenchError(f"options {unknown} are for your own models; the embedded model {source!r} {takes}")
+        return builder(**options)
     unknown = sorted(set(options) - set(LOAD_OPTIONS))
     if unknown:
         raise WorkbenchError(f"unknown option(s) {', '.join(unknown)} for load(); accepted: {', '.join(LOAD_OPTIONS)}")
@@ -53,9 +61,9 @@ def _register_embedded() -> None:
     for model_name, (_, _, description) in DIGITS_MODELS.items():
         register_model(model_name, lambda n=model_name: build_digits_task(n), description)
     register_model("text-gru", build_text_task, TEXT_DESCRIPTION)
-    register_model("minilm", build_minilm_task, MINILM_DESCRIPTION)
+    register_model("minilm", build_minilm_task, MINILM_DESCRIPTION, options=("calibration",))
 
 
 _register_embedded()
 
-__all__ = ["Task", "available_models", "load", "register_model"]
+__all__ = ["Task", "available_models", "load", "model_options", "register_model"]

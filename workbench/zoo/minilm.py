@@ -10,7 +10,9 @@ Inputs are pre-tokenized tensors so that every workbench tool (``Task.outputs``,
 ``[:, 0]`` and the attention mask in ``[:, 1]`` (right padding). Outputs: ``(n, 384)`` unit vectors.
 
 The task's data are the sentences in ``workbench/resources/sentences.json``, written for the
-project: calibration and evaluation parts with disjoint topics. The metric needs no labels:
+project: calibration and evaluation parts with disjoint topics. ``load("minilm",
+calibration="extended")`` calibrates on 40 more topics (``sentences_extended.json``, also disjoint
+from the evaluation topics): 1727 rows instead of 727; the default is unchanged. The metric needs no labels:
 mean cosine similarity of each embedding to the original model's (``eval_targets``).
 """
 from __future__ import annotations
@@ -35,6 +37,8 @@ MAX_LENGTH = 256          # sentence-transformers' max_seq_length for this model
 PACK_LENGTH = 32          # tokens per calibration sequence (sentence-like positions)
 PACK_ORDERS = 1           # each calibration sentence starts this many sequences (seeded orders)
 SEED = 0
+CALIBRATION_SETS = ("default", "extended")   # `calibration_topics`; load("minilm", calibration=...)
+FIRST_WORDPIECE = 999    # vocabulary ids below are [PAD], [unused*], [UNK], [CLS], [SEP], [MASK]
 LIVE_SUBSET = 64          # evaluation sentences a live slider move is judged on (engine, bench)
 BUCKET = 64               # sentences per engine batch (packed into rows, `pack_rows`)
 ROW_TOKENS = 64           # tokens per packed row (or the longest sentence, if longer)
@@ -230,10 +234,27 @@ def embed(model: nn.Module, sentences: list[str], batch_size: int = 64) -> torch
         model.train(was_training)
 
 
+def _resource(name: str) -> dict:
+    return json.loads((Path(__file__).resolve().parents[1] / "resources" / name).read_text("utf-8"))
+
+
 def sentences() -> dict[str, dict[str, list[str]]]:
     """``{"calibration": {topic: [..]}, "evaluation": {topic: [..]}}`` from the packaged JSON."""
-    data = json.loads((Path(__file__).resolve().parents[1] / "resources" / "sentences.json").read_text("utf-8"))
+    data = _resource("sentences.json")
     return {"calibration": data["calibration"], "evaluation": data["evaluation"]}
+
+
+def calibration_topics(calibration: str = "default") -> dict[str, list[str]]:
+    """``{topic: [sentences]}`` of a calibration set (`CALIBRATION_SETS`): ``"default"`` is the
+    calibration part of ``sentences.json`` (37 topics, 727 sentences); ``"extended"`` adds the 40
+    topics of ``sentences_extended.json`` (1000 sentences; disjoint from the evaluation topics)."""
+    if calibration not in CALIBRATION_SETS:
+        raise WorkbenchError(f"calibration={calibration!r} is not a MiniLM calibration set; "
+                             f"choose one of {', '.join(map(repr, CALIBRATION_SETS))}")
+    topics = dict(sentences()["calibration"])
+    if calibration == "extended":
+        topics.update(_resource("sentences_extended.json")["calibration"])
+    return topics
 
 
 def flat(part: dict[str, list[str]]) -> list[str]:
@@ -269,6 +290,24 @@ def pack_calibration(texts: list[str], length: int = PACK_LENGTH, orders: int = 
     counts = {"sentences": len(ids), "unique_tokens": sum(map(len, ids)),
               "sequences": len(rows), "positions": len(rows) * length}
     return inputs, counts
+
+
+def augment_rows(inputs: torch.Tensor, share: float = 0.15, seed: int = SEED) -> torch.Tensor:
+    """A copy of calibration rows ``inputs: (k, 2, length)`` with about ``share`` of their ordinary
+    tokens (not ``[CLS]``/``[SEP]``/padding) replaced by wordpieces drawn uniformly from the
+    vocabulary's ordinary entries (ids from ``FIRST_WORDPIECE``); the mask is kept. Seeded.
+    A teacher run on these rows gives the targets: the text is noisier, the targets exact."""
+    if not 0 < share < 1:
+        raise WorkbenchError(f"share={share} must be in (0, 1): the fraction of tokens replaced")
+    ids = inputs[:, 0]
+    special = torch.tensor(tokenizer().all_special_ids)
+    ordinary = ~torch.isin(ids, special) & (inputs[:, 1] > 0)
+    generator = torch.Generator().manual_seed(seed)
+    swap = ordinary & (torch.rand(ids.shape, generator=generator) < share)
+    random_ids = torch.randint(FIRST_WORDPIECE, tokenizer().vocab_size, ids.shape, generator=generator)
+    out = inputs.clone()
+    out[:, 0] = torch.where(swap, random_ids, ids)
+    return out
 
 
 # ---- metrics (outputs and references are unit embeddings (n, d)) --------------------------------
@@ -322,29 +361,38 @@ def block_of(name: str) -> int:
 
 
 @functools.lru_cache(maxsize=1)
-def _reference() -> tuple[MiniLMEncoder, torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+def _reference() -> tuple[MiniLMEncoder, torch.Tensor, torch.Tensor]:
     model = load_encoder()
-    data = sentences()
-    eval_inputs = encode_inputs(flat(data["evaluation"]))
-    calib, counts = pack_calibration(flat(data["calibration"]))
+    eval_inputs = encode_inputs(flat(sentences()["evaluation"]))
     with torch.no_grad():
         targets = torch.cat([model(eval_inputs[i:i + 64]) for i in range(0, len(eval_inputs), 64)])
-    return model, eval_inputs, targets, calib, counts
+    return model, eval_inputs, targets
 
 
-def build_minilm_task() -> Task:
+@functools.lru_cache(maxsize=len(CALIBRATION_SETS))
+def _calibration(calibration: str) -> tuple[list[str], torch.Tensor, dict]:
+    texts = flat(calibration_topics(calibration))
+    return (texts, *pack_calibration(texts))
+
+
+def build_minilm_task(calibration: str = "default") -> Task:
     """The `Task` for ``load("minilm")``; the model and tensors are built once per process.
 
+    ``calibration``: which sentences `pack_calibration` turns into ``train_inputs`` (see
+    `calibration_topics`): ``"default"`` (727 rows) or ``"extended"`` (1727 rows; opt in with
+    ``load("minilm", calibration="extended")``). The evaluation data are the same for both.
     The returned model is the cached one: the workbench never modifies a task's model.
     """
-    model, eval_inputs, targets, calib, counts = _reference()
-    data = sentences()
+    calibration_texts, calib, counts = _calibration(calibration)
+    model, eval_inputs, targets = _reference()
+    evaluation = flat(sentences()["evaluation"])
     return Task(name="minilm", model=model, eval_inputs=eval_inputs, eval_targets=targets,
                 metric=mean_cosine, metric_name="mean cosine to original",
                 train_inputs=calib, train_targets=None, description=DESCRIPTION,
                 live_subset=LIVE_SUBSET,
-                extras={"sentences": flat(data["evaluation"]),
-                        "calibration_sentences": flat(data["calibration"]),
+                extras={"sentences": evaluation,
+                        "calibration_sentences": calibration_texts,
+                        "calibration_set": calibration,
                         "calibration_counts": counts,
                         "metrics": {"mean_cosine": mean_cosine,
                                     "neighbour_agreement": neighbour_agreement,
