@@ -2,7 +2,8 @@
 
 Sparse layers train as a `MaskedLayer` under their fixed mask; symmetric uniform packed layers
 and `Int8Linear` train as a `FakeQuantLayer` on their own grid, GPTQ's `GroupQuantLinear` as a
-`GroupFakeQuantLayer` on its per-group grid. Low-rank layers need no view.
+`GroupFakeQuantLayer` on its per-group grid, the quantized low-rank layers through
+`workbench.recovery.quant_lowrank_views`. Float low-rank layers need no view.
 """
 from __future__ import annotations
 
@@ -13,11 +14,13 @@ import torch
 from torch import nn
 
 from workbench.layers.grouped import GroupQuantLinear
+from workbench.layers.quant_lowrank import LowRankResidualLinear, QuantLowRankLinear
 from workbench.layers.quantized import Int8Linear, QuantConv2d, QuantLinear
 from workbench.layers.sparse import SparseConv2d, SparseLinear
 from workbench.recovery.group_lsq import GroupFakeQuantLayer
 from workbench.recovery.lsq import FakeQuantLayer
 from workbench.recovery.masked import MaskedLayer
+from workbench.recovery.quant_lowrank_views import LowRankResidualView, QuantLowRankView
 
 
 def _repack_sparse(dense: nn.Module, mask: torch.Tensor, layer_type: type, fmt: str) -> nn.Module:
@@ -80,4 +83,5 @@ VIEWS: dict[type, Callable[[nn.Module], nn.Module | None]] = {
     QuantLinear: _quant_view, QuantConv2d: _quant_view,
     Int8Linear: _int8_view,
     GroupQuantLinear: GroupFakeQuantLayer.from_packed,
+    QuantLowRankLinear: QuantLowRankView, LowRankResidualLinear: LowRankResidualView,
 }
