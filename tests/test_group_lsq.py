@@ -80,7 +80,8 @@ def test_round_to_nearest_codes_are_a_fixed_point_of_the_view():
     assert torch.equal(GroupFakeQuantLayer(packed).repack().codes(), packed.codes())
 
 
-def test_gptq_bert_is_tuned_block_by_block_and_stays_group_quantized():
+@pytest.mark.parametrize("learn_scales", [False, True])
+def test_gptq_bert_is_tuned_block_by_block_and_stays_group_quantized(learn_scales):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     model = transformers.BertModel(transformers.BertConfig(
@@ -93,7 +94,8 @@ def test_gptq_bert_is_tuned_block_by_block_and_stays_group_quantized():
     plan = get_recipe("gptq")(task.model, bits=3, group_size=32, layers=layers)
     compressed = wb.apply(task.model, plan, calibration_inputs=calibration)
     compressed_before = state_bytes(compressed)
-    result = reconstruct_blocks(compressed, task.model, calibration, epochs=3, lr=1e-3, progress=False)
+    result = reconstruct_blocks(compressed, task.model, calibration, epochs=3, lr=1e-3, learn_scales=learn_scales,
+                                progress=False)
     assert state_bytes(compressed) == compressed_before
     blocks = [s for s in result.stages if s["stage"].startswith("encoder.layer.")]
     assert len(blocks) == 2 and all(s["parameters"] > 0 for s in blocks)
@@ -101,6 +103,8 @@ def test_gptq_bert_is_tuned_block_by_block_and_stays_group_quantized():
     for name in layers:
         before, tuned = compressed.get_submodule(name), result.model.get_submodule(name)
         assert isinstance(tuned, GroupQuantLinear) and (tuned.bits, tuned.group_size) == (3, 32)
-        assert _bytes(tuned) == _bytes(before) and torch.equal(tuned.scale, before.scale)
+        assert _bytes(tuned) == _bytes(before) and torch.equal(tuned.zero_point, before.zero_point)
+        assert torch.equal(tuned.scale, before.scale) != learn_scales  # steps move only when learned
     assert any(not torch.equal(result.model.get_submodule(n).codes(), compressed.get_submodule(n).codes())
                for n in layers)
+    assert all(p.requires_grad for p in result.model.parameters())
