@@ -146,3 +146,14 @@ def test_lr_reaches_the_optimizer(capsys, tmp_path, mlp_task):
         assert result["history"]["lr"] == float(lr) and result["history"]["best_epoch"] == 1
         moved.append((flat(wb.load_compressed(out)[0]) - start).abs().max().item())
     assert moved[1] > 10 * moved[0] > 0  # Adam moves a weight by at most about lr per step
+
+
+def test_lr_reaches_blockwise_reconstruction(capsys, tmp_path, mlp_task):
+    flat = lambda model: torch.cat([p.detach().flatten() for p in model.parameters()])  # noqa: E731
+    model = wb.apply(mlp_task.model, wb.recipe("svd")(mlp_task.model, ratio=0.5))
+    for lr, flags in ((3e-4, []), (3e-3, ["--lr", "3e-3"])):  # 3e-4: the default without --lr
+        tuned = reconstruct_blocks(model, mlp_task.model, mlp_task.train_inputs, epochs=1, lr=lr, progress=False).model
+        out = tmp_path / f"block{lr}.safetensors"
+        run_json(capsys, "compress", "digits-mlp", "--method", "svd", "--ratio", "0.5", "--blockwise", "1", *flags,
+                 "--out", str(out), "--json")
+        torch.testing.assert_close(flat(wb.load_compressed(out)[0]), flat(tuned))

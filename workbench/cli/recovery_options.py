@@ -13,6 +13,8 @@ from workbench.errors import WorkbenchError
 QAT_DEFAULT_EPOCHS = 10
 #: Adam learning rate of fine-tuning, distillation and QAT without ``--lr`` (`finetune`'s default).
 DEFAULT_LR = 1e-3
+#: Adam learning rate of ``--blockwise`` without ``--lr`` (`reconstruct_blocks`'s default).
+BLOCKWISE_LR = 3e-4
 
 
 def add_recovery_arguments(parser) -> None:
@@ -27,20 +29,20 @@ def add_recovery_arguments(parser) -> None:
     group.add_argument("--temperature", type=float, help="distillation temperature T > 0 (default 4)")
     group.add_argument("--alpha", type=float, help="weight of the soft teacher loss in [0, 1] (default 0.9)")
     group.add_argument("--lr", type=float, metavar="LR",
-                       help=f"Adam learning rate of fine-tuning, distillation and QAT (default {DEFAULT_LR:g}; "
-                            "cosine schedule over the epochs)")
+                       help=f"Adam learning rate of fine-tuning, distillation and QAT (default {DEFAULT_LR:g}), and of "
+                            f"--blockwise (default {BLOCKWISE_LR:g}); cosine schedule over the epochs")
 
 
 def check_recovery_arguments(args) -> None:
     """Refuse, before any work, an ``--lr`` that is not a finite number > 0, or one with nothing
-    to train (block-wise reconstruction keeps its own rate, 3e-4)."""
+    to train (``--lr`` sets the rate of every recovery given; block-wise without it: 3e-4)."""
     if args.lr is None:
         return
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise WorkbenchError(f"--lr {args.lr!r} must be a finite number > 0, e.g. 1e-3")
-    if args.finetune is None and args.epochs is None and args.method != "qat":
-        raise WorkbenchError(f"--lr {args.lr:g} sets the rate of --finetune EPOCHS, --distill or --method qat; "
-                             "give one of them")
+    if args.finetune is None and args.epochs is None and args.method != "qat" and args.blockwise is None:
+        raise WorkbenchError(f"--lr {args.lr:g} sets the rate of --finetune EPOCHS, --distill, --method qat or "
+                             "--blockwise EPOCHS; give one of them")
 
 
 def reconstruct(args, task, compressed: nn.Module) -> tuple[nn.Module, list | None]:
@@ -52,7 +54,8 @@ def reconstruct(args, task, compressed: nn.Module) -> tuple[nn.Module, list | No
         raise WorkbenchError(f"--blockwise {args.blockwise}: give the number of passes per block, an integer >= 1")
     from workbench.recovery.blockwise import reconstruct_blocks
     calibration = task.train_inputs if task.train_inputs is not None else task.calibration_inputs()
-    result = reconstruct_blocks(compressed, task.model, calibration, epochs=args.blockwise)
+    lr = BLOCKWISE_LR if args.lr is None else args.lr
+    result = reconstruct_blocks(compressed, task.model, calibration, epochs=args.blockwise, lr=lr)
     return result.model, result.stages
 
 

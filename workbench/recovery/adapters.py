@@ -1,7 +1,9 @@
 """Training views of the built-in compressed layer types: the explicit table `VIEWS`.
 
 Sparse layers train as a `MaskedLayer` under their fixed mask; symmetric uniform packed layers
-and `Int8Linear` train as a `FakeQuantLayer` on their own grid. Low-rank layers need no view.
+and `Int8Linear` train as a `FakeQuantLayer` on their own grid, GPTQ's `GroupQuantLinear` as a
+`GroupFakeQuantLayer` on its per-group grid, the quantized low-rank layers through
+`workbench.recovery.quant_lowrank_views`. Float low-rank layers need no view.
 """
 from __future__ import annotations
 
@@ -11,10 +13,14 @@ from typing import Callable
 import torch
 from torch import nn
 
+from workbench.layers.grouped import GroupQuantLinear
+from workbench.layers.quant_lowrank import LowRankResidualLinear, QuantLowRankLinear
 from workbench.layers.quantized import Int8Linear, QuantConv2d, QuantLinear
 from workbench.layers.sparse import SparseConv2d, SparseLinear
+from workbench.recovery.group_lsq import GroupFakeQuantLayer
 from workbench.recovery.lsq import FakeQuantLayer
 from workbench.recovery.masked import MaskedLayer
+from workbench.recovery.quant_lowrank_views import LowRankResidualView, QuantLowRankView
 
 
 def _repack_sparse(dense: nn.Module, mask: torch.Tensor, layer_type: type, fmt: str) -> nn.Module:
@@ -76,4 +82,6 @@ VIEWS: dict[type, Callable[[nn.Module], nn.Module | None]] = {
     SparseLinear: _sparse_view, SparseConv2d: _sparse_view,
     QuantLinear: _quant_view, QuantConv2d: _quant_view,
     Int8Linear: _int8_view,
+    GroupQuantLinear: GroupFakeQuantLayer.from_packed,
+    QuantLowRankLinear: QuantLowRankView, LowRankResidualLinear: LowRankResidualView,
 }

@@ -48,8 +48,8 @@ from workbench.auto_stages import compared_tensors, find_stages
 from workbench.device import model_device, to_device
 from workbench.errors import WorkbenchError
 from workbench.recovery import views
-from workbench.recovery.finetune import check_epochs, check_lr_and_batch
-from workbench.recovery.lsq import set_learn_scales
+from workbench.recovery.finetune import SCALE_LR, check_epochs, check_lr_and_batch
+from workbench.recovery.lsq import QuantView, set_learn_scales
 
 TRAIN_CHOICES = ("compressed", "all")
 EXAMPLE = 2  # calibration samples the automatic stage cut is checked on
@@ -121,14 +121,17 @@ def _check(epochs: int, lr: float, batch_size: int, holdout: float, train: str, 
 
 def reconstruct_blocks(model: nn.Module, original: nn.Module, calibration_inputs: torch.Tensor, *,
                        epochs: int = 8, lr: float = 3e-4, batch_size: int = 32, holdout: float = 0.15,
-                       train: str = "compressed", seed: int = 0, progress: bool = True) -> BlockwiseResult:
+                       train: str = "compressed", learn_scales: bool = False, seed: int = 0,
+                       progress: bool = True) -> BlockwiseResult:
     """Tune ``model`` (compressed) stage by stage towards ``original``; neither is modified.
 
     ``calibration_inputs``: ``(n, ...)`` model inputs (MiniLM: token-id rows), split into a fit
     part and a held-out ``holdout`` share (by a seeded permutation) and run in chunks of
     ``batch_size``. Per stage: Adam at ``lr`` with a cosine schedule over ``epochs`` passes.
     ``train``: ``"compressed"`` (what the compression changed) or ``"all"`` (every parameter of
-    the stage, norms included). Returns a `BlockwiseResult`; deterministic for a fixed ``seed``.
+    the stage, norms included). ``learn_scales``: also learn the quantization steps of quantized
+    layers (LSQ, at ``SCALE_LR * lr``; stored as before), else they stay at their PTQ values.
+    Returns a `BlockwiseResult`; deterministic for a fixed ``seed``.
     """
     _check(epochs, lr, batch_size, holdout, train, len(calibration_inputs))
     generator = torch.Generator().manual_seed(seed)
@@ -142,8 +145,9 @@ def reconstruct_blocks(model: nn.Module, original: nn.Module, calibration_inputs
     teacher, n_fit = list(student), len(fit_chunks)
     was_training = original.training
     work = views.trainable(copy.deepcopy(model)).eval()
-    set_learn_scales(work, False)  # quantized weights train through the STE on their PTQ steps
+    set_learn_scales(work, learn_scales)  # else quantized weights train through the STE on their PTQ steps
     frozen = {id(p) for p in work.parameters() if not p.requires_grad}
+    steps = {id(m.scale) for m in work.modules() if isinstance(m, QuantView) and m.scale.requires_grad}
     original.eval()
     log = []
     try:
@@ -158,7 +162,7 @@ def reconstruct_blocks(model: nn.Module, original: nn.Module, calibration_inputs
             entry = {"stage": stage.label, "parameters": sum(p.numel() for p in params)}
             if params:
                 entry.update(_tune_stage(stage, work, params, student[:n_fit], targets[:n_fit], student[n_fit:],
-                                         targets[n_fit:], epochs, lr, generator))
+                                         targets[n_fit:], epochs, lr, generator, steps))
             with torch.no_grad():
                 student = [stage.run(work, s) for s in student]
             teacher = teacher_next
@@ -184,11 +188,14 @@ def _held_out_loss(stage, work, inputs, targets) -> float:
         return total / sum(len(t[0]) for t in targets)
 
 
-def _tune_stage(stage, work, params, inputs, targets, val_inputs, val_targets, epochs, lr, generator) -> dict:
+def _tune_stage(stage, work, params, inputs, targets, val_inputs, val_targets, epochs, lr, generator,
+                steps) -> dict:
     chosen = {id(p) for p in params}
     for p in work.parameters():
         p.requires_grad_(id(p) in chosen)
-    optimizer = torch.optim.Adam(params, lr=lr)
+    groups = [{"params": [p for p in params if id(p) not in steps]},
+              {"params": [p for p in params if id(p) in steps], "lr": lr * SCALE_LR}]
+    optimizer = torch.optim.Adam([g for g in groups if g["params"]], lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * len(inputs))
     start = best = _held_out_loss(stage, work, val_inputs, val_targets)
     best_epoch, best_values = 0, [p.detach().clone() for p in params]

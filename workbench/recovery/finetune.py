@@ -27,7 +27,7 @@ from workbench.errors import WorkbenchError
 from workbench.recovery import views
 from workbench.recovery.distill import (Distillation, FeatureMatcher, check_shapes, distillation_loss,
                                         hard_loss)
-from workbench.recovery.lsq import FakeQuantLayer, set_learn_scales
+from workbench.recovery.lsq import QuantView, set_learn_scales
 
 Cancel = threading.Event | Callable[[], bool] | None
 
@@ -259,7 +259,7 @@ def _finetune(model, task, epochs, lr, batch_size, distill, learn_scales, patien
             params += list(matcher.parameters())
         if not params:
             raise WorkbenchError("the model has nothing trainable left (every layer frozen or packed without a view)")
-        steps = {id(m.scale) for m in work.modules() if isinstance(m, FakeQuantLayer) and m.scale.requires_grad}
+        steps = {id(m.scale) for m in work.modules() if isinstance(m, QuantView) and m.scale.requires_grad}
         groups = [{"params": [p for p in params if id(p) not in steps]},
                   {"params": [p for p in params if id(p) in steps], "lr": lr * scale_lr, "weight_decay": 0.0}]
         optimizer = torch.optim.Adam([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay)

@@ -23,9 +23,14 @@ from workbench.recovery.masked import dense_forward
 
 
 # ---------------------------------------------------------------- functional core (pure tensors)
+def ste(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` forward (exactly: ``value + 0``), the gradient of ``x`` backward (straight-through)."""
+    return value.detach() + (x - x.detach())
+
+
 def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """``round(x)`` forward, identity backward (straight-through estimator)."""
-    return x + (torch.round(x) - x).detach()
+    """``round(x)`` forward (exact integers), identity backward (straight-through estimator)."""
+    return ste(x, torch.round(x))
 
 
 def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
@@ -81,8 +86,13 @@ def mse_scale(w: torch.Tensor, qn: int, qp: int, per_channel: bool = True, grid:
     return best.reshape(())
 
 
-# ---------------------------------------------------------------- module
-class FakeQuantLayer(nn.Module):
+# ---------------------------------------------------------------- modules
+class QuantView(nn.Module):
+    """Base of the fake-quantization training views: each holds its step(s) as the parameter
+    ``scale`` (learned, or frozen by `set_learn_scales`) and defines ``repack() -> packed layer``."""
+
+
+class FakeQuantLayer(QuantView):
     """Training view of a weight-quantized Linear/Conv2d (float weights, integer-grid forward).
 
     ``layer``: float ``nn.Linear``/``nn.Conv2d`` whose weight starts at the dequantized PTQ weight;
@@ -148,5 +158,5 @@ class FakeQuantLayer(nn.Module):
 def set_learn_scales(model: nn.Module, learn: bool) -> None:
     """Train (QAT) or freeze (plain STE fine-tuning) the steps of every fake-quant view in ``model``."""
     for module in model.modules():
-        if isinstance(module, FakeQuantLayer):
+        if isinstance(module, QuantView):
             module.scale.requires_grad_(learn)

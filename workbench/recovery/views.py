@@ -8,7 +8,11 @@ trains only what the compression left free, then swaps the view back for a compa
   pruned weights get no gradient and stay exactly zero after re-packing.
 - ``workbench.recovery.lsq.FakeQuantLayer``: float weights seen through a straight-through
   rounding to the integer grid (scales fixed, or learned for QAT).
-- Low-rank layers are already trainable (their factors are ``nn.Parameter``s): no view needed.
+- ``workbench.recovery.group_lsq.GroupFakeQuantLayer``: GPTQ's per-group codes (`GroupQuantLinear`)
+  the same way, on the layer's own scales, zero points and AWQ input scale;
+- ``workbench.recovery.quant_lowrank_views``: quantized low-rank factors (``svd_quant``) and the
+  quantized residual of ``svd_residual``, each factor a ``FakeQuantLayer``.
+- Float low-rank layers are already trainable (their factors are ``nn.Parameter``s): no view needed.
 
 The built-in views are the explicit table `workbench.recovery.adapters.VIEWS` (layer type ->
 ``to_view(module) -> view``); another compressed layer type joins with ``register_view(layer_type,
