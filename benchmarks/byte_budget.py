@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import matplotlib
+import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -44,6 +45,7 @@ from workbench.plotting.budget import draw_budget_fronts  # noqa: E402
 from workbench.recovery import reconstruct_blocks  # noqa: E402
 from workbench.results import dumps  # noqa: E402
 from workbench.select import DEFAULT_FAMILIES, build_menu, joint_allocate, joint_fronts  # noqa: E402
+from workbench.zoo.minilm import CALIBRATION_SETS, augment_rows  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from doc_results import markdown_table, write_section  # noqa: E402
@@ -93,10 +95,19 @@ def whole_file_table(result: dict) -> str:
             + markdown_table(["file", "size", "of the original", result["metric_name"], "goal"], rows))
 
 
-def joint_blockwise(task, budgets, families, relative_to: str, engine, menu, epochs: int, lr: float) -> list[dict]:
-    """Per budget: the joint pick, built by `workbench.apply`, then tuned block by block; its
-    ``fraction_used`` (unchanged by tuning), ``metric`` and ``blockwise_s``."""
-    calibration = task.train_inputs if task.train_inputs is not None else task.calibration_inputs()
+def blockwise_rows(task, calibration_set: str, augment: float) -> torch.Tensor:
+    """Block-wise tuning's inputs: the task's training inputs (MiniLM: its ``calibration_set``
+    rows), plus a copy with ``augment`` of their tokens replaced by random wordpieces (MiniLM only)."""
+    if task.name != "minilm":
+        return task.train_inputs if task.train_inputs is not None else task.calibration_inputs()
+    rows = wb.load("minilm", calibration=calibration_set).train_inputs
+    return torch.cat([rows, augment_rows(rows, share=augment, seed=1)]) if augment else rows
+
+
+def joint_blockwise(task, budgets, families, relative_to: str, engine, menu, epochs: int, lr: float,
+                    calibration: torch.Tensor, learn_scales: bool = False) -> list[dict]:
+    """Per budget: the joint pick, built by `workbench.apply`, then tuned block by block on
+    ``calibration`` rows; its ``fraction_used`` (unchanged by tuning), ``metric`` and ``blockwise_s``."""
     points = []
     for budget in budgets:
         try:
@@ -106,14 +117,16 @@ def joint_blockwise(task, budgets, families, relative_to: str, engine, menu, epo
             continue
         built = wb.apply(task.model, pick.as_plan(), calibration_inputs=task.calibration_inputs())
         start = time.perf_counter()
-        tuned = reconstruct_blocks(built, task.model, calibration, epochs=epochs, lr=lr, progress=False).model
+        tuned = reconstruct_blocks(built, task.model, calibration, epochs=epochs, lr=lr, learn_scales=learn_scales,
+                                   progress=False).model
         points.append({"budget": budget, "fraction_used": pick.fraction_used, "metric": float(task.evaluate(tuned)),
                        "metric_built": float(task.evaluate(built)), "blockwise_s": time.perf_counter() - start})
     return points
 
 
 def run_model(name: str, budgets, families, relative_to: str = "model", encoder_only: bool = False,
-              blockwise: int | None = None, blockwise_lr: float = 3e-4) -> dict:
+              blockwise: int | None = None, blockwise_lr: float = 3e-4, calibration_set: str = "default",
+              augment: float = 0.0, learn_scales: bool = False) -> dict:
     task = wb.load(name)
     engine = wb.Engine(task, preview=False, freeze_gc=False)
     layers = [n for n in engine.layers if "encoder" in n] if encoder_only else None
@@ -128,7 +141,8 @@ def run_model(name: str, budgets, families, relative_to: str = "model", encoder_
     fronts = dict(fronts)
     if blockwise is not None:
         fronts["fronts"] = {**fronts["fronts"], "joint + block-wise": joint_blockwise(
-            task, budgets, families, relative_to, engine, menu, blockwise, blockwise_lr)}
+            task, budgets, families, relative_to, engine, menu, blockwise, blockwise_lr,
+            blockwise_rows(task, calibration_set, augment), learn_scales)}
     return {"model": name, "layers": menu.layers, "options": sum(len(c) for c in menu.choices),
             "refused": menu.refused, "menu_s": menu_s, "resolve_and_evaluate_s": resolve_s, "fronts": fronts,
             "at_10_percent": {"fraction_used": at_10.fraction_used, "metric": at_10.metric,
@@ -173,7 +187,8 @@ def table(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=["digits-mlp", "digits-cnn"])
+    parser.add_argument("--models", nargs="*", default=["digits-mlp", "digits-cnn"],
+                        help="embedded models to run (none: only what --minilm / --whole-file ask)")
     parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
     parser.add_argument("--families", default=",".join(DEFAULT_FAMILIES))
     parser.add_argument("--minilm", action="store_true", help="also MiniLM's 36 encoder Linears (slow)")
@@ -182,14 +197,21 @@ def main() -> None:
     parser.add_argument("--blockwise", type=int, metavar="EPOCHS",
                         help="add a column: the joint pick at each budget after block-wise reconstruction")
     parser.add_argument("--blockwise-lr", type=float, default=3e-4, metavar="LR", help="its Adam rate (default 3e-4)")
+    parser.add_argument("--blockwise-calibration", choices=CALIBRATION_SETS, default="default",
+                        help="MiniLM: the calibration set block-wise tuning runs on (extended: 40 more topics)")
+    parser.add_argument("--augment", type=float, default=0.0, metavar="SHARE",
+                        help="MiniLM: add a copy of the block-wise rows with SHARE of their tokens replaced")
+    parser.add_argument("--learn-scales", action="store_true", help="block-wise: quantization steps train too")
+    parser.add_argument("--no-whole-file", action="store_true", help="with --minilm: skip the whole-file run")
     parser.add_argument("--no-write", action="store_true", help="print only; leave the docs and charts alone")
     args = parser.parse_args()
     families = args.families.split(",")
     runs = [(name, "model", False) for name in args.models] + ([("minilm", "layers", True)] if args.minilm else [])
     if args.whole_file:
         runs = []
-    whole = whole_file() if args.minilm or args.whole_file else None
-    results = [run_model(name, args.budgets, families, relative_to, encoder, args.blockwise, args.blockwise_lr)
+    whole = whole_file() if (args.minilm and not args.no_whole_file) or args.whole_file else None
+    results = [run_model(name, args.budgets, families, relative_to, encoder, args.blockwise, args.blockwise_lr,
+                         args.blockwise_calibration, args.augment, args.learn_scales)
                for name, relative_to, encoder in runs]
     print(dumps(results + ([whole] if whole else []), indent=1))
     if args.no_write:
