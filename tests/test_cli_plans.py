@@ -157,3 +157,19 @@ def test_lr_reaches_blockwise_reconstruction(capsys, tmp_path, mlp_task):
         run_json(capsys, "compress", "digits-mlp", "--method", "svd", "--ratio", "0.5", "--blockwise", "1", *flags,
                  "--out", str(out), "--json")
         torch.testing.assert_close(flat(wb.load_compressed(out)[0]), flat(tuned))
+
+
+def test_learn_scales_reaches_blockwise_and_needs_it(capsys, tmp_path, mlp_task):
+    plan = wb.recipe("gptq")(mlp_task.model, bits=3)
+    model = wb.apply(mlp_task.model, plan, calibration_inputs=mlp_task.calibration_inputs())
+    tuned = reconstruct_blocks(model, mlp_task.model, mlp_task.train_inputs, epochs=1, lr=1e-3, learn_scales=True,
+                               progress=False).model
+    out = tmp_path / "steps.safetensors"
+    run_json(capsys, "compress", "digits-mlp", "--method", "gptq", "--bits", "3", "--blockwise", "1", "--lr", "1e-3",
+             "--learn-scales", "--out", str(out), "--json")
+    loaded = wb.load_compressed(out)[0]
+    for name in ("fc1", "fc2", "fc3"):  # the learned steps were stored: they differ from GPTQ's
+        torch.testing.assert_close(getattr(loaded, name).scale, getattr(tuned, name).scale)
+    assert any(not torch.equal(getattr(loaded, n).scale, getattr(model, n).scale) for n in ("fc1", "fc2", "fc3"))
+    assert "--learn-scales" in refused(capsys, "compress", "digits-mlp", "--method", "gptq", "--bits", "3",
+                                       "--learn-scales")

@@ -22,6 +22,8 @@ def add_recovery_arguments(parser) -> None:
     group.add_argument("--blockwise", type=int, metavar="EPOCHS",
                        help="block-wise reconstruction: tune each block's compressed layers for EPOCHS passes so "
                             "the block reproduces the original's outputs on the calibration inputs (no labels)")
+    group.add_argument("--learn-scales", action="store_true",
+                       help="--blockwise: also learn the quantization steps (scales) of quantized layers")
     group.add_argument("--finetune", type=int, metavar="EPOCHS",
                        help="fine-tune what the compression left trainable for up to EPOCHS epochs")
     group.add_argument("--epochs", type=int, metavar="N", help="epochs of recovery (qat, or same as --finetune)")
@@ -35,7 +37,11 @@ def add_recovery_arguments(parser) -> None:
 
 def check_recovery_arguments(args) -> None:
     """Refuse, before any work, an ``--lr`` that is not a finite number > 0, or one with nothing
-    to train (``--lr`` sets the rate of every recovery given; block-wise without it: 3e-4)."""
+    to train (``--lr`` sets the rate of every recovery given; block-wise without it: 3e-4), and
+    ``--learn-scales`` without ``--blockwise``."""
+    if getattr(args, "learn_scales", False) and args.blockwise is None:
+        raise WorkbenchError("--learn-scales trains the quantization steps during --blockwise EPOCHS; give "
+                             "--blockwise (QAT learns its steps already)")
     if args.lr is None:
         return
     if not (math.isfinite(args.lr) and args.lr > 0):
@@ -55,7 +61,8 @@ def reconstruct(args, task, compressed: nn.Module) -> tuple[nn.Module, list | No
     from workbench.recovery.blockwise import reconstruct_blocks
     calibration = task.train_inputs if task.train_inputs is not None else task.calibration_inputs()
     lr = BLOCKWISE_LR if args.lr is None else args.lr
-    result = reconstruct_blocks(compressed, task.model, calibration, epochs=args.blockwise, lr=lr)
+    result = reconstruct_blocks(compressed, task.model, calibration, epochs=args.blockwise, lr=lr,
+                                learn_scales=bool(getattr(args, "learn_scales", False)))
     return result.model, result.stages
 
 
