@@ -22,7 +22,7 @@ def test_extended_topics_are_new_and_disjoint_from_the_evaluation_topics():
     default, evaluation = data["calibration"], data["evaluation"]
     extended = minilm.calibration_topics("extended")
     added = {t: s for t, s in extended.items() if t not in default}
-    assert len(added) == 40 and sum(map(len, added.values())) == 1000
+    assert len(added) == 80 and sum(map(len, added.values())) == 2000
     assert not set(extended) & set(evaluation)
     assert not [t for t in added for stem in NEAR_EVALUATION if stem in t]
     texts = minilm.flat(added)
@@ -37,7 +37,7 @@ def test_default_load_is_unchanged_and_extended_is_opt_in():
     texts = minilm.flat(minilm.sentences()["calibration"])
     assert task.extras["calibration_set"] == "default" and len(task.train_inputs) == len(texts) == 727
     assert torch.equal(task.train_inputs, minilm.pack_calibration(texts)[0])
-    assert extended.extras["calibration_set"] == "extended" and len(extended.train_inputs) == 1727
+    assert extended.extras["calibration_set"] == "extended" and len(extended.train_inputs) == 2727
     assert set(texts) < set(extended.extras["calibration_sentences"])
     assert extended.model is task.model and torch.equal(extended.eval_targets, task.eval_targets)
     assert extended.extras["sentences"] == task.extras["sentences"]
@@ -74,7 +74,7 @@ def test_augment_rows_replaces_only_ordinary_tokens_by_ordinary_wordpieces():
 
 def test_cli_reaches_the_calibration_sets(capsys):
     task = load_task(argparse.Namespace(model="minilm", calibration="extended"))
-    assert len(task.train_inputs) == 1727
+    assert len(task.train_inputs) == 2727
     assert len(load_task(argparse.Namespace(model="minilm")).train_inputs) == 727
     assert main(["spectra", "digits-mlp", "--calibration", "extended"]) == 2
     assert capsys.readouterr().err.strip() == (

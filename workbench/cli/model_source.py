@@ -57,7 +57,7 @@ def add_model_arguments(parser, default: str | None = None) -> None:
                              "train_targets (read with weights_only=True)")
     parser.add_argument("--calibration", metavar="SET",
                         help="for an embedded model with calibration sets (minilm): default (727 rows) or extended "
-                             "(1727 rows, 40 more topics)")
+                             "(2727 rows, 80 more topics)")
     parser.add_argument("--texts", metavar="FILE.txt",
                         help="for a Hugging Face folder: evaluation texts, one per line, tokenized with the "
                              "folder's tokenizer")

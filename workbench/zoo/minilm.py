@@ -11,8 +11,8 @@ Inputs are pre-tokenized tensors so that every workbench tool (``Task.outputs``,
 
 The task's data are the sentences in ``workbench/resources/sentences.json``, written for the
 project: calibration and evaluation parts with disjoint topics. ``load("minilm",
-calibration="extended")`` calibrates on 40 more topics (``sentences_extended.json``, also disjoint
-from the evaluation topics): 1727 rows instead of 727; the default is unchanged. The metric needs no labels:
+calibration="extended")`` calibrates on 80 more topics (``sentences_extended.json``, also disjoint
+from the evaluation topics): 2727 rows instead of 727; the default is unchanged. The metric needs no labels:
 mean cosine similarity of each embedding to the original model's (``eval_targets``).
 """
 from __future__ import annotations
@@ -246,8 +246,8 @@ def sentences() -> dict[str, dict[str, list[str]]]:
 
 def calibration_topics(calibration: str = "default") -> dict[str, list[str]]:
     """``{topic: [sentences]}`` of a calibration set (`CALIBRATION_SETS`): ``"default"`` is the
-    calibration part of ``sentences.json`` (37 topics, 727 sentences); ``"extended"`` adds the 40
-    topics of ``sentences_extended.json`` (1000 sentences; disjoint from the evaluation topics)."""
+    calibration part of ``sentences.json`` (37 topics, 727 sentences); ``"extended"`` adds the 80
+    topics of ``sentences_extended.json`` (2000 sentences; disjoint from the evaluation topics)."""
     if calibration not in CALIBRATION_SETS:
         raise WorkbenchError(f"calibration={calibration!r} is not a MiniLM calibration set; "
                              f"choose one of {', '.join(map(repr, CALIBRATION_SETS))}")
@@ -379,7 +379,7 @@ def build_minilm_task(calibration: str = "default") -> Task:
     """The `Task` for ``load("minilm")``; the model and tensors are built once per process.
 
     ``calibration``: which sentences `pack_calibration` turns into ``train_inputs`` (see
-    `calibration_topics`): ``"default"`` (727 rows) or ``"extended"`` (1727 rows; opt in with
+    `calibration_topics`): ``"default"`` (727 rows) or ``"extended"`` (2727 rows; opt in with
     ``load("minilm", calibration="extended")``). The evaluation data are the same for both.
     The returned model is the cached one: the workbench never modifies a task's model.
     """
