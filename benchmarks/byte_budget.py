@@ -105,9 +105,10 @@ def blockwise_rows(task, calibration_set: str, augment: float) -> torch.Tensor:
 
 
 def joint_blockwise(task, budgets, families, relative_to: str, engine, menu, epochs: int, lr: float,
-                    calibration: torch.Tensor, learn_scales: bool = False) -> list[dict]:
-    """Per budget: the joint pick, built by `workbench.apply`, then tuned block by block on
-    ``calibration`` rows; its ``fraction_used`` (unchanged by tuning), ``metric`` and ``blockwise_s``."""
+                    calibration: torch.Tensor, learn_scales: bool = False, sequential: bool = False) -> list[dict]:
+    """Per budget: the joint pick, built by `workbench.apply` (``sequential``: its GPTQ layers
+    calibrated in forward order on the partly quantized model, same storage), then tuned block by
+    block on ``calibration`` rows; its ``fraction_used`` (unchanged), ``metric`` and ``blockwise_s``."""
     points = []
     for budget in budgets:
         try:
@@ -115,7 +116,11 @@ def joint_blockwise(task, budgets, families, relative_to: str, engine, menu, epo
         except wb.WorkbenchError as exc:
             points.append({"budget": budget, "fraction_used": None, "metric": None, "reason": str(exc)})
             continue
-        built = wb.apply(task.model, pick.as_plan(), calibration_inputs=task.calibration_inputs())
+        plan = pick.as_plan()
+        if sequential:
+            plan = Plan({name: LayerPlan(c.method, {**c.params, "sequential": True}) if c.method == "gptq" else c
+                         for name, c in plan.layers.items()})
+        built = wb.apply(task.model, plan, calibration_inputs=task.calibration_inputs())
         start = time.perf_counter()
         tuned = reconstruct_blocks(built, task.model, calibration, epochs=epochs, lr=lr, learn_scales=learn_scales,
                                    progress=False).model
@@ -126,7 +131,7 @@ def joint_blockwise(task, budgets, families, relative_to: str, engine, menu, epo
 
 def run_model(name: str, budgets, families, relative_to: str = "model", encoder_only: bool = False,
               blockwise: int | None = None, blockwise_lr: float = 3e-4, calibration_set: str = "default",
-              augment: float = 0.0, learn_scales: bool = False) -> dict:
+              augment: float = 0.0, learn_scales: bool = False, sequential: bool = False) -> dict:
     task = wb.load(name)
     engine = wb.Engine(task, preview=False, freeze_gc=False)
     layers = [n for n in engine.layers if "encoder" in n] if encoder_only else None
@@ -142,7 +147,7 @@ def run_model(name: str, budgets, families, relative_to: str = "model", encoder_
     if blockwise is not None:
         fronts["fronts"] = {**fronts["fronts"], "joint + block-wise": joint_blockwise(
             task, budgets, families, relative_to, engine, menu, blockwise, blockwise_lr,
-            blockwise_rows(task, calibration_set, augment), learn_scales)}
+            blockwise_rows(task, calibration_set, augment), learn_scales, sequential)}
     return {"model": name, "layers": menu.layers, "options": sum(len(c) for c in menu.choices),
             "refused": menu.refused, "menu_s": menu_s, "resolve_and_evaluate_s": resolve_s, "fronts": fronts,
             "at_10_percent": {"fraction_used": at_10.fraction_used, "metric": at_10.metric,
@@ -202,6 +207,8 @@ def main() -> None:
     parser.add_argument("--augment", type=float, default=0.0, metavar="SHARE",
                         help="MiniLM: add a copy of the block-wise rows with SHARE of their tokens replaced")
     parser.add_argument("--learn-scales", action="store_true", help="block-wise: quantization steps train too")
+    parser.add_argument("--sequential", action="store_true",
+                        help="block-wise column: build the pick's GPTQ layers sequentially first")
     parser.add_argument("--no-whole-file", action="store_true", help="with --minilm: skip the whole-file run")
     parser.add_argument("--no-write", action="store_true", help="print only; leave the docs and charts alone")
     args = parser.parse_args()
@@ -211,7 +218,7 @@ def main() -> None:
         runs = []
     whole = whole_file() if (args.minilm and not args.no_whole_file) or args.whole_file else None
     results = [run_model(name, args.budgets, families, relative_to, encoder, args.blockwise, args.blockwise_lr,
-                         args.blockwise_calibration, args.augment, args.learn_scales)
+                         args.blockwise_calibration, args.augment, args.learn_scales, args.sequential)
                for name, relative_to, encoder in runs]
     print(dumps(results + ([whole] if whole else []), indent=1))
     if args.no_write:
