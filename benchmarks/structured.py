@@ -1,8 +1,10 @@
 """Structured pruning that makes models faster (issue 18): measured speed-ups and fidelity.
 
 * ``minilm``: MiniLM dense vs heads + FFN width pruned to ``--ratio`` (0.5) of the encoder's Linear
-  parameters (``get_recipe("prune")(model, task=task, ratio=0.5, structured=True)``, units ranked on
-  the ``--plan-calibration`` set's sentences). CPU latency of one forward pass on 64 evaluation sentences at
+  parameters (``get_recipe("prune")(model, task=task, ratio=0.5, structured=True,
+  global_ranking=True)``: with ``--allocation global``, the default, the units of all blocks are
+  ranked together, so blocks keep different sizes; ``uniform``: each block keeps ``ratio`` of its
+  own; units ranked on the ``--plan-calibration`` set's sentences). CPU latency of one forward pass on 64 evaluation sentences at
   ``--threads`` (2) threads: median of ``--repeats`` runs after warm-up, the dense and the pruned
   model timed alternately in the same run. Mean cosine to the original embeddings on the
   unseen-topic evaluation sentences (``task.evaluate``): pruned; after the least-squares refit of
@@ -68,11 +70,12 @@ def paired_latency(dense, pruned, inputs, repeats: int, warmup: int = 3) -> tupl
 
 def minilm(ratio: float, threads: int, repeats: int, epochs: int, lr: float, distill_epochs: int = 0,
            distill_lr: float = 1e-4, calibration_set: str = "extended", plan_set: str = "default",
-           augment: float = 0.15) -> dict:
+           augment: float = 0.15, global_ranking: bool = False, max_ratio: float = 0.9) -> dict:
     torch.set_num_threads(threads)
     task = wb.load("minilm", calibration=plan_set)
     start = time.perf_counter()
-    plan = get_recipe("prune")(task.model, task=task, ratio=ratio, structured=True)
+    plan = get_recipe("prune")(task.model, task=task, ratio=ratio, structured=True, global_ranking=global_ranking,
+                               max_ratio=max_ratio)
     pruned = wb.apply(task.model, plan)
     plan_s = time.perf_counter() - start
     inputs = task.eval_inputs[:SENTENCES]
@@ -97,7 +100,8 @@ def minilm(ratio: float, threads: int, repeats: int, epochs: int, lr: float, dis
         distilled = {"cosine_distilled": task.evaluate(run.model), "distill_epochs": distill_epochs,
                      "distill_lr": distill_lr, "distill_best_epoch": run.best_epoch,
                      "distill_s": time.perf_counter() - start}
-    return {**distilled, "calibration_set": calibration_set, "plan_set": plan_set, "augment": augment,
+    return {**distilled, "allocation": "global" if global_ranking else "uniform", "max_ratio": max_ratio,
+            "calibration_set": calibration_set, "plan_set": plan_set, "augment": augment,
             "calibration_rows": len(calibration), "ratio": ratio, "threads": threads, "sentences": len(inputs), "repeats": repeats,
             "linear_params_kept": sum(linear_params(pruned, b) for b in after) / sum(linear_params(task.model, b) for b in before),
             "params": [count_params(task.model), count_params(pruned)],
@@ -138,7 +142,11 @@ def minilm_table(r: dict) -> str:
                              for b in r["blocks"]])
     return (f"CPU, {r['threads']} threads, one forward pass on {r['sentences']} evaluation sentences, median of "
             f"{r['repeats']} runs after warm-up, dense and pruned timed alternately in the same run. Cosine: mean "
-            f"cosine to the original embeddings on the unseen-topic evaluation sentences. Units ranked on the "
+            f"cosine to the original embeddings on the unseen-topic evaluation sentences. "
+            + ("Units of all blocks ranked together (global allocation: --ratio of all the encoder's Linear "
+               f"parameters, each block keeping at least one head and {1 - r['max_ratio']:g} of its FFN units). "
+               if r.get("allocation") == "global" else "Every block keeps --ratio of its Linear parameters. ")
+            + f"Units ranked on the "
             f"{r.get('plan_set', 'default')} calibration set; refit, reconstruction and distillation on the "
             f"{r.get('calibration_set', 'default')} set ({r.get('calibration_rows', 727)} rows"
             + (f", half of them with {r['augment']:g} of the tokens replaced by random wordpieces" if r.get("augment") else "")
@@ -177,12 +185,18 @@ def main() -> None:
                         help="add a copy of the calibration rows with this share of tokens replaced by random "
                              "wordpieces (workbench.zoo.minilm.augment_rows; 0: off; +0.004 measured at equal "
                              "row-passes on the extended set)")
+    parser.add_argument("--allocation", choices=["global", "uniform"], default="global",
+                        help="MiniLM: global (units of all blocks ranked together by output energy per parameter, "
+                             "normalised per block: --ratio of all the encoder's Linears; see the docs' table) or "
+                             "uniform (each block keeps --ratio of its own Linears)")
+    parser.add_argument("--max-ratio", type=float, default=0.9,
+                        help="--allocation global: the largest fraction of one block's FFN units that may go")
     parser.add_argument("--skip-resnet", action="store_true")
     parser.add_argument("--no-write", action="store_true", help="print only; leave the docs alone")
     args = parser.parse_args()
     results = {"minilm": minilm(args.ratio, args.threads, args.repeats, args.blockwise_epochs, args.blockwise_lr,
                                  args.distill_epochs, args.distill_lr, args.calibration, args.plan_calibration,
-                                 args.augment)}
+                                 args.augment, args.allocation == "global", args.max_ratio)}
     if not args.skip_resnet:
         results["digits-resnet"] = resnet(args.threads)
     print(dumps(results, indent=1))

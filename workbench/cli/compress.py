@@ -251,9 +251,11 @@ def register(subparsers) -> None:
                         help="--structured on a transformer: attention heads (k/v groups) each block keeps at least")
     parser.add_argument("--round-to", type=int, help="--structured: keep each group's channels in multiples of this")
     parser.add_argument("--global-ranking", action="store_true",
-                        help="--structured: one ranking over all groups (--ratio of all channels kept)")
+                        help="--structured: one ranking over all groups (--ratio of all channels kept); transformers: "
+                             "--ratio of all blocks' Linears, heads and FFN units of every block ranked together")
     parser.add_argument("--max-ratio", type=float,
-                        help="--structured --global-ranking: the largest fraction of one group that may go (default 0.9)")
+                        help="--structured --global-ranking: the largest fraction of one group (transformers: of one "
+                             "block's FFN units) that may go (default 0.9)")
     parser.add_argument("--n", type=int, help="nm: weights kept in every group of --m consecutive inputs (default 2)")
     parser.add_argument("--m", type=int, help="nm: the group of consecutive inputs, 2..8, dividing each input width (default 4)")
     parser.add_argument("--activation-aware", choices=["whiten", "scale"], help="data-aware SVD")

@@ -13,7 +13,9 @@ those units zeroed computes.
 ``ratio`` is the KEPT fraction of each block's Linear parameters (weights and biases of q, k, v,
 o and the FFN projections): ``round(ratio * units)`` attention units, and the FFN width that
 brings the block's kept parameters to ``ratio`` of them (to one hidden unit; to ``round_to``
-units when given). Units are ranked by the energy they send into the residual stream, measured
+units when given); with ``global_ranking``, ``ratio`` of all the blocks' Linear parameters
+together, the units of every block ranked on one list by score per parameter
+(`workbench.methods.head_allocation`). Units are ranked by the energy they send into the residual stream, measured
 on calibration inputs (``importance="output"``: head ``h`` scores ``sum_t ||W_O[:, h] x_t[h]||^2``
 from the Gram matrix of the output projection's inputs; an FFN unit ``j`` scores
 ``sum_t a_tj^2 * ||W_out[:, j]||^2``), or without data by the norms of its weights
@@ -37,6 +39,7 @@ from torch import nn
 
 from workbench.adapters import is_transformers_conv1d
 from workbench.errors import WorkbenchError
+from workbench.methods.head_allocation import allocate
 from workbench.registry import LayerContext, Method, register_method
 
 IMPORTANCES = ("output", "weights")
@@ -244,19 +247,40 @@ def check_settings(ratio: Any, importance: Any = "output", min_heads: Any = 0, r
         raise WorkbenchError(f"round_to={round_to!r} must be a whole number >= 1 (FFN width kept in multiples of it)")
 
 
+def global_units(model: nn.Module, blocks: Sequence[Block], ratio: float, scores, min_heads: int = 0,
+                 round_to: int | None = None, max_ratio: float = 0.9, scale: str = "block") -> list[tuple[int, int]]:
+    """``(attention units, FFN units)`` kept per block when ``ratio`` of ALL the blocks' Linear parameters
+    is kept (`head_allocation.allocate`: best score per parameter over all blocks). Floors: each block
+    keeps ``max(min_heads, 1)`` attention units and ``ceil((1 - max_ratio) * width)`` FFN units."""
+    if isinstance(max_ratio, bool) or not isinstance(max_ratio, (int, float)) or not 0 < max_ratio < 1:
+        raise WorkbenchError(f"max_ratio={max_ratio!r} must be in (0, 1): the largest fraction of one block's "
+                             "FFN units that global ranking may remove")
+    costs = [unit_costs(model, b) for b in blocks]
+    total = sum(linear_params(model, b) for b in blocks)
+    budget = ratio * total - sum(c[2] + c[3] for c in costs)
+    return allocate([s[0] for s in scores], [s[1] for s in scores], [c[:2] for c in costs], budget,
+                    [min(max(min_heads, 1), b.groups) for b in blocks],
+                    [max(1, math.ceil((1 - max_ratio) * b.width - 1e-9)) for b in blocks], round_to, scale)
+
+
 def head_removals(model: nn.Module, ratio: float, inputs: Any = None, min_heads: int = 0,
-                  round_to: int | None = None, blocks: Sequence[Block] | None = None) -> list[dict]:
+                  round_to: int | None = None, blocks: Sequence[Block] | None = None,
+                  global_ranking: bool = False, max_ratio: float = 0.9, scale: str = "block") -> list[dict]:
     """``[{"block", "heads_removed", "ffn_removed", "heads_before", "heads_after", "ffn_before",
     "ffn_after"}]``: per block, the weakest units to remove (query-head indices, FFN unit indices,
-    sorted), for ``blocks`` (default: all). Every block is checked before scores are computed;
-    ``model`` is not modified."""
+    sorted), for ``blocks`` (default: all). Each block keeps ``ratio`` of its Linear parameters
+    (`kept_units`), or with ``global_ranking`` all blocks together do (`global_units`). Every block
+    is checked before scores are computed; ``model`` is not modified."""
     check_settings(ratio, "output" if inputs is not None else "weights", min_heads, round_to)
     blocks = find_blocks(model) if blocks is None else list(blocks)
     if not blocks:
         raise WorkbenchError("this model has no BERT / GPT-2 / Llama block whose heads and FFN width can be pruned")
-    kept = [kept_units(model, b, ratio, min_heads, round_to) for b in blocks]
+    kept = None if global_ranking else [kept_units(model, b, ratio, min_heads, round_to) for b in blocks]
+    scores = unit_scores(model, blocks, inputs)
+    if global_ranking:
+        kept = global_units(model, blocks, ratio, scores, min_heads, round_to, max_ratio, scale)
     rows = []
-    for b, (heads, width), (hs, fs) in zip(blocks, kept, unit_scores(model, blocks, inputs)):
+    for b, (heads, width), (hs, fs) in zip(blocks, kept, scores):
         gone = sorted(torch.argsort(hs, descending=True, stable=True)[heads:].tolist())
         per = b.heads // b.groups
         rows.append({"block": b.name, "heads_removed": [u * per + i for u in gone for i in range(per)],

@@ -176,12 +176,11 @@ def group_plan(model: nn.Module, task, ratio, layers, input_shape, **settings) -
     return Plan({}, (LayerPlan("prune_groups", params),), left_dense=dense)
 
 
-def head_plan(model: nn.Module, task, ratio, layers, importance, min_heads, round_to, global_ranking) -> Plan:
+def head_plan(model: nn.Module, task, ratio, layers, importance, min_heads, round_to, global_ranking,
+              max_ratio=0.9) -> Plan:
     """The ``prune_heads`` step of a transformer (`workbench.methods.head_pruning`): heads and FFN
-    units chosen now (on the task's calibration inputs when there is a task), recorded in the plan."""
-    if global_ranking:
-        raise WorkbenchError("global_ranking ranks channel groups; transformer blocks each keep ratio of their "
-                             "Linear parameters (heads and FFN width), so it does not apply here")
+    units chosen now (on the task's calibration inputs when there is a task), recorded in the plan;
+    with ``global_ranking`` the blocks' sizes are allocated over all blocks (`head_allocation`)."""
     if importance in ("taylor", "hessian"):
         raise WorkbenchError(f"importance={importance!r} is for channel groups; heads and FFN units are ranked by "
                              f"{' or '.join(head_pruning.IMPORTANCES)} (output: their output energy on calibration data)")
@@ -196,8 +195,10 @@ def head_plan(model: nn.Module, task, ratio, layers, importance, min_heads, roun
             raise WorkbenchError(f"layers {list(layers)} name no transformer block (nor one of its projections); "
                                  f"blocks: {', '.join(b.name for b in head_pruning.find_blocks(model))}")
     inputs = task.calibration_inputs(HEAD_CALIBRATION) if importance == "output" else None
-    rows = head_pruning.head_removals(model, ratio, inputs, min_heads, round_to, blocks=blocks)
-    params = {"ratio": float(ratio), "importance": importance, "min_heads": min_heads, "round_to": round_to,
+    rows = head_pruning.head_removals(model, ratio, inputs, min_heads, round_to, blocks=blocks,
+                                      global_ranking=global_ranking, max_ratio=max_ratio)
+    allocation = {"global_ranking": True, "max_ratio": float(max_ratio)} if global_ranking else {}
+    params = {"ratio": float(ratio), "importance": importance, "min_heads": min_heads, "round_to": round_to, **allocation,
               "blocks": tuple(r["block"] for r in rows),
               "heads_removed": tuple(tuple(r["heads_removed"]) for r in rows),
               "ffn_removed": tuple(tuple(r["ffn_removed"]) for r in rows),
@@ -227,7 +228,10 @@ def prune_plan(model: nn.Module, *, task=None, ratio: float | None = None, thres
     importance, round_to, global_ranking, max_ratio : structured only: "magnitude" (L2, the default),
         "taylor" or "hessian" (need a classifier task's labels); kept channels in multiples of
         ``round_to``; one ranking over all groups, none losing more than ``max_ratio`` of its channels.
-        Transformers: "output" (default with a task) or "weights"/"magnitude"; ``round_to`` for the FFN width.
+        Transformers: "output" (default with a task) or "weights"/"magnitude"; ``round_to`` for the FFN width;
+        ``global_ranking``: ``ratio`` of all blocks' Linear parameters together, the units of every block
+        ranked on one list by score per parameter (`head_allocation`), each block keeping at least
+        ``max(min_heads, 1)`` heads and ``1 - max_ratio`` of its FFN units.
     min_heads : transformers: attention units (heads; k/v groups under GQA) each block keeps at least.
 
     A layer whose sparse storage would not be smaller than dense (kept fraction above
@@ -240,7 +244,8 @@ def prune_plan(model: nn.Module, *, task=None, ratio: float | None = None, thres
             raise WorkbenchError("structured pruning is set by ratio (kept fraction of channels), not threshold")
         prune_kernels.check_ratio(ratio)
         if head_pruning.find_blocks(model):
-            return head_plan(model, task, ratio, layers, importance, min_heads, round_to, global_ranking)
+            return head_plan(model, task, ratio, layers, importance, min_heads, round_to, bool(global_ranking),
+                             max_ratio)
         if layers is None and not structured_candidates(model):
             raise WorkbenchError("this model has no layer whose neurons can be removed (structured pruning "
                                  "takes nn.Linear / nn.Conv2d layers other than the output one)")
