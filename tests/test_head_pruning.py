@@ -180,11 +180,13 @@ def test_a_bad_block_is_refused_before_any_edit():
     assert state_bytes(work) == before
 
 
-def test_save_and_load_rebuild_the_same_model(tmp_path):
+@pytest.mark.parametrize("global_ranking,ratio", [(False, 0.5), (True, 0.4)], ids=["per-block", "global"])
+def test_save_and_load_rebuild_the_same_model(tmp_path, global_ranking, ratio):
+    """Per-block and globally allocated (`head_allocation`) pruning both rebuild bit-identically."""
     from workbench.export import load_compressed, save_compressed
 
     model = build("gpt2").float()
-    plan = get_recipe("prune")(model, task=Calibration(), ratio=0.5, structured=True)
+    plan = get_recipe("prune")(model, task=Calibration(), ratio=ratio, structured=True, global_ranking=global_ranking)
     pruned = wb.apply(model, plan)
     path = save_compressed(tmp_path / "gpt2.safetensors", pruned, plan, "tiny-gpt2", original=model,
                            example_input=IDS[:1])
