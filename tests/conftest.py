@@ -31,6 +31,26 @@ def state_bytes(model: torch.nn.Module) -> dict:
     return {k: v.detach().clone().numpy().tobytes() for k, v in model.state_dict().items()}
 
 
+def random_bert(layers: int) -> nn.Module:
+    """A random-weight ``BertModel`` built from a config (seed 0; hidden 64, 4 heads, FFN 128,
+    vocabulary 200, 64 positions) with ``layers`` encoder blocks, in eval mode. Skips the test when
+    transformers is not installed."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    return transformers.BertModel(transformers.BertConfig(
+        hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=128, vocab_size=200,
+        max_position_embeddings=64)).eval()
+
+
+def random_bert_task(layers: int):
+    """`random_bert` loaded as a task. Returns ``(task, calibration)``: the task judges 16 rows of random
+    ids (16, 12); ``calibration`` is 96 more rows (96, 12); ids in [0, 200), drawn from seed 1."""
+    model = random_bert(layers)
+    generator = torch.Generator().manual_seed(1)
+    task = wb.load(model, eval_data=torch.randint(0, 200, (16, 12), generator=generator))
+    return task, torch.randint(0, 200, (96, 12), generator=generator)
+
+
 @pytest.fixture
 def stand_in_aware_basis(monkeypatch):
     """Replace the activation-aware basis (36 float64 fits for MiniLM) by a cheap stand-in: rank r

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import workbench as wb
-from conftest import state_bytes
+from conftest import random_bert_task, state_bytes
 from workbench.errors import WorkbenchError
 from workbench.layers.lowrank import LowRankLinear
 from workbench.measure import count_params
@@ -137,14 +137,7 @@ def test_quantized_layers_tune_their_codes_on_fixed_ptq_steps_and_stay_packed(ml
 def test_a_user_transformer_is_tuned_block_by_block_and_its_output_error_falls():
     """A BERT built from a config declares no stages; its blocks are found automatically and each
     is tuned towards the original's hidden state, the pooler after them towards its output."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    model = transformers.BertModel(transformers.BertConfig(
-        hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128, vocab_size=200,
-        max_position_embeddings=64)).eval()
-    generator = torch.Generator().manual_seed(1)
-    task = wb.load(model, eval_data=torch.randint(0, 200, (16, 12), generator=generator))
-    calibration = torch.randint(0, 200, (96, 12), generator=generator)
+    task, calibration = random_bert_task(layers=3)
     compressed = wb.apply(task.model, get_recipe("svd")(task.model, ratio=0.2))
     original_before, compressed_before = state_bytes(task.model), state_bytes(compressed)
     result = reconstruct_blocks(compressed, task.model, calibration, epochs=3, lr=1e-3, progress=False)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import workbench as wb
-from conftest import state_bytes
+from conftest import random_bert_task, state_bytes
 from workbench.kernels.gptq import gptq_quantize, rtn_quantize
 from workbench.layers.grouped import GroupQuantLinear
 from workbench.recovery import views
@@ -82,15 +82,8 @@ def test_round_to_nearest_codes_are_a_fixed_point_of_the_view():
 
 @pytest.mark.parametrize("learn_scales", [False, True])
 def test_gptq_bert_is_tuned_block_by_block_and_stays_group_quantized(learn_scales):
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    model = transformers.BertModel(transformers.BertConfig(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=200,
-        max_position_embeddings=64)).eval()
-    generator = torch.Generator().manual_seed(1)
-    task = wb.load(model, eval_data=torch.randint(0, 200, (16, 12), generator=generator))
-    calibration = torch.randint(0, 200, (96, 12), generator=generator)
-    layers = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "encoder" in n]
+    task, calibration = random_bert_task(layers=2)
+    layers = [n for n, m in task.model.named_modules() if isinstance(m, torch.nn.Linear) and "encoder" in n]
     plan = get_recipe("gptq")(task.model, bits=3, group_size=32, layers=layers)
     compressed = wb.apply(task.model, plan, calibration_inputs=calibration)
     compressed_before = state_bytes(compressed)

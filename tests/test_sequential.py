@@ -7,7 +7,7 @@ import workbench as wb
 from workbench.kernels import aware
 from workbench.layers.lowrank import LowRankLinear
 from workbench.plan import LayerPlan, Plan
-from tests.conftest import state_bytes
+from tests.conftest import random_bert, state_bytes
 
 
 def _inputs(tokens, n, seed=0):
@@ -130,21 +130,13 @@ def test_recipe_options_and_saved_file_reloads_bit_identically_without_data(tmp_
     assert loaded.plan == plan
 
 
-def _user_bert():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    return transformers.BertModel(transformers.BertConfig(
-        hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128, vocab_size=200,
-        max_position_embeddings=64)).eval()
-
-
 def test_a_user_transformer_is_calibrated_block_by_block_to_the_same_weights_in_fewer_passes(monkeypatch):
     # Oracle: the stage cut only saves work. Sequential calibration over the stages found
     # automatically gives the weights it gives with one stage (the whole model re-run per group).
     from workbench import sequential
     from workbench.auto_stages import FoundStages
     from workbench.stages import model_stages
-    model = _user_bert()
+    model = random_bert(layers=3)
     ids = torch.randint(0, 200, (16, 12), generator=torch.Generator().manual_seed(1))
     before = state_bytes(model)
     plan = Plan({name: LayerPlan("svd_aware", {"rank": 6, "aware": "whiten", "ridge": 1e-10, "sequential": True,
