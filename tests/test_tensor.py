@@ -17,6 +17,7 @@ from workbench.errors import UnsupportedLayerError, WorkbenchError
 from workbench.kernels import tensor as tk
 from workbench.layers.tensor import CPConv2d, SpatialSVDConv2d, TuckerConv2d
 from workbench.measure import count_params
+from workbench.methods.tensor import bn_fold_analysis
 from workbench.registry import get_recipe
 
 CONVS = [  # (in, out, kernel, stride, padding, dilation, bias, padding_mode)
@@ -171,30 +172,48 @@ def test_cli_tucker_json(capsys, cnn_task):
     assert result["after"]["params"] < result["before"]["params"]
 
 
-def bn_model():
-    torch.manual_seed(0)
-    model = nn.Sequential(OrderedDict([
-        ("conv1", nn.Conv2d(3, 8, 3, padding=1)), ("bn1", nn.BatchNorm2d(8)), ("act", nn.ReLU()),
-        ("conv2", nn.Conv2d(8, 8, 3, groups=2, bias=False)), ("bn2", nn.BatchNorm2d(8)),
-        ("flat", nn.Flatten()), ("fc", nn.Linear(8 * 6 * 6, 5)), ("bn3", nn.BatchNorm1d(5))]))
-    for bn in (model.bn1, model.bn2, model.bn3):
-        with torch.no_grad():
-            bn.running_mean.uniform_(-1, 1)
-            bn.running_var.uniform_(0.5, 2)
-            bn.weight.uniform_(0.5, 1.5)
-            bn.bias.uniform_(-0.5, 0.5)
+def _randomise_bn_statistics(model):
+    """Random statistics and affine terms for every BN that tracks statistics (mean in [-1, 1],
+    variance in [0.5, 2], weight in [0.5, 1.5], bias in [-0.5, 0.5]), in module order; eval mode."""
+    with torch.no_grad():
+        for bn in model.modules():
+            if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.running_mean is not None:
+                bn.running_mean.uniform_(-1, 1)
+                bn.running_var.uniform_(0.5, 2)
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.uniform_(-0.5, 0.5)
     return model.eval()
 
 
-def test_fold_bn_is_exact_and_removes_the_batchnorms():
-    model = bn_model()
+def _fold_checked(build, input_shape):
+    """Build ``build()`` from seed 0 with random BN statistics, fold its BNs with the ``fold_bn``
+    recipe and check that the folded model computes the original's outputs (to 1e-5) on a random
+    input of ``input_shape``, and that the input model is unchanged. Returns ``(folded, pairs, left)``,
+    the last two from `bn_fold_analysis` (folded ``(conv, bn)`` pairs; ``{bn: why it stays}``)."""
+    torch.manual_seed(0)
+    model = _randomise_bn_statistics(build())
     before = state_bytes(model)
-    plan = get_recipe("fold_bn")(model)
-    folded = wb.apply(model, plan)
-    x = torch.randn(4, 3, 8, 8)
-    assert torch.allclose(folded(x), model(x), atol=1e-5)
-    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    pairs, left = bn_fold_analysis(model)
+    folded = wb.apply(model, get_recipe("fold_bn")(model))
+    x = torch.randn(*input_shape)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=0)
     assert state_bytes(model) == before
+    return folded, pairs, left
+
+
+def _conv_bn_sequential():
+    """conv -> BN2d, grouped conv (no bias) -> BN2d, Linear -> BN1d; input (N, 3, 8, 8)."""
+    return nn.Sequential(OrderedDict([
+        ("conv1", nn.Conv2d(3, 8, 3, padding=1)), ("bn1", nn.BatchNorm2d(8)), ("act", nn.ReLU()),
+        ("conv2", nn.Conv2d(8, 8, 3, groups=2, bias=False)), ("bn2", nn.BatchNorm2d(8)),
+        ("flat", nn.Flatten()), ("fc", nn.Linear(8 * 6 * 6, 5)), ("bn3", nn.BatchNorm1d(5))]))
+
+
+def test_fold_bn_is_exact_and_removes_the_batchnorms():
+    folded, pairs, left = _fold_checked(_conv_bn_sequential, (4, 3, 8, 8))
+    assert pairs == [("conv1", "bn1"), ("conv2", "bn2"), ("fc", "bn3")] and left == {}
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
     with pytest.raises(UnsupportedLayerError, match="nothing to fold"):
         get_recipe("fold_bn")(nn.Sequential(nn.Linear(3, 3)))
 
@@ -229,22 +248,9 @@ def test_tucker_explorer_break_even_agrees_with_the_weight_count(cnn_task):
     assert "every rank out (up to 64) stays smaller" in explorer.size_note.value
 
 
-def _randomise_bn_statistics(model):
-    with torch.no_grad():
-        for bn in model.modules():
-            if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.running_mean is not None:
-                bn.running_mean.uniform_(-1, 1)
-                bn.running_var.uniform_(0.5, 2)
-                bn.weight.uniform_(0.5, 1.5)
-                bn.bias.uniform_(-0.5, 0.5)
-    return model.eval()
-
-
 def test_fold_bn_folds_the_batchnorms_inside_residual_blocks():
     """digits-resnet: the stem's BN, both BNs of each block (called from the block's forward) and the
     shortcut's BN all follow a lone conv output; every one folds, the outputs stay."""
-    from workbench.methods.tensor import bn_fold_analysis
-
     task = wb.load("digits-resnet")
     model, x = copy.deepcopy(task.model).train(), task.eval_inputs[:64]
     before = state_bytes(model)
@@ -282,23 +288,15 @@ class _Unfoldable(nn.Module):
 
 
 def test_fold_bn_leaves_the_batchnorms_it_cannot_fold_and_says_why():
-    from workbench.methods.tensor import bn_fold_analysis
-
-    torch.manual_seed(0)
-    model = _randomise_bn_statistics(_Unfoldable())
-    pairs, left = bn_fold_analysis(model)
+    folded, pairs, left = _fold_checked(_Unfoldable, (2, 3, 5, 5))
     assert pairs == [("c2", "b_ok")]
     assert "the result of add()" in left["b_after_add"]
     assert "'c3' is also used elsewhere" in left["b_shared_input"]
     assert left["b_twice"] == "called 2 times in forward"
     assert "track_running_stats=False" in left["b_no_stats"]
     assert left["b_unused"] == "never called in forward"
-    folded = wb.apply(model, get_recipe("fold_bn")(model))
     assert isinstance(folded.b_ok, nn.Identity) and all(
         isinstance(getattr(folded, name), nn.BatchNorm2d) for name in left)
-    x = torch.randn(2, 3, 5, 5)
-    with torch.no_grad():
-        torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=0)
 
 
 class _Untraceable(nn.Module):
@@ -315,15 +313,7 @@ class _Untraceable(nn.Module):
 
 
 def test_fold_bn_without_a_graph_folds_only_nn_sequential_neighbours():
-    from workbench.methods.tensor import bn_fold_analysis
-
-    torch.manual_seed(0)
-    model = _randomise_bn_statistics(_Untraceable())
-    pairs, left = bn_fold_analysis(model)
+    _, pairs, left = _fold_checked(_Untraceable, (2, 3, 6, 6))
     assert pairs == [("seq.0", "seq.1")] and list(left) == ["bn"] and "could not trace" in left["bn"]
-    folded = wb.apply(model, get_recipe("fold_bn")(model))
-    x = torch.randn(2, 3, 6, 6)
-    with torch.no_grad():
-        torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=0)
     with pytest.raises(UnsupportedLayerError, match="'b': its input is the output of ReLU"):
         get_recipe("fold_bn")(nn.Sequential(OrderedDict([("a", nn.ReLU()), ("b", nn.BatchNorm2d(3))])))
