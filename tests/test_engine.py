@@ -255,6 +255,31 @@ def test_recurrent_sizes_from_rank_basis_equal_the_built_layer(gru_task):
         assert result["metric"] == gru_task.evaluate(model)
 
 
+def test_the_public_layer_api_matches_what_apply_builds(mlp_task):
+    """What the joint allocator asks the engine: `layer_size` is the applied model's sizes minus the
+    original's (None: the layer's own), `built_layer` is apply's real layer (svd: factors, not the
+    rank view), `calibration_inputs` are the layer's inputs on the calibration samples."""
+    engine = Engine(mlp_task, preview=False)
+    model, example = mlp_task.model, mlp_task.example_input
+    base = (count_params(model), payload_bytes(model), count_flops(model, example))
+    for name in engine.layers:
+        for choice in (LayerPlan("svd", {"rank": 5}), LayerPlan("quant", {"bits": 4, "per_channel": True})):
+            applied = wb.apply(model, Plan({name: choice}))
+            sizes = (count_params(applied), payload_bytes(applied), count_flops(applied, example))
+            assert engine.layer_size(name, choice) == tuple(a - b for a, b in zip(sizes, base)), (name, choice)
+            built, expected = engine.built_layer(name, choice), applied.get_submodule(name)
+            assert type(built) is type(expected) and state_bytes(built) == state_bytes(expected)
+        layer = model.get_submodule(name)
+        assert engine.layer_size(name, None)[:2] == (count_params(layer), payload_bytes(layer))
+        assert engine.layer_info(name) is engine.layers[name]
+    engine.collect_calibration(list(engine.layers))
+    expected = collect_layer_inputs(model, list(engine.layers), mlp_task.calibration_inputs(engine.calibration_samples))
+    for name in engine.layers:
+        assert torch.equal(engine.calibration_inputs(name), expected[name])
+    with pytest.raises(WorkbenchError, match="unknown layer 'nope'; layers with a weight matrix: fc1"):
+        engine.layer_info("nope")
+
+
 def test_a_model_that_needs_contiguous_activations_keeps_them():
     """A forward that flattens conv outputs with ``view`` cannot run on NHWC activations: the
     engine then keeps NCHW for its copy, and its numbers still equal apply + evaluate."""

@@ -14,7 +14,7 @@ from workbench.engine.sizing import state_bytes as payload_bytes
 from workbench.errors import WorkbenchError
 from workbench.plan import LayerPlan, Plan
 from workbench.select import build_menu, joint_allocate, joint_fronts, menu_table
-from workbench.select._menu import _module, output_error
+from workbench.select._menu import output_error
 from conftest import state_bytes
 
 matplotlib.use("Agg")
@@ -74,9 +74,9 @@ def test_gram_proxy_equals_the_output_error_of_every_option(mlp_task, engine, me
     """The menu's Linear proxy comes from the cached Gram; it is the output error on the inputs."""
     checked = 0
     for l, name in enumerate(menu.layers):
-        x, original = engine._calibration_inputs(name), mlp_task.model.get_submodule(name)
+        x, original = engine.calibration_inputs(name), mlp_task.model.get_submodule(name)
         for choice, loss in zip(menu.choices[l][1:], menu.losses[l][1:]):
-            assert loss == pytest.approx(output_error(original, _module(engine, name, choice), x), rel=1e-4, abs=1e-9)
+            assert loss == pytest.approx(output_error(original, engine.built_layer(name, choice), x), rel=1e-4, abs=1e-9)
             checked += 1
     assert checked > 40
 

@@ -19,7 +19,7 @@ from workbench.engine.preview import output_error_tails
 from workbench.engine.sizing import layer_flops, rank_settings, state_bytes
 from workbench.errors import WorkbenchError
 from workbench.hooks import collect_layer_inputs, feed_layers
-from workbench.inventory import get_submodule, matrix_layers, set_submodule
+from workbench.inventory import LayerInfo, get_submodule, matrix_layers, set_submodule
 from workbench.kernels import svd as svd_kernels
 from workbench.measure import count_flops, count_params, saved_bytes
 from workbench.plan import LayerPlan, Plan
@@ -182,6 +182,38 @@ class Engine:
         if layer not in self._stage_index:
             self._stage_index[layer] = next((i for i, stage in enumerate(self.stages) if stage.owns(layer)), 0)
         return self._stage_index[layer]
+
+    def layer_info(self, layer: str) -> LayerInfo:
+        """The `workbench.inventory.LayerInfo` of matrix layer ``layer`` (kind, matrix shape
+        ``(out, in*kh*kw)``, parameter count); an unknown name raises a `WorkbenchError` listing the layers."""
+        return self._info(layer)
+
+    def layer_size(self, layer: str, choice: LayerPlan | None) -> tuple[int, int, int]:
+        """``(params, bytes, flops)`` that ``choice`` at ``layer`` adds to the model (negative: saves);
+        ``choice=None``: the original layer's own sizes. ``params``: parameter count; ``bytes``: state-dict
+        tensor payload (`BYTES_METHOD`); ``flops``: FLOPs of one sample's forward pass on that layer's
+        input. Memoised; a plan's sizes are the model's plus the sum of its (untied) layers' (as `evaluate`)."""
+        return self._layer_size(layer, choice)
+
+    def built_layer(self, layer: str, choice: LayerPlan) -> nn.Module:
+        """The real module `workbench.apply` builds for ``choice`` at ``layer``, in eval mode; never a
+        cheap view (svd's rank slices), so that it is the module `layer_size` sizes. Memoised (LRU) for
+        methods without a view; do not modify it."""
+        if get_method(choice.method).view is not None:
+            return self._build(layer, choice).eval()
+        return self._module_for(layer, choice)
+
+    def calibration_inputs(self, layer: str) -> torch.Tensor:
+        """The inputs entering ``layer`` for the task's first ``calibration_samples`` calibration samples
+        (Linear: ``(tokens, in)``; conv: ``(N, C, H, W)``), as data-aware methods are fitted on; kept."""
+        return self._calibration_inputs(layer)
+
+    def collect_calibration(self, layers: list[str]) -> None:
+        """Collect the calibration inputs (`calibration_inputs`) of every layer of ``layers`` not yet
+        held, in one forward pass of the original model."""
+        missing = [name for name in dict.fromkeys(layers) if name not in self._calibration]
+        if missing:
+            self._collect_calibration(missing)
 
     # ------------------------------------------------------------------ internals
     def _info(self, layer: str):

@@ -12,7 +12,7 @@ factors plus a b-bit residual (``svd_residual``), magnitude pruning into sparse 
 whose factor cache the SVD families share) and records, per option:
 
 * its exact cost: ``params``, ``bytes`` (state-dict tensor payload, each tied tensor once) and
-  ``flops`` of one sample, as the engine sizes a choice (`Engine._layer_size`), so the applied
+  ``flops`` of one sample, as the engine sizes a choice (`Engine.layer_size`), so the applied
   model's cost is the sum of its layers' costs exactly;
 * its loss: ``loss="proxy"`` (default): the relative output error of that layer alone on its
   calibration inputs ``X``, ``||f_hat(X) - f(X)||^2 / ||X W^T||^2`` (bias excluded from the
@@ -44,7 +44,6 @@ from workbench.engine import Engine
 from workbench.errors import WorkbenchError
 from workbench.inventory import embedding_units, get_submodule
 from workbench.plan import LayerPlan, Plan
-from workbench.registry import get_method
 from workbench.select._sensitivity import COSTS, quality_loss, selection_task
 from workbench.svd_cache import cached_gram
 from workbench.zoo.task import Task
@@ -172,21 +171,13 @@ def output_error(original: nn.Module, replacement: nn.Module, x: torch.Tensor) -
     return error / energy if energy > 0 else 0.0
 
 
-def _module(engine: Engine, name: str, choice: LayerPlan) -> nn.Module:
-    """The real layer ``apply`` would build (memoised by the engine; svd's cheap view is skipped so
-    that the loss is measured on the very layer that is sized)."""
-    if get_method(choice.method).view is not None:
-        return engine._build(name, choice).eval()
-    return engine._module_for(name, choice)
-
-
 def _loss_function(engine: Engine, task: Task, loss: str):
     if loss == "proxy":
         def proxy(name: str, choice: LayerPlan) -> float:
-            original, x = get_submodule(engine.original, name), engine._calibration_inputs(name)
+            original, x = get_submodule(engine.original, name), engine.calibration_inputs(name)
             if matrix_kind(original) == "linear" and x.dim() == 2:
-                return gram_output_error(original, _module(engine, name, choice), cached_gram(x))
-            return output_error(original, _module(engine, name, choice), x)
+                return gram_output_error(original, engine.built_layer(name, choice), cached_gram(x))
+            return output_error(original, engine.built_layer(name, choice), x)
         return proxy
     judge = Engine(selection_task(task, "validation"), preview=False, freeze_gc=False,
                    calibration_samples=engine.calibration_samples)
@@ -224,20 +215,18 @@ def build_menu(task: Task, families: Sequence[str] | None = None, *, layers: Seq
     tied = {name for group in engine.tied_groups for name in group}
     names = [n for n in engine.layers if n not in tied] if layers is None else list(layers)
     for name in names:
-        engine._info(name)  # an unknown layer: the engine's error listing the layers
+        engine.layer_info(name)  # an unknown layer: the engine's error listing the layers
     if include_embeddings:
         families = tuple(dict.fromkeys([*families, "quant_embedding"]))
         names += [unit[0] for unit, _ in embedding_units(engine.original)[0] if len(unit) == 1 and unit[0] not in names]
-    missing = [n for n in names if n not in engine._calibration]
-    if missing:  # one forward pass for every layer's calibration inputs
-        engine._collect_calibration(missing)
+    engine.collect_calibration(names)  # one forward pass for every layer's calibration inputs
     score = _loss_function(engine, task, loss)
     extra = extra or {}
     menu = JointMenu(names, [], [], {by: [] for by in COSTS}, [], {}, {by: float(engine.base[by]) for by in COSTS},
                      loss)
     for name in tqdm(names, desc="menu", disable=not progress, leave=False):
         module = get_submodule(engine.original, name)
-        dense = engine._layer_size(name, None)
+        dense = engine.layer_size(name, None)
         row: list[tuple[LayerPlan | None, str]] = [(None, "dense")]
         row += [(c, "pinned") for c in extra.get(name, ()) if c is not None]
         for family in families:
@@ -247,7 +236,7 @@ def build_menu(task: Task, families: Sequence[str] | None = None, *, layers: Seq
             if any(choice == c for c in choices):
                 continue
             try:
-                delta = (0, 0, 0) if choice is None else engine._layer_size(name, choice)
+                delta = (0, 0, 0) if choice is None else engine.layer_size(name, choice)
                 value = 0.0 if choice is None else score(name, choice)
             except WorkbenchError:
                 if family == "pinned":
