@@ -16,8 +16,12 @@ used and the task's metric, measured by the engine on the test data. Writes the 
   tables), written by `workbench.save_compressed`, its size on disk and the mean cosine of the
   model loaded back from it (`workbench.load_compressed`).
 
+With ``--weighted``, each model's table gets a column "joint (weighted)": the same menu with each
+layer's proxy losses scaled by its measured weight (`workbench.select._menu.layer_weights`, what
+``loss="weighted"`` does; one evaluation per layer on the validation split).
+
 With ``--blockwise EPOCHS``, each model's table gets a column "joint + block-wise": the joint
-allocator's pick at each budget, then `workbench.recovery.reconstruct_blocks` (EPOCHS passes per
+allocator's pick at each budget (the weighted one with ``--weighted``), then `workbench.recovery.reconstruct_blocks` (EPOCHS passes per
 block, ``--blockwise-lr``; calibration: the task's training inputs) on it; same bytes.
 
 Run: ``.venv/bin/python benchmarks/byte_budget.py [--minilm] [--blockwise EPOCHS] [--no-write]`` (digits: ~2
@@ -29,6 +33,7 @@ import argparse
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import matplotlib
@@ -45,6 +50,7 @@ from workbench.plotting.budget import draw_budget_fronts  # noqa: E402
 from workbench.recovery import reconstruct_blocks  # noqa: E402
 from workbench.results import dumps  # noqa: E402
 from workbench.select import DEFAULT_FAMILIES, build_menu, joint_allocate, joint_fronts  # noqa: E402
+from workbench.select._menu import layer_weights  # noqa: E402
 from workbench.zoo.minilm import CALIBRATION_SETS, augment_rows  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -129,9 +135,31 @@ def joint_blockwise(task, budgets, families, relative_to: str, engine, menu, epo
     return points
 
 
+def weighted_menu(task, engine, menu):
+    """``menu`` with each layer's losses scaled by its `layer_weights` factor (``loss="weighted"``)."""
+    weights = layer_weights(engine, task, menu.layers)
+    return replace(menu, losses=[values * w for values, w in zip(menu.losses, weights)], weights=weights,
+                   loss="weighted")
+
+
+def joint_points(task, budgets, families, relative_to: str, engine, menu) -> list[dict]:
+    """The joint pick at each budget from ``menu``: ``fraction_used`` and ``metric`` (as `joint_fronts`)."""
+    points = []
+    for budget in budgets:
+        try:
+            pick = joint_allocate(task, budget, "bytes", families, relative_to=relative_to, engine=engine, menu=menu)
+        except wb.WorkbenchError as exc:
+            points.append({"budget": budget, "fraction_used": None, "metric": None, "reason": str(exc)})
+            continue
+        points.append({"budget": budget, "fraction_used": pick.fraction_used, "metric": pick.metric,
+                       "bytes": pick.bytes, "predicted_loss": pick.predicted_loss})
+    return points
+
+
 def run_model(name: str, budgets, families, relative_to: str = "model", encoder_only: bool = False,
               blockwise: int | None = None, blockwise_lr: float = 3e-4, calibration_set: str = "default",
-              augment: float = 0.0, learn_scales: bool = False, sequential: bool = False) -> dict:
+              augment: float = 0.0, learn_scales: bool = False, sequential: bool = False,
+              weighted: bool = False) -> dict:
     task = wb.load(name)
     engine = wb.Engine(task, preview=False, freeze_gc=False)
     layers = [n for n in engine.layers if "encoder" in n] if encoder_only else None
@@ -139,18 +167,26 @@ def run_model(name: str, budgets, families, relative_to: str = "model", encoder_
     menu = build_menu(task, families, layers=layers, engine=engine)
     menu_s = time.perf_counter() - start
     fronts = joint_fronts(task, budgets, "bytes", families, relative_to=relative_to, engine=engine, menu=menu)
-    at_10 = joint_allocate(task, 0.10, "bytes", families, relative_to=relative_to, engine=engine, menu=menu)
     start = time.perf_counter()
     joint_allocate(task, budgets[0], "bytes", families, relative_to=relative_to, engine=engine, menu=menu)
     resolve_s = time.perf_counter() - start
     fronts = dict(fronts)
+    weights = None
+    if weighted:
+        start = time.perf_counter()
+        menu = weighted_menu(task, engine, menu)
+        weights = {"layers": dict(zip(menu.layers, menu.weights)), "seconds": time.perf_counter() - start}
+        fronts["fronts"] = {**fronts["fronts"],
+                            "joint (weighted)": joint_points(task, budgets, families, relative_to, engine, menu)}
+    at_10 = joint_allocate(task, 0.10, "bytes", families, relative_to=relative_to, engine=engine, menu=menu)
     if blockwise is not None:
         fronts["fronts"] = {**fronts["fronts"], "joint + block-wise": joint_blockwise(
             task, budgets, families, relative_to, engine, menu, blockwise, blockwise_lr,
             blockwise_rows(task, calibration_set, augment), learn_scales, sequential)}
     return {"model": name, "layers": menu.layers, "options": sum(len(c) for c in menu.choices),
             "refused": menu.refused, "menu_s": menu_s, "resolve_and_evaluate_s": resolve_s, "fronts": fronts,
-            "at_10_percent": {"fraction_used": at_10.fraction_used, "metric": at_10.metric,
+            "weights": weights,
+            "at_10_percent": {"fraction_used": at_10.fraction_used, "metric": at_10.metric, "loss": menu.loss,
                               "original_metric": at_10.original_metric, "choices": at_10.choices}}
 
 
@@ -170,6 +206,16 @@ def chart(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def weights_line(result: dict) -> str:
+    """One sentence on the layer weights of ``loss="weighted"`` (empty without them)."""
+    if not result.get("weights"):
+        return ""
+    weights = result["weights"]["layers"]
+    low, high = min(weights, key=weights.get), max(weights, key=weights.get)
+    return (f"\n\nLayer weights of the weighted loss (measured in {result['weights']['seconds']:.0f} s): "
+            f"{weights[low]:.3g} ({low}) to {weights[high]:.3g} ({high}).")
+
+
 def table(result: dict) -> str:
     fronts = result["fronts"]
     labels = list(fronts["fronts"])
@@ -186,7 +232,8 @@ def table(result: dict) -> str:
             f"{len(result['layers'])} layers, {result['options']} options, menu built in {result['menu_s']:.0f} s, "
             f"a re-solve plus its evaluation {result['resolve_and_evaluate_s'] * 1e3:.0f} ms.\n\n"
             + markdown_table(header, rows)
-            + f"\n\nJoint at 10% of the bytes: {at['metric']:.4f} using {at['fraction_used']:.3f}; per layer: "
+            + weights_line(result)
+            + f"\n\nJoint ({at['loss']} loss) at 10% of the bytes: {at['metric']:.4f} using {at['fraction_used']:.3f}; per layer: "
             + ", ".join(f"{name} {c['method']} {c['params'] or ''}".strip() for name, c in at["choices"].items()))
 
 
@@ -209,6 +256,9 @@ def main() -> None:
     parser.add_argument("--learn-scales", action="store_true", help="block-wise: quantization steps train too")
     parser.add_argument("--sequential", action="store_true",
                         help="block-wise column: build the pick's GPTQ layers sequentially first")
+    parser.add_argument("--weighted", action="store_true",
+                        help="add a column: the joint pick with each layer's loss weighted by its measured "
+                             "sensitivity (loss='weighted'); block-wise then starts from it")
     parser.add_argument("--no-whole-file", action="store_true", help="with --minilm: skip the whole-file run")
     parser.add_argument("--no-write", action="store_true", help="print only; leave the docs and charts alone")
     args = parser.parse_args()
@@ -218,7 +268,8 @@ def main() -> None:
         runs = []
     whole = whole_file() if (args.minilm and not args.no_whole_file) or args.whole_file else None
     results = [run_model(name, args.budgets, families, relative_to, encoder, args.blockwise, args.blockwise_lr,
-                         args.blockwise_calibration, args.augment, args.learn_scales, args.sequential)
+                         args.blockwise_calibration, args.augment, args.learn_scales, args.sequential,
+                         args.weighted)
                for name, relative_to, encoder in runs]
     print(dumps(results + ([whole] if whole else []), indent=1))
     if args.no_write:

@@ -51,6 +51,18 @@ def test_sentences_split_by_topic_and_calibration_has_enough_tokens(minilm_task)
     assert bool((calib[:, 0, 0] == minilm.tokenizer().cls_token_id).all())
 
 
+def test_validation_split_is_unseen_by_default_calibration_and_evaluation(minilm_task):
+    texts = minilm_task.extras["validation_sentences"]
+    assert len(texts) == len(minilm_task.val_inputs) == 5 * 80
+    assert not set(texts) & set(minilm_task.extras["calibration_sentences"])
+    assert not set(texts) & set(minilm_task.extras["sentences"])
+    assert set(texts) <= set(minilm.flat(minilm.calibration_topics("extended")))
+    # targets are the original's embeddings of those sentences, one sentence per row
+    assert torch.allclose(minilm_task.val_targets[:3], minilm.embed(minilm_task.model, texts[:3]), atol=1e-5)
+    assert minilm_task.metric(minilm_task.model(minilm_task.val_inputs[:8]), minilm_task.val_targets[:8]) \
+        == pytest.approx(1.0, abs=1e-6)
+
+
 def test_metrics_have_their_oracles():
     g = torch.Generator().manual_seed(0)
     ref = torch.nn.functional.normalize(torch.randn(20, 8, generator=g), dim=-1)

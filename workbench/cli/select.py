@@ -90,6 +90,9 @@ def run_allocate(args) -> int:
         return run_joint_allocate(args)
     if args.include_embeddings:
         raise WorkbenchError("--include-embeddings needs --families (the joint allocator)")
+    if args.loss == "weighted":
+        raise WorkbenchError("--loss weighted needs --families (the joint allocator); the rank allocator takes "
+                             "sensitivity or proxy")
     task = load_task(args)
     result = allocate(task, args.budget, args.by, args.allocator or "greedy", method=args.method,
                       loss=args.loss or "sensitivity", progress=not args.json)
@@ -218,9 +221,10 @@ def register(subparsers) -> None:
                    help="with --families: also choose for the embedding tables (row-wise b-bit codes)")
     p.add_argument("--relative-to", default="model", choices=["model", "layers"],
                    help="with --families: the budget is a fraction of the whole model or of the candidate layers")
-    p.add_argument("--loss", choices=["sensitivity", "proxy"],
+    p.add_argument("--loss", choices=["sensitivity", "proxy", "weighted"],
                    help="predicted loss: measured sensitivity (default), or a proxy (sigma^2 x activation "
-                        "energy; with --families, the default: each layer's relative output error)")
+                        "energy; with --families, the default: each layer's relative output error); "
+                        "weighted (--families only): the proxy scaled by each layer's measured sensitivity")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run_allocate)
 

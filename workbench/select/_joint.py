@@ -136,8 +136,9 @@ def joint_allocate(task: Task, budget: float, by: str = "bytes", families: Seque
     families : from ``FAMILIES`` (None: ``DEFAULT_FAMILIES``, all but k-means; a comma-separated
         string is accepted).
     pinned : ``{layer: LayerPlan or "dense"}``: these layers get exactly that.
-    loss : "proxy" (each layer's relative output error on calibration inputs) or "sensitivity"
-        (measured loss of quality with that layer alone compressed, validation split).
+    loss : "proxy" (each layer's relative output error on calibration inputs), "sensitivity"
+        (measured loss of quality with that layer alone compressed, validation split) or
+        "weighted" (the proxy scaled by each layer's measured weight; see `build_menu`).
     relative_to : "model" (the budget counts the whole model) or "layers" (only the candidates).
     allocator : "convex" (multiple-choice knapsack, exact MILP with HiGHS) or "greedy".
     engine, menu : reuse an `Engine` on ``task`` and a menu built on it (a slider re-solves only).

@@ -23,6 +23,12 @@ whose factor cache the SVD families share) and records, per option:
   ``loss="sensitivity"``: the measured loss of quality (metric's direction, clipped at 0) with that
   layer alone compressed, on the validation split (`selection_task`: the task's held-out split, or
   samples of the training data; one incremental engine evaluation per option).
+  ``loss="weighted"``: the proxy, scaled per layer by how much that layer matters to the metric
+  (`layer_weights`): ``w_l = measured loss at a reference option / proxy of that option`` (the
+  reference: `REFERENCE_BITS`-bit round-to-nearest codes per channel; one evaluation per layer,
+  not per option). The proxy ranks a layer's options, the measurement ranks the layers: on
+  MiniLM the FFN output layers matter ~100x more than the attention projections per unit of
+  relative error, which the plain proxy cannot see.
 
 Options the method refuses for a layer (a type it does not take, a rank above break-even, a group
 size that does not divide the width) are left out and counted in ``JointMenu.refused``. Layers of
@@ -54,7 +60,11 @@ FAMILIES = ("quant", "kmeans", "gptq", "svd", "svd_aware", "svd_quant", "svd_res
 #: with ``include_embeddings``).
 DEFAULT_FAMILIES = tuple(f for f in FAMILIES if f not in ("kmeans", "quant_embedding"))
 EMBEDDING_BITS = (2, 3, 4, 8)
-LOSSES = ("proxy", "sensitivity")
+LOSSES = ("proxy", "sensitivity", "weighted")
+#: Bits of the reference option `layer_weights` measures each layer at.
+REFERENCE_BITS = 3
+#: A layer's measured loss is floored at this share of the largest one (no layer weighs nothing).
+WEIGHT_FLOOR = 0.01
 QUANT_BITS = (2, 3, 4, 8)
 KMEANS_BITS = (2, 3, 4)
 GROUP_SIZES = (128,)
@@ -139,6 +149,7 @@ class JointMenu:
     total: dict[str, float]
     loss: str
     refused: dict[str, int] = field(default_factory=dict)
+    weights: list[float] | None = None  # loss="weighted": each layer's `layer_weights` factor
 
     def dense_cost(self, by: str) -> float:
         """Cost in ``by`` of the candidate layers left dense."""
@@ -171,14 +182,16 @@ def output_error(original: nn.Module, replacement: nn.Module, x: torch.Tensor) -
     return error / energy if energy > 0 else 0.0
 
 
-def _loss_function(engine: Engine, task: Task, loss: str):
-    if loss == "proxy":
-        def proxy(name: str, choice: LayerPlan) -> float:
-            original, x = get_submodule(engine.original, name), engine.calibration_inputs(name)
-            if matrix_kind(original) == "linear" and x.dim() == 2:
-                return gram_output_error(original, engine.built_layer(name, choice), cached_gram(x))
-            return output_error(original, engine.built_layer(name, choice), x)
-        return proxy
+def _proxy_function(engine: Engine):
+    def proxy(name: str, choice: LayerPlan) -> float:
+        original, x = get_submodule(engine.original, name), engine.calibration_inputs(name)
+        if matrix_kind(original) == "linear" and x.dim() == 2:
+            return gram_output_error(original, engine.built_layer(name, choice), cached_gram(x))
+        return output_error(original, engine.built_layer(name, choice), x)
+    return proxy
+
+
+def _measured_function(engine: Engine, task: Task):
     judge = Engine(selection_task(task, "validation"), preview=False, freeze_gc=False,
                    calibration_samples=engine.calibration_samples)
     baseline = judge.base["metric"]
@@ -188,6 +201,45 @@ def _loss_function(engine: Engine, task: Task, loss: str):
         drop = quality_loss(baseline, value, task.higher_is_better)
         return max(0.0, drop) if math.isfinite(drop) else math.inf
     return measured
+
+
+def reference_option(module: nn.Module) -> LayerPlan:
+    """The option `layer_weights` measures a layer at: `REFERENCE_BITS`-bit codes (a table's rows,
+    or a matrix's output channels, each on its own asymmetric grid)."""
+    if isinstance(module, nn.Embedding):
+        return LayerPlan("quant_embedding", {"bits": REFERENCE_BITS})
+    return LayerPlan("quant", {"bits": REFERENCE_BITS, "scheme": "uniform", "per_channel": True, "asymmetric": True})
+
+
+def layer_weights(engine: Engine, task: Task, names: Sequence[str], proxy=None, measured=None) -> list[float]:
+    """Per layer, ``w = max(drop, WEIGHT_FLOOR * largest drop) / proxy`` at its `reference_option`:
+    the measured loss of quality with that layer alone at the reference (validation split, metric's
+    direction) per unit of its proxy. A layer the reference cannot be built for, or whose proxy is
+    0, gets the median of the others; all drops 0 (the metric blind at the reference): all 1."""
+    proxy = proxy or _proxy_function(engine)
+    measured = measured or _measured_function(engine, task)
+    drops, proxies = [], []
+    for name in names:
+        reference = reference_option(get_submodule(engine.original, name))
+        try:
+            proxies.append(proxy(name, reference))
+            drops.append(measured(name, reference))
+        except WorkbenchError:
+            proxies.append(0.0)
+            drops.append(0.0)
+    finite = [d for d in drops if math.isfinite(d)]
+    largest = max(finite, default=0.0)
+    if largest <= 0:
+        return [1.0] * len(names)
+    drops = [largest if not math.isfinite(d) else max(d, WEIGHT_FLOOR * largest) for d in drops]
+    weights = [d / p if p > 0 else math.nan for d, p in zip(drops, proxies)]
+    known = [w for w in weights if math.isfinite(w)]
+    fill = float(np.median(known)) if known else 1.0
+    return [w if math.isfinite(w) else fill for w in weights]
+
+
+def _loss_function(engine: Engine, task: Task, loss: str):
+    return _measured_function(engine, task) if loss == "sensitivity" else _proxy_function(engine)
 
 
 def build_menu(task: Task, families: Sequence[str] | None = None, *, layers: Sequence[str] | None = None,
@@ -201,7 +253,8 @@ def build_menu(task: Task, families: Sequence[str] | None = None, *, layers: Seq
     task : model, data and metric; ``task.model`` is never modified.
     families : names from ``FAMILIES`` (None: ``DEFAULT_FAMILIES``, all but k-means).
     layers : candidate layers (default: every matrix layer the engine sees, tied ones excluded).
-    loss : "proxy" (relative output error on calibration inputs) or "sensitivity" (measured).
+    loss : "proxy" (relative output error on calibration inputs), "sensitivity" (measured per
+        option) or "weighted" (the proxy scaled by each layer's measured weight, `layer_weights`).
     engine : an `Engine` on ``task`` to reuse (its factor and build caches).
     extra : ``{layer: [choice, ...]}`` added to those layers' menus (pins), family "pinned".
     include_embeddings : also offer the model's embedding tables (untied ones; family
@@ -211,6 +264,8 @@ def build_menu(task: Task, families: Sequence[str] | None = None, *, layers: Seq
     families = check_families(families)
     if loss not in LOSSES:
         raise WorkbenchError(f"loss={loss!r} must be one of {', '.join(LOSSES)}")
+    if loss != "proxy":
+        selection_task(task, "validation")  # a task without a split to measure on: its error before any build
     engine = engine or Engine(task, preview=False, freeze_gc=False)
     tied = {name for group in engine.tied_groups for name in group}
     names = [n for n in engine.layers if n not in tied] if layers is None else list(layers)
@@ -253,4 +308,7 @@ def build_menu(task: Task, families: Sequence[str] | None = None, *, layers: Seq
             menu.costs[by].append(np.array([float(s[i]) for s in sizes]))
         menu.losses.append(np.array(losses, dtype=float))
     menu.fixed = {by: menu.total[by] - menu.dense_cost(by) for by in COSTS}
+    if loss == "weighted":
+        menu.weights = layer_weights(engine, task, names, proxy=score)
+        menu.losses = [values * w for values, w in zip(menu.losses, menu.weights)]
     return menu

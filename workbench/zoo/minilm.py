@@ -40,6 +40,7 @@ SEED = 0
 CALIBRATION_SETS = ("default", "extended")   # `calibration_topics`; load("minilm", calibration=...)
 FIRST_WORDPIECE = 999    # vocabulary ids below are [PAD], [unused*], [UNK], [CLS], [SEP], [MASK]
 LIVE_SUBSET = 64          # evaluation sentences a live slider move is judged on (engine, bench)
+VALIDATION_PER_TOPIC = 5  # validation sentences per topic of sentences_extended.json (80 topics: 400)
 BUCKET = 64               # sentences per engine batch (packed into rows, `pack_rows`)
 ROW_TOKENS = 64           # tokens per packed row (or the longest sentence, if longer)
 LAYER_TYPES = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
@@ -369,6 +370,20 @@ def _reference() -> tuple[MiniLMEncoder, torch.Tensor, torch.Tensor]:
     return model, eval_inputs, targets
 
 
+@functools.lru_cache(maxsize=1)
+def _validation() -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """``(sentences, inputs (400, 2, seq), original embeddings (400, 384))``: the first
+    `VALIDATION_PER_TOPIC` sentences of each topic of ``sentences_extended.json``, one per row
+    like the evaluation."""
+    topics = _resource("sentences_extended.json")["calibration"]
+    texts = [s for topic in topics.values() for s in topic[:VALIDATION_PER_TOPIC]]
+    inputs = encode_inputs(texts)
+    model = _reference()[0]
+    with torch.no_grad():
+        targets = torch.cat([model(inputs[i:i + 64]) for i in range(0, len(inputs), 64)])
+    return texts, inputs, targets
+
+
 @functools.lru_cache(maxsize=len(CALIBRATION_SETS))
 def _calibration(calibration: str) -> tuple[list[str], torch.Tensor, dict]:
     texts = flat(calibration_topics(calibration))
@@ -381,17 +396,22 @@ def build_minilm_task(calibration: str = "default") -> Task:
     ``calibration``: which sentences `pack_calibration` turns into ``train_inputs`` (see
     `calibration_topics`): ``"default"`` (727 rows) or ``"extended"`` (2727 rows; opt in with
     ``load("minilm", calibration="extended")``). The evaluation data are the same for both.
+    The validation split (``val_inputs``, ``val_targets``: what sensitivity and measured
+    allocation judge by, `_validation`) is 400 sentences of the extended topics with the original's
+    embeddings: unseen by the default calibration set, among the extended set's sentences.
     The returned model is the cached one: the workbench never modifies a task's model.
     """
     calibration_texts, calib, counts = _calibration(calibration)
     model, eval_inputs, targets = _reference()
+    validation_texts, val_inputs, val_targets = _validation()
     evaluation = flat(sentences()["evaluation"])
     return Task(name="minilm", model=model, eval_inputs=eval_inputs, eval_targets=targets,
                 metric=mean_cosine, metric_name="mean cosine to original",
                 train_inputs=calib, train_targets=None, description=DESCRIPTION,
-                live_subset=LIVE_SUBSET,
+                live_subset=LIVE_SUBSET, val_inputs=val_inputs, val_targets=val_targets,
                 extras={"sentences": evaluation,
                         "calibration_sentences": calibration_texts,
+                        "validation_sentences": validation_texts,
                         "calibration_set": calibration,
                         "calibration_counts": counts,
                         "metrics": {"mean_cosine": mean_cosine,
