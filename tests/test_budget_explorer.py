@@ -119,6 +119,14 @@ def test_a_menu_built_apart_on_some_layers_is_only_re_solved(mlp_task, engine):
         wb.BudgetExplorer(mlp_task, families=("quant", "svd"), menu=menu, progress=False)
 
 
+def test_weighted_loss_menu_is_solved_like_joint_allocate(mlp_task, engine):
+    weighted = wb.BudgetExplorer(mlp_task, families=("quant", "gptq"), budget=0.1, loss="weighted", engine=engine,
+                                 synchronous=True, progress=False, front_budgets=(0.2,))
+    assert weighted.menu.loss == "weighted" and len(weighted.menu.weights) == 3
+    again = wb.joint_allocate(mlp_task, 0.1, "bytes", ("quant", "gptq"), loss="weighted", engine=engine)
+    assert weighted.plan == again.as_plan()
+
+
 def test_task_model_untouched(mlp_task, explorer, snapshot):
     explorer.set_budget(0.09)
     assert state_bytes(mlp_task.model) == snapshot

@@ -89,13 +89,15 @@ class BudgetExplorer(Explorer):
     layers : candidate layers (default: every matrix layer), e.g. MiniLM's encoder Linears.
     menu : a menu already built on ``engine`` (`workbench.select.build_menu` with these
         ``families``): the explorer then only re-solves (a large model's menu is built once, apart).
+    loss : how the menu predicts each option's loss (`build_menu`): "proxy", "weighted" (the proxy
+        scaled by each layer's measured sensitivity; one evaluation per layer) or "sensitivity".
     """
 
     def __init__(self, task, families: Sequence[str] | str | None = None, by: str = "bytes", *,
                  budget: float = 0.15, pinned: Mapping[str, LayerPlan | str | None] | None = None, relative_to: str = "model",
                  engine: Engine | None = None, synchronous: bool = False, progress: bool = True,
                  front_budgets: Sequence[float] = FRONT_BUDGETS, layers: Sequence[str] | None = None,
-                 menu: JointMenu | None = None):
+                 menu: JointMenu | None = None, loss: str = "proxy"):
         super().__init__(task, engine or Engine(task, preview=False, freeze_gc=False), synchronous,
                          figsize=(6.4, 3.8), dpi=80)
         self.families, self.by, self.relative_to = check_families(families), by, relative_to
@@ -103,7 +105,7 @@ class BudgetExplorer(Explorer):
         if menu is not None and engine is None:
             raise WorkbenchError("a menu given to BudgetExplorer needs the engine it was built on (engine=)")
         self.menu = menu or build_menu(task, self.families, layers=layers, engine=self.engine, progress=progress,
-                                       extra={name: [c] for name, c in pins.items() if c is not None})
+                                       loss=loss, extra={name: [c] for name, c in pins.items() if c is not None})
         unknown = [name for name in pins if name not in self.menu.layers]
         if unknown:
             raise WorkbenchError(f"pinned layers {unknown} are not candidate layers; candidates: "
