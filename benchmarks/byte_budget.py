@@ -17,7 +17,7 @@ used and the task's metric, measured by the engine on the test data. Writes the 
   model loaded back from it (`workbench.load_compressed`).
 
 With ``--weighted``, each model's table gets a column "joint (weighted)": the same menu with each
-layer's proxy losses scaled by its measured weight (`workbench.select._menu.layer_weights`, what
+layer's proxy losses scaled by its measured weight (`workbench.select._menu.layer_weights` and `weight_menu`, what
 ``loss="weighted"`` does; one evaluation per layer on the validation split).
 
 With ``--blockwise EPOCHS``, each model's table gets a column "joint + block-wise": the joint
@@ -33,7 +33,6 @@ import argparse
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import matplotlib
@@ -50,7 +49,7 @@ from workbench.plotting.budget import draw_budget_fronts  # noqa: E402
 from workbench.recovery import reconstruct_blocks  # noqa: E402
 from workbench.results import dumps  # noqa: E402
 from workbench.select import DEFAULT_FAMILIES, build_menu, joint_allocate, joint_fronts  # noqa: E402
-from workbench.select._menu import layer_weights  # noqa: E402
+from workbench.select._menu import layer_weights, weight_menu  # noqa: E402
 from workbench.zoo.minilm import CALIBRATION_SETS, augment_rows  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -110,17 +109,25 @@ def blockwise_rows(task, calibration_set: str, augment: float) -> torch.Tensor:
     return torch.cat([rows, augment_rows(rows, share=augment, seed=1)]) if augment else rows
 
 
+def joint_picks(task, budgets, families, relative_to: str, engine, menu):
+    """``(budget, pick, None)`` per budget, or ``(budget, None, point)`` with the ``reason`` a budget is out of reach."""
+    for budget in budgets:
+        try:
+            yield budget, joint_allocate(task, budget, "bytes", families, relative_to=relative_to, engine=engine,
+                                         menu=menu), None
+        except wb.WorkbenchError as exc:
+            yield budget, None, {"budget": budget, "fraction_used": None, "metric": None, "reason": str(exc)}
+
+
 def joint_blockwise(task, budgets, families, relative_to: str, engine, menu, epochs: int, lr: float,
                     calibration: torch.Tensor, learn_scales: bool = False, sequential: bool = False) -> list[dict]:
     """Per budget: the joint pick, built by `workbench.apply` (``sequential``: its GPTQ layers
     calibrated in forward order on the partly quantized model, same storage), then tuned block by
     block on ``calibration`` rows; its ``fraction_used`` (unchanged), ``metric`` and ``blockwise_s``."""
     points = []
-    for budget in budgets:
-        try:
-            pick = joint_allocate(task, budget, "bytes", families, relative_to=relative_to, engine=engine, menu=menu)
-        except wb.WorkbenchError as exc:
-            points.append({"budget": budget, "fraction_used": None, "metric": None, "reason": str(exc)})
+    for budget, pick, failed in joint_picks(task, budgets, families, relative_to, engine, menu):
+        if pick is None:
+            points.append(failed)
             continue
         plan = pick.as_plan()
         if sequential:
@@ -135,25 +142,11 @@ def joint_blockwise(task, budgets, families, relative_to: str, engine, menu, epo
     return points
 
 
-def weighted_menu(task, engine, menu):
-    """``menu`` with each layer's losses scaled by its `layer_weights` factor (``loss="weighted"``)."""
-    weights = layer_weights(engine, task, menu.layers)
-    return replace(menu, losses=[values * w for values, w in zip(menu.losses, weights)], weights=weights,
-                   loss="weighted")
-
-
 def joint_points(task, budgets, families, relative_to: str, engine, menu) -> list[dict]:
     """The joint pick at each budget from ``menu``: ``fraction_used`` and ``metric`` (as `joint_fronts`)."""
-    points = []
-    for budget in budgets:
-        try:
-            pick = joint_allocate(task, budget, "bytes", families, relative_to=relative_to, engine=engine, menu=menu)
-        except wb.WorkbenchError as exc:
-            points.append({"budget": budget, "fraction_used": None, "metric": None, "reason": str(exc)})
-            continue
-        points.append({"budget": budget, "fraction_used": pick.fraction_used, "metric": pick.metric,
-                       "bytes": pick.bytes, "predicted_loss": pick.predicted_loss})
-    return points
+    return [failed or {"budget": budget, "fraction_used": pick.fraction_used, "metric": pick.metric,
+                       "bytes": pick.bytes, "predicted_loss": pick.predicted_loss}
+            for budget, pick, failed in joint_picks(task, budgets, families, relative_to, engine, menu)]
 
 
 def run_model(name: str, budgets, families, relative_to: str = "model", encoder_only: bool = False,
@@ -174,7 +167,7 @@ def run_model(name: str, budgets, families, relative_to: str = "model", encoder_
     weights = None
     if weighted:
         start = time.perf_counter()
-        menu = weighted_menu(task, engine, menu)
+        menu = weight_menu(menu, layer_weights(engine, task, menu.layers))
         weights = {"layers": dict(zip(menu.layers, menu.weights)), "seconds": time.perf_counter() - start}
         fronts["fronts"] = {**fronts["fronts"],
                             "joint (weighted)": joint_points(task, budgets, families, relative_to, engine, menu)}

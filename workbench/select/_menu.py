@@ -37,7 +37,7 @@ tied groups (a table tied to an LM head included) are not offered: they stay den
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -238,6 +238,12 @@ def layer_weights(engine: Engine, task: Task, names: Sequence[str], proxy=None, 
     return [w if math.isfinite(w) else fill for w in weights]
 
 
+def weight_menu(menu: JointMenu, weights: Sequence[float]) -> JointMenu:
+    """A copy of a proxy ``menu`` with layer l's losses times ``weights[l]`` (`layer_weights`): ``loss="weighted"``."""
+    return replace(menu, losses=[values * w for values, w in zip(menu.losses, weights)], weights=list(weights),
+                   loss="weighted")
+
+
 def _loss_function(engine: Engine, task: Task, loss: str):
     return _measured_function(engine, task) if loss == "sensitivity" else _proxy_function(engine)
 
@@ -308,7 +314,4 @@ def build_menu(task: Task, families: Sequence[str] | None = None, *, layers: Seq
             menu.costs[by].append(np.array([float(s[i]) for s in sizes]))
         menu.losses.append(np.array(losses, dtype=float))
     menu.fixed = {by: menu.total[by] - menu.dense_cost(by) for by in COSTS}
-    if loss == "weighted":
-        menu.weights = layer_weights(engine, task, names, proxy=score)
-        menu.losses = [values * w for values, w in zip(menu.losses, menu.weights)]
-    return menu
+    return weight_menu(menu, layer_weights(engine, task, names, proxy=score)) if loss == "weighted" else menu
